@@ -1,0 +1,52 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "Saga",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "Saga", targets: ["Saga"]),
+        .library(name: "RocksDBBackend", targets: ["RocksDBBackend"]),
+        .library(name: "SQLiteBackend", targets: ["SQLiteBackend"]),
+        .executable(name: "aa-demo", targets: ["AATrigger"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // C libraries from Debian's packages, found through pkg-config.
+        .systemLibrary(
+            name: "CRocksDB", path: "Sources/CShims/CRocksDB", pkgConfig: "rocksdb",
+            providers: [.apt(["librocksdb-dev"])]),
+        .systemLibrary(
+            name: "CSQLite", path: "Sources/CShims/CSQLite", pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]),
+        // Small C helpers: the fault-injecting SQLite VFS (opt-in by VFS name) ...
+        .target(name: "CSagaFaults", dependencies: ["CSQLite"], path: "Sources/CShims/CSagaFaults"),
+        // ... and an fsync interposer, linked into test programs only (it replaces fsync).
+        .target(name: "CFsyncFaults", path: "Sources/CShims/CFsyncFaults", linkerSettings: [.linkedLibrary("dl")]),
+
+        // The core: protocols, coordinator, journal, locks, recovery. Knows no backend.
+        .target(name: "Saga", dependencies: [.product(name: "Logging", package: "swift-log")]),
+        .target(name: "RocksDBBackend", dependencies: ["Saga", "CRocksDB"], path: "Sources/Backends/RocksDBBackend"),
+        .target(name: "SQLiteBackend", dependencies: ["Saga", "CSQLite", "CSagaFaults"], path: "Sources/Backends/SQLiteBackend"),
+
+        // The conformance suite, written against the protocols only; every backend runs it.
+        .target(name: "SagaTestKit", dependencies: ["Saga"]),
+
+        .executableTarget(
+            name: "AATrigger",
+            dependencies: [
+                "Saga", "RocksDBBackend", "SQLiteBackend",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Examples/AATrigger"),
+
+        .testTarget(
+            name: "SagaTests",
+            dependencies: ["Saga", "SagaTestKit", "RocksDBBackend", "SQLiteBackend", "CFsyncFaults", "AATrigger"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,230 @@
+import CSQLite
+import Saga
+
+/// One connection to an SQLite database. Not `Sendable`: a connection is used by one thread at
+/// a time (the coordinator lends it to one saga). Statements are prepared once and cached;
+/// values are always bound, never spliced into SQL text.
+public final class SQLiteConnection: SQLConnection {
+    private var handle: OpaquePointer?
+    private var statements: [String: OpaquePointer] = [:]
+    private let markerTable: String
+    public let path: String
+
+    init(path: String, configuration: SQLiteDatabase.Configuration) throws {
+        self.path = path
+        self.markerTable = configuration.markerTable
+        var db: OpaquePointer?
+        let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE
+        let rc = sqlite3_open_v2(path, &db, flags, configuration.vfs)
+        guard rc == SQLITE_OK, let db else {
+            let error = SQLiteError(code: rc, connection: db, sql: nil)
+            sqlite3_close_v2(db)
+            throw SQLiteError(code: error.extendedCode, message: "cannot open \(path): \(error.message)")
+        }
+        handle = db
+        sqlite3_extended_result_codes(db, 1)
+        sqlite3_busy_timeout(db, Int32(configuration.busyTimeout.components.seconds * 1000 + configuration.busyTimeout.components.attoseconds / 1_000_000_000_000_000))
+        do {
+            let mode = try query("PRAGMA journal_mode=\(configuration.journalMode.rawValue)", []).first?[0].string ?? ""
+            if mode.lowercased() != configuration.journalMode.rawValue.lowercased() {
+                throw SQLiteUsageError(description: "\(path): journal_mode \(configuration.journalMode.rawValue) was refused (got \(mode))")
+            }
+            try execute("PRAGMA synchronous=\(configuration.synchronous.rawValue)", [])
+            try execute("PRAGMA foreign_keys=\(configuration.foreignKeys ? "ON" : "OFF")", [])
+        } catch {
+            close()
+            throw error
+        }
+    }
+
+    deinit { close() }
+
+    /// The raw handle, for what this wrapper does not cover. Valid until ``close()``.
+    public var sqliteHandle: OpaquePointer? { handle }
+
+    public func close() {
+        for (_, stmt) in statements { sqlite3_finalize(stmt) }
+        statements.removeAll()
+        if let handle { sqlite3_close_v2(handle) }
+        handle = nil
+    }
+
+    private func db() throws -> OpaquePointer {
+        guard let handle else { throw SQLiteUsageError(description: "the SQLite connection to \(path) is closed") }
+        return handle
+    }
+
+    // MARK: Statements
+
+    private func statement(_ sql: String) throws -> OpaquePointer {
+        if let stmt = statements[sql] { return stmt }
+        let db = try db()
+        var stmt: OpaquePointer?
+        var tail: UnsafePointer<CChar>?
+        let rc = sqlite3_prepare_v3(db, sql, -1, UInt32(SQLITE_PREPARE_PERSISTENT), &stmt, &tail)
+        guard rc == SQLITE_OK, let stmt else { throw SQLiteError(code: rc, connection: db, sql: sql) }
+        if let tail, tail.pointee != 0, !String(cString: tail).allSatisfy({ $0.isWhitespace || $0 == ";" }) {
+            sqlite3_finalize(stmt)
+            throw SQLiteUsageError(description: "only one statement at a time: `\(sql)`")
+        }
+        statements[sql] = stmt
+        return stmt
+    }
+
+    private func bind(_ stmt: OpaquePointer, _ arguments: [SQLValue], sql: String) throws {
+        let expected = Int(sqlite3_bind_parameter_count(stmt))
+        guard expected == arguments.count else {
+            throw SQLiteUsageError(description: "`\(sql)` takes \(expected) argument(s), \(arguments.count) given")
+        }
+        for (i, value) in arguments.enumerated() {
+            let idx = Int32(i + 1)
+            let rc: Int32
+            switch value {
+            case .null: rc = sqlite3_bind_null(stmt, idx)
+            case .integer(let v): rc = sqlite3_bind_int64(stmt, idx, v)
+            case .real(let v): rc = sqlite3_bind_double(stmt, idx, v)
+            case .text(let v): rc = sqlite3_bind_text(stmt, idx, v, -1, sqliteTransient)
+            case .blob(let v):
+                rc = v.withUnsafeBytes { sqlite3_bind_blob(stmt, idx, $0.baseAddress, Int32($0.count), sqliteTransient) }
+            }
+            guard rc == SQLITE_OK else { throw SQLiteError(code: rc, connection: handle, sql: sql) }
+        }
+    }
+
+    /// Runs a statement to completion, calling `row` for each result row.
+    private func run(_ sql: String, _ arguments: [SQLValue], row: ((OpaquePointer) -> Void)? = nil) throws {
+        let stmt = try statement(sql)
+        defer {
+            sqlite3_reset(stmt)
+            sqlite3_clear_bindings(stmt)
+        }
+        try bind(stmt, arguments, sql: sql)
+        while true {
+            let rc = sqlite3_step(stmt)
+            switch rc {
+            case SQLITE_ROW: row?(stmt)
+            case SQLITE_DONE: return
+            default: throw SQLiteError(code: rc, connection: handle, sql: sql)
+            }
+        }
+    }
+
+    @discardableResult
+    public func execute(_ sql: String, _ arguments: [SQLValue]) throws -> Int {
+        try run(sql, arguments)
+        return Int(sqlite3_changes(try db()))
+    }
+
+    public func query(_ sql: String, _ arguments: [SQLValue]) throws -> [SQLRow] {
+        var rows: [SQLRow] = []
+        var columns: [String]?
+        try run(sql, arguments) { stmt in
+            let n = sqlite3_column_count(stmt)
+            if columns == nil { columns = (0..<n).map { String(cString: sqlite3_column_name(stmt, $0)) } }
+            let values = (0..<n).map { i -> SQLValue in
+                switch sqlite3_column_type(stmt, i) {
+                case SQLITE_INTEGER: return .integer(sqlite3_column_int64(stmt, i))
+                case SQLITE_FLOAT: return .real(sqlite3_column_double(stmt, i))
+                case SQLITE_TEXT: return .text(String(cString: sqlite3_column_text(stmt, i)))
+                case SQLITE_BLOB:
+                    let count = Int(sqlite3_column_bytes(stmt, i))
+                    guard let p = sqlite3_column_blob(stmt, i), count > 0 else { return .blob([]) }
+                    return .blob(Bytes(UnsafeRawBufferPointer(start: p, count: count)))
+                default: return .null
+                }
+            }
+            rows.append(SQLRow(columns: columns ?? [], values: values))
+        }
+        return rows
+    }
+
+    // MARK: Transactions
+
+    public var isInTransaction: Bool {
+        guard let handle else { return false }
+        return sqlite3_get_autocommit(handle) == 0
+    }
+
+    /// `BEGIN IMMEDIATE`: takes the write lock up front, so two sagas never both read and then
+    /// fail to upgrade (SQLite has one writer at a time anyway).
+    public func begin() throws { try execute("BEGIN IMMEDIATE", []) }
+
+    public func rollback() throws {
+        guard isInTransaction else { return }
+        try execute("ROLLBACK", [])
+    }
+
+    public func commit() -> CommitResult {
+        do {
+            try execute("COMMIT", [])
+            return .committed
+        } catch {
+            // Still open (deferred constraint, SQLITE_BUSY): the database proves it did not
+            // commit; roll it back ourselves. Ended by SQLite itself (I/O error, disk full): a WAL
+            // frame may already be on disk, so the outcome is unknown.
+            if isInTransaction {
+                do { try rollback() } catch { return .unknown(error) }
+                return .failed(error)
+            }
+            return .unknown(error)
+        }
+    }
+
+    public func transactionEnded(by error: any Error) -> Bool {
+        !isInTransaction
+    }
+
+    // MARK: Markers
+
+    public func ensureMarkerTable() throws {
+        try execute("""
+            CREATE TABLE IF NOT EXISTS \(markerTable) (
+                saga_id INTEGER PRIMARY KEY,
+                status TEXT NOT NULL CHECK (status IN ('committed', 'aborted')))
+            """, [])
+    }
+
+    public func insertMarker(_ id: SagaID) throws {
+        try execute("INSERT INTO \(markerTable) (saga_id, status) VALUES (?, 'committed')", [.integer(Int64(bitPattern: id.rawValue))])
+    }
+
+    public func fence(_ id: SagaID) throws -> FenceDecision {
+        let key = SQLValue.integer(Int64(bitPattern: id.rawValue))
+        try execute("INSERT OR IGNORE INTO \(markerTable) (saga_id, status) VALUES (?, 'aborted')", [key])
+        let status = try query("SELECT status FROM \(markerTable) WHERE saga_id = ?", [key]).first?[0].string
+        switch status {
+        case "committed": return .committed
+        case "aborted": return .aborted
+        default: throw SQLiteUsageError(description: "marker for \(id) missing right after the fencing insert (status \(status ?? "none"))")
+        }
+    }
+
+    public func markerIDs() throws -> [SagaID] {
+        try query("SELECT saga_id FROM \(markerTable) ORDER BY saga_id", []).compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
+    }
+
+    public func maxMarkerID() throws -> SagaID? {
+        try query("SELECT MAX(saga_id) FROM \(markerTable)", []).first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
+    }
+
+    public func deleteMarkers(_ ids: [SagaID]) throws {
+        guard !ids.isEmpty else { return }
+        try execute("BEGIN IMMEDIATE", [])
+        do {
+            for chunk in stride(from: 0, to: ids.count, by: 256).map({ ids[$0..<min($0 + 256, ids.count)] }) {
+                let placeholders = Array(repeating: "?", count: chunk.count).joined(separator: ",")
+                try execute("DELETE FROM \(markerTable) WHERE saga_id IN (\(placeholders))", chunk.map { .integer(Int64(bitPattern: $0.rawValue)) })
+            }
+            try execute("COMMIT", [])
+        } catch {
+            try? rollback()
+            throw error
+        }
+    }
+}
+
+@available(*, unavailable)
+extension SQLiteConnection: Sendable {}
+
+/// `SQLITE_TRANSIENT` is a macro Swift does not import: SQLite copies the bound bytes.
+let sqliteTransient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)

@@ -1,0 +1,40 @@
+import CSagaFaults
+import CSQLite
+
+/// Real SQLite I/O failures on demand, through the "saga-fault" VFS that wraps the default
+/// one. Open a database with `configuration.vfs = SQLiteFaults.vfsName` to route it there.
+public enum SQLiteFaults {
+    public enum Operation: Sendable {
+        /// `xSync` fails with `SQLITE_IOERR_FSYNC`.
+        case sync
+        /// `xWrite` fails with `SQLITE_IOERR_WRITE`.
+        case write
+        /// `xWrite` fails with `SQLITE_FULL`.
+        case diskFull
+    }
+
+    public static let vfsName = SAGA_FAULT_VFS_NAME
+
+    /// Registers the VFS (idempotent). Throws if SQLite refuses it.
+    public static func register() throws {
+        let rc = saga_fault_vfs_register()
+        guard rc == SQLITE_OK else { throw SQLiteError(code: rc, message: "cannot register the \(vfsName) VFS") }
+    }
+
+    /// Fails the `countdown`-th operation from now (1 = the next); with `persistent`, every one
+    /// after it too, until ``disarm()``.
+    public static func arm(_ op: Operation, countdown: Int = 1, persistent: Bool = false) {
+        let code: Int32 = switch op {
+        case .sync: Int32(SAGA_FAULT_SYNC.rawValue)
+        case .write: Int32(SAGA_FAULT_WRITE.rawValue)
+        case .diskFull: Int32(SAGA_FAULT_FULL.rawValue)
+        }
+        saga_fault_vfs_arm(code, Int32(countdown), persistent ? 1 : 0)
+    }
+
+    public static func disarm() { saga_fault_vfs_disarm() }
+    /// Operations failed since the last ``arm(_:countdown:persistent:)``.
+    public static var failures: Int { Int(saga_fault_vfs_failures()) }
+    /// `xSync` calls that went through the VFS since the process started.
+    public static var syncs: Int { Int(saga_fault_vfs_syncs()) }
+}

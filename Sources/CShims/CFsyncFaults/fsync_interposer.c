@@ -1,0 +1,77 @@
+/* fsync/fdatasync interposer. Defining these symbols in the executable makes every
+ * dynamically linked caller (librocksdb among them) bind to them; unarmed, they forward to
+ * the C library's own. Armed, the n-th sync of a file under a path prefix fails with EIO,
+ * which is what a dying disk does. Used to make a real RocksDB synced write fail. */
+#define _GNU_SOURCE
+#include "fsync_faults.h"
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static pthread_mutex_t prefix_lock = PTHREAD_MUTEX_INITIALIZER;
+static char prefix[PATH_MAX];
+static atomic_int fs_armed;
+static atomic_int fs_countdown;
+static atomic_int fs_persistent;
+static atomic_int fs_tripped;
+static atomic_int fs_failures;
+
+void saga_fault_fsync_arm(const char *path_prefix, int n, int persistent) {
+    pthread_mutex_lock(&prefix_lock);
+    snprintf(prefix, sizeof prefix, "%s", path_prefix);
+    pthread_mutex_unlock(&prefix_lock);
+    atomic_store(&fs_countdown, n < 1 ? 1 : n);
+    atomic_store(&fs_persistent, persistent);
+    atomic_store(&fs_tripped, 0);
+    atomic_store(&fs_failures, 0);
+    atomic_store(&fs_armed, 1);
+}
+void saga_fault_fsync_disarm(void) { atomic_store(&fs_armed, 0); }
+int saga_fault_fsync_failures(void) { return atomic_load(&fs_failures); }
+
+static int matches(int fd) {
+    char link[64], path[PATH_MAX];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n < 0) return 0;
+    path[n] = 0;
+    pthread_mutex_lock(&prefix_lock);
+    int ok = prefix[0] && strncmp(path, prefix, strlen(prefix)) == 0;
+    pthread_mutex_unlock(&prefix_lock);
+    return ok;
+}
+
+static int should_fail_fd(int fd) {
+    if (!atomic_load(&fs_armed) || !matches(fd)) return 0;
+    if (atomic_load(&fs_tripped)) {
+        if (atomic_load(&fs_persistent)) { atomic_fetch_add(&fs_failures, 1); return 1; }
+        return 0;
+    }
+    if (atomic_fetch_sub(&fs_countdown, 1) == 1) {
+        atomic_store(&fs_tripped, 1);
+        atomic_fetch_add(&fs_failures, 1);
+        return 1;
+    }
+    return 0;
+}
+
+typedef int (*sync_fn)(int);
+
+int fsync(int fd) {
+    static sync_fn real;
+    if (!real) real = (sync_fn)dlsym(RTLD_NEXT, "fsync");
+    if (should_fail_fd(fd)) { errno = EIO; return -1; }
+    return real(fd);
+}
+
+int fdatasync(int fd) {
+    static sync_fn real;
+    if (!real) real = (sync_fn)dlsym(RTLD_NEXT, "fdatasync");
+    if (should_fail_fd(fd)) { errno = EIO; return -1; }
+    return real(fd);
+}

@@ -1,0 +1,19 @@
+#ifndef SAGA_FSYNC_FAULTS_H
+#define SAGA_FSYNC_FAULTS_H
+/* An fsync/fdatasync interposer for tests only: linked into a test executable, it replaces
+ * the C library's functions for every dynamically linked caller (librocksdb among them).
+ * Unarmed it forwards; armed, the n-th sync of a file under a path prefix fails with EIO. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* fsync interposer: the countdown-th fsync/fdatasync of a file under path_prefix fails
+ * with EIO. persistent != 0: every later one fails too. path_prefix is copied. */
+void saga_fault_fsync_arm(const char *path_prefix, int countdown, int persistent);
+void saga_fault_fsync_disarm(void);
+int saga_fault_fsync_failures(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,133 @@
+/* A SQLite VFS that wraps the default one and fails xSync or xWrite on demand.
+ * Every method is forwarded; only the armed operation is replaced by an error. */
+#include "saga_faults.h"
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <string.h>
+
+typedef struct FaultFile {
+    sqlite3_file base;   /* must be first: methods point at fault_io_methods */
+    sqlite3_file *real;  /* the wrapped file, allocated right after this struct */
+} FaultFile;
+
+static sqlite3_vfs fault_vfs;
+static sqlite3_vfs *real_vfs;
+static atomic_int armed_op;
+static atomic_int countdown;
+static atomic_int persistent_fault;
+static atomic_int tripped;
+static atomic_int failures;
+static atomic_long syncs;
+
+static int should_fail(int op) {
+    if (atomic_load(&armed_op) != op) return 0;
+    if (atomic_load(&tripped)) {
+        if (atomic_load(&persistent_fault)) { atomic_fetch_add(&failures, 1); return 1; }
+        return 0;
+    }
+    if (atomic_fetch_sub(&countdown, 1) == 1) {
+        atomic_store(&tripped, 1);
+        atomic_fetch_add(&failures, 1);
+        return 1;
+    }
+    return 0;
+}
+
+void saga_fault_vfs_arm(int op, int n, int persistent) {
+    atomic_store(&armed_op, 0);
+    atomic_store(&countdown, n < 1 ? 1 : n);
+    atomic_store(&persistent_fault, persistent);
+    atomic_store(&tripped, 0);
+    atomic_store(&failures, 0);
+    atomic_store(&armed_op, op);
+}
+void saga_fault_vfs_disarm(void) { atomic_store(&armed_op, 0); atomic_store(&tripped, 0); }
+int saga_fault_vfs_failures(void) { return atomic_load(&failures); }
+long saga_fault_vfs_syncs(void) { return atomic_load(&syncs); }
+
+#define REAL(f) (((FaultFile *)(f))->real)
+
+static int f_close(sqlite3_file *f) {
+    int rc = REAL(f)->pMethods ? REAL(f)->pMethods->xClose(REAL(f)) : SQLITE_OK;
+    return rc;
+}
+static int f_read(sqlite3_file *f, void *b, int n, sqlite3_int64 o) { return REAL(f)->pMethods->xRead(REAL(f), b, n, o); }
+static int f_write(sqlite3_file *f, const void *b, int n, sqlite3_int64 o) {
+    if (should_fail(SAGA_FAULT_WRITE)) return SQLITE_IOERR_WRITE;
+    if (should_fail(SAGA_FAULT_FULL)) return SQLITE_FULL;
+    return REAL(f)->pMethods->xWrite(REAL(f), b, n, o);
+}
+static int f_truncate(sqlite3_file *f, sqlite3_int64 s) { return REAL(f)->pMethods->xTruncate(REAL(f), s); }
+static int f_sync(sqlite3_file *f, int flags) {
+    atomic_fetch_add(&syncs, 1);
+    if (should_fail(SAGA_FAULT_SYNC)) return SQLITE_IOERR_FSYNC;
+    return REAL(f)->pMethods->xSync(REAL(f), flags);
+}
+static int f_size(sqlite3_file *f, sqlite3_int64 *s) { return REAL(f)->pMethods->xFileSize(REAL(f), s); }
+static int f_lock(sqlite3_file *f, int l) { return REAL(f)->pMethods->xLock(REAL(f), l); }
+static int f_unlock(sqlite3_file *f, int l) { return REAL(f)->pMethods->xUnlock(REAL(f), l); }
+static int f_check(sqlite3_file *f, int *r) { return REAL(f)->pMethods->xCheckReservedLock(REAL(f), r); }
+static int f_fcntl(sqlite3_file *f, int op, void *a) { return REAL(f)->pMethods->xFileControl(REAL(f), op, a); }
+static int f_sector(sqlite3_file *f) { return REAL(f)->pMethods->xSectorSize(REAL(f)); }
+static int f_devchar(sqlite3_file *f) { return REAL(f)->pMethods->xDeviceCharacteristics(REAL(f)); }
+static int f_shmmap(sqlite3_file *f, int i, int sz, int e, void volatile **pp) { return REAL(f)->pMethods->xShmMap(REAL(f), i, sz, e, pp); }
+static int f_shmlock(sqlite3_file *f, int o, int n, int fl) { return REAL(f)->pMethods->xShmLock(REAL(f), o, n, fl); }
+static void f_shmbarrier(sqlite3_file *f) { REAL(f)->pMethods->xShmBarrier(REAL(f)); }
+static int f_shmunmap(sqlite3_file *f, int d) { return REAL(f)->pMethods->xShmUnmap(REAL(f), d); }
+static int f_fetch(sqlite3_file *f, sqlite3_int64 o, int n, void **pp) { return REAL(f)->pMethods->xFetch(REAL(f), o, n, pp); }
+static int f_unfetch(sqlite3_file *f, sqlite3_int64 o, void *p) { return REAL(f)->pMethods->xUnfetch(REAL(f), o, p); }
+
+static const sqlite3_io_methods fault_io_methods = {
+    3, f_close, f_read, f_write, f_truncate, f_sync, f_size, f_lock, f_unlock, f_check,
+    f_fcntl, f_sector, f_devchar, f_shmmap, f_shmlock, f_shmbarrier, f_shmunmap, f_fetch, f_unfetch
+};
+
+static int v_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags, int *outFlags) {
+    (void)vfs;
+    FaultFile *ff = (FaultFile *)file;
+    ff->real = (sqlite3_file *)&ff[1];
+    memset(ff->real, 0, (size_t)real_vfs->szOsFile);
+    int rc = real_vfs->xOpen(real_vfs, name, ff->real, flags, outFlags);
+    /* Only install our methods when the real open succeeded, so xClose is not called on failure. */
+    ff->base.pMethods = (rc == SQLITE_OK && ff->real->pMethods) ? &fault_io_methods : 0;
+    return rc;
+}
+static int v_delete(sqlite3_vfs *v, const char *n, int s) { (void)v; return real_vfs->xDelete(real_vfs, n, s); }
+static int v_access(sqlite3_vfs *v, const char *n, int f, int *r) { (void)v; return real_vfs->xAccess(real_vfs, n, f, r); }
+static int v_fullpath(sqlite3_vfs *v, const char *n, int o, char *out) { (void)v; return real_vfs->xFullPathname(real_vfs, n, o, out); }
+static void *v_dlopen(sqlite3_vfs *v, const char *n) { (void)v; return real_vfs->xDlOpen(real_vfs, n); }
+static void v_dlerror(sqlite3_vfs *v, int n, char *m) { (void)v; real_vfs->xDlError(real_vfs, n, m); }
+static void (*v_dlsym(sqlite3_vfs *v, void *h, const char *s))(void) { (void)v; return real_vfs->xDlSym(real_vfs, h, s); }
+static void v_dlclose(sqlite3_vfs *v, void *h) { (void)v; real_vfs->xDlClose(real_vfs, h); }
+static int v_random(sqlite3_vfs *v, int n, char *o) { (void)v; return real_vfs->xRandomness(real_vfs, n, o); }
+static int v_sleep(sqlite3_vfs *v, int us) { (void)v; return real_vfs->xSleep(real_vfs, us); }
+static int v_time(sqlite3_vfs *v, double *t) { (void)v; return real_vfs->xCurrentTime(real_vfs, t); }
+static int v_lasterr(sqlite3_vfs *v, int n, char *m) { (void)v; return real_vfs->xGetLastError ? real_vfs->xGetLastError(real_vfs, n, m) : 0; }
+static int v_time64(sqlite3_vfs *v, sqlite3_int64 *t) { (void)v; return real_vfs->xCurrentTimeInt64(real_vfs, t); }
+
+int saga_fault_vfs_register(void) {
+    static atomic_int registered;
+    if (atomic_exchange(&registered, 1)) return SQLITE_OK;
+    int rc = sqlite3_initialize();
+    if (rc != SQLITE_OK) return rc;
+    real_vfs = sqlite3_vfs_find(0);
+    if (!real_vfs) return SQLITE_ERROR;
+    fault_vfs.iVersion = 2;
+    fault_vfs.szOsFile = (int)sizeof(FaultFile) + real_vfs->szOsFile;
+    fault_vfs.mxPathname = real_vfs->mxPathname;
+    fault_vfs.zName = SAGA_FAULT_VFS_NAME;
+    fault_vfs.xOpen = v_open;
+    fault_vfs.xDelete = v_delete;
+    fault_vfs.xAccess = v_access;
+    fault_vfs.xFullPathname = v_fullpath;
+    fault_vfs.xDlOpen = v_dlopen;
+    fault_vfs.xDlError = v_dlerror;
+    fault_vfs.xDlSym = v_dlsym;
+    fault_vfs.xDlClose = v_dlclose;
+    fault_vfs.xRandomness = v_random;
+    fault_vfs.xSleep = v_sleep;
+    fault_vfs.xCurrentTime = v_time;
+    fault_vfs.xGetLastError = v_lasterr;
+    fault_vfs.xCurrentTimeInt64 = v_time64;
+    return sqlite3_vfs_register(&fault_vfs, 0);
+}

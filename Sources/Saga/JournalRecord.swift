@@ -1,0 +1,159 @@
+/// One record of the saga journal, kept in the KV store's journal space under
+/// ``JournalRecord/key(for:)``. The format is documented in the README ("Journal format").
+///
+///     offset  size  field
+///     0       1     magic 0x53 ('S')
+///     1       1     format version (1)
+///     2       1     state: 1 prepared, 2 committed, 3 compensated
+///     3       8     saga id, big-endian
+///     11      ...   prepared only: u32 entry count, then per entry
+///                   u32 key length, key, pre-image, after-image;
+///                   an image is 0x00 (absent) or 0x01, u32 length, bytes
+///     end-4   4     CRC-32C of every byte before it, big-endian
+public struct JournalRecord: Sendable, Equatable {
+    public enum State: UInt8, Sendable {
+        case prepared = 1, committed = 2, compensated = 3
+    }
+
+    /// A key the saga wrote: its bytes before the saga and the bytes the saga wrote.
+    public struct Entry: Sendable, Equatable {
+        public let key: Bytes
+        public let preImage: Bytes?
+        public let afterImage: Bytes?
+        public init(key: Bytes, preImage: Bytes?, afterImage: Bytes?) {
+            self.key = key; self.preImage = preImage; self.afterImage = afterImage
+        }
+    }
+
+    public static let magic: UInt8 = 0x53
+    public static let version: UInt8 = 1
+
+    public let saga: SagaID
+    public let state: State
+    /// Empty for `committed` and `compensated`: a finished saga needs no images.
+    public let entries: [Entry]
+
+    public init(saga: SagaID, state: State, entries: [Entry] = []) {
+        self.saga = saga; self.state = state; self.entries = entries
+    }
+
+    // MARK: Keys of the journal space
+
+    /// Record keys: `'r'` + the saga id, big-endian, so records iterate in id order.
+    public static func key(for saga: SagaID) -> Bytes {
+        var k: Bytes = [0x72]
+        k.appendBigEndian(saga.rawValue)
+        return k
+    }
+    /// The saga id a record key names, or nil if the key is not a record key.
+    public static func saga(fromKey key: Bytes) -> SagaID? {
+        guard key.count == 9, key[0] == 0x72 else { return nil }
+        var r = ByteReader(key[1...])
+        return (try? r.u64()).map(SagaID.init(rawValue:))
+    }
+
+    // MARK: Encoding
+
+    public func encoded() -> Bytes {
+        var out: Bytes = []
+        out.reserveCapacity(32 + entries.reduce(0) { $0 + 16 + $1.key.count + ($1.preImage?.count ?? 0) + ($1.afterImage?.count ?? 0) })
+        out.append(Self.magic)
+        out.append(Self.version)
+        out.append(state.rawValue)
+        out.appendBigEndian(saga.rawValue)
+        if state == .prepared {
+            out.appendBigEndian(UInt32(entries.count))
+            for e in entries {
+                out.appendBigEndian(UInt32(e.key.count))
+                out.append(contentsOf: e.key)
+                Self.appendImage(e.preImage, to: &out)
+                Self.appendImage(e.afterImage, to: &out)
+            }
+        }
+        out.appendBigEndian(CRC32C.checksum(out))
+        return out
+    }
+
+    private static func appendImage(_ image: Bytes?, to out: inout Bytes) {
+        guard let image else { out.append(0); return }
+        out.append(1)
+        out.appendBigEndian(UInt32(image.count))
+        out.append(contentsOf: image)
+    }
+
+    /// Why a record could not be decoded.
+    public struct DecodingError: Error, CustomStringConvertible, Sendable {
+        public let reason: String
+        public var description: String { reason }
+    }
+
+    public init(decoding bytes: Bytes) throws(DecodingError) {
+        guard bytes.count >= 15 else { throw DecodingError(reason: "record of \(bytes.count) bytes is shorter than the 15-byte minimum") }
+        let body = bytes[..<(bytes.count - 4)]
+        var trailer = ByteReader(bytes[(bytes.count - 4)...])
+        let stored = try trailer.u32()
+        let computed = CRC32C.checksum(body)
+        guard stored == computed else {
+            throw DecodingError(reason: "checksum mismatch (stored \(stored), computed \(computed))")
+        }
+        var r = ByteReader(body)
+        guard try r.u8() == Self.magic else { throw DecodingError(reason: "bad magic byte") }
+        let version = try r.u8()
+        guard version == Self.version else { throw DecodingError(reason: "unknown format version \(version) (this build reads \(Self.version))") }
+        let rawState = try r.u8()
+        guard let state = State(rawValue: rawState) else { throw DecodingError(reason: "unknown state \(rawState)") }
+        let saga = SagaID(try r.u64())
+        var entries: [Entry] = []
+        if state == .prepared {
+            let count = try r.u32()
+            // Every entry takes at least 6 bytes: refuse counts the record cannot hold.
+            guard Int(count) <= r.remaining / 6 else { throw DecodingError(reason: "entry count \(count) exceeds the record size") }
+            entries.reserveCapacity(Int(count))
+            for _ in 0..<count {
+                let key = try r.bytes(Int(try r.u32()))
+                let pre = try Self.readImage(&r)
+                let post = try Self.readImage(&r)
+                entries.append(Entry(key: key, preImage: pre, afterImage: post))
+            }
+        }
+        guard r.remaining == 0 else { throw DecodingError(reason: "\(r.remaining) trailing bytes") }
+        self.init(saga: saga, state: state, entries: entries)
+    }
+
+    private static func readImage(_ r: inout ByteReader) throws(DecodingError) -> Bytes? {
+        switch try r.u8() {
+        case 0: return nil
+        case 1: return try r.bytes(Int(try r.u32()))
+        case let t: throw DecodingError(reason: "bad image tag \(t)")
+        }
+    }
+}
+
+/// Reads big-endian integers and byte runs, refusing to read past the end.
+struct ByteReader {
+    private let data: ArraySlice<UInt8>
+    private var position: Int
+
+    init(_ data: ArraySlice<UInt8>) { self.data = data; self.position = data.startIndex }
+    var remaining: Int { data.endIndex - position }
+
+    mutating func bytes(_ n: Int) throws(JournalRecord.DecodingError) -> Bytes {
+        guard n >= 0, n <= remaining else { throw .init(reason: "truncated: wanted \(n) bytes, \(remaining) left") }
+        defer { position += n }
+        return Bytes(data[position..<(position + n)])
+    }
+    mutating func u8() throws(JournalRecord.DecodingError) -> UInt8 { try bytes(1)[0] }
+    mutating func u32() throws(JournalRecord.DecodingError) -> UInt32 {
+        try bytes(4).reduce(0) { $0 << 8 | UInt32($1) }
+    }
+    mutating func u64() throws(JournalRecord.DecodingError) -> UInt64 {
+        try bytes(8).reduce(0) { $0 << 8 | UInt64($1) }
+    }
+}
+
+extension Array where Element == UInt8 {
+    mutating func appendBigEndian<T: FixedWidthInteger>(_ value: T) {
+        var v = value.bigEndian
+        Swift.withUnsafeBytes(of: &v) { append(contentsOf: $0) }
+    }
+}

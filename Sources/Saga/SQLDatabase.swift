@@ -1,0 +1,131 @@
+/// A value bound to, or read from, an SQL statement. Statements only ever take values as bound
+/// parameters; no SQL text is built from values.
+public enum SQLValue: Sendable, Hashable, CustomStringConvertible {
+    case null
+    case integer(Int64)
+    case real(Double)
+    case text(String)
+    case blob(Bytes)
+
+    public var description: String {
+        switch self {
+        case .null: "NULL"
+        case .integer(let v): String(v)
+        case .real(let v): String(v)
+        case .text(let v): "'\(v)'"
+        case .blob(let v): "x'\(v.map { String(format2: $0) }.joined())'"
+        }
+    }
+    public var int64: Int64? {
+        switch self {
+        case .integer(let v): v
+        case .real(let v): Int64(exactly: v)
+        case .text(let v): Int64(v)
+        default: nil
+        }
+    }
+    public var string: String? {
+        switch self {
+        case .text(let v): v
+        case .integer(let v): String(v)
+        case .real(let v): String(v)
+        case .blob(let v): String(decoding: v, as: UTF8.self)
+        case .null: nil
+        }
+    }
+}
+
+extension String {
+    init(format2 byte: UInt8) { self = (byte < 16 ? "0" : "") + String(byte, radix: 16) }
+}
+
+extension SQLValue: ExpressibleByIntegerLiteral, ExpressibleByStringLiteral, ExpressibleByNilLiteral {
+    public init(integerLiteral value: Int64) { self = .integer(value) }
+    public init(stringLiteral value: String) { self = .text(value) }
+    public init(nilLiteral: ()) { self = .null }
+}
+
+/// One result row: values by position and by column name.
+public struct SQLRow: Sendable, Hashable {
+    public let columns: [String]
+    public let values: [SQLValue]
+    public init(columns: [String], values: [SQLValue]) { self.columns = columns; self.values = values }
+    public subscript(index: Int) -> SQLValue { values[index] }
+    public subscript(column: String) -> SQLValue? {
+        columns.firstIndex(of: column).map { values[$0] }
+    }
+}
+
+/// Runs SQL statements with bound parameters.
+public protocol SQLExecutor: AnyObject {
+    /// Runs a statement; returns the number of rows it changed.
+    @discardableResult
+    func execute(_ sql: String, _ arguments: [SQLValue]) throws -> Int
+    /// Runs a query and returns all its rows.
+    func query(_ sql: String, _ arguments: [SQLValue]) throws -> [SQLRow]
+}
+
+extension SQLExecutor {
+    @discardableResult
+    public func execute(_ sql: String, _ arguments: SQLValue...) throws -> Int { try execute(sql, arguments) }
+    public func query(_ sql: String, _ arguments: SQLValue...) throws -> [SQLRow] { try query(sql, arguments) }
+}
+
+/// What `COMMIT` did, as far as the database can prove it.
+public enum CommitResult {
+    /// The transaction committed.
+    case committed
+    /// The database proves the transaction did not commit (and it has been rolled back).
+    case failed(any Error)
+    /// The transaction may or may not have committed (lost connection, I/O error while
+    /// committing). Only a fencing insert on a fresh connection can tell.
+    case unknown(any Error)
+}
+
+/// The decision a fencing insert reached for a saga id.
+public enum FenceDecision: Sendable, Equatable {
+    /// The saga's own marker row is there: its transaction committed.
+    case committed
+    /// The `aborted` row holds the id: the saga's transaction can never commit.
+    case aborted
+}
+
+/// An SQL database the coordinator can open connections to: the protocol an SQL backend
+/// implements.
+public protocol SQLDatabase: AnyObject, Sendable {
+    /// Opens a new connection (never a pooled one: the coordinator pools).
+    func connect() throws -> any SQLConnection
+}
+
+/// One connection to an SQL database. Used by one saga at a time, never concurrently.
+public protocol SQLConnection: SQLExecutor {
+    /// Creates the marker table if it is missing. Runs outside any transaction.
+    func ensureMarkerTable() throws
+    /// Starts a transaction.
+    func begin() throws
+    /// Rolls the open transaction back.
+    func rollback() throws
+    /// Commits, and tells what the database can prove about the outcome. On `.failed`, the
+    /// transaction is no longer open.
+    func commit() -> CommitResult
+    /// Whether the database still has a transaction open on this connection.
+    var isInTransaction: Bool { get }
+    /// After a statement failed with `error`: whether the database ended the transaction
+    /// because of it (deadlock victim, lost connection, an error SQLite rolls back on).
+    /// A saga whose transaction ended under it must not run another statement.
+    func transactionEnded(by error: any Error) -> Bool
+    /// Inserts the marker row `(id, committed)` inside the open transaction.
+    func insertMarker(_ id: SagaID) throws
+    /// Outside any transaction: inserts `(id, aborted)` unless a row for `id` exists, waiting
+    /// for any transaction that holds it, then reports whose row holds the id.
+    func fence(_ id: SagaID) throws -> FenceDecision
+    /// The ids of all marker rows.
+    func markerIDs() throws -> [SagaID]
+    /// The largest saga id in the marker table, if any.
+    func maxMarkerID() throws -> SagaID?
+    /// Deletes marker rows (outside any transaction).
+    func deleteMarkers(_ ids: [SagaID]) throws
+    /// Closes the connection. After an unknown COMMIT outcome this lets the database recover
+    /// what the failed connection left behind (SQLite's rollback journal or WAL).
+    func close()
+}

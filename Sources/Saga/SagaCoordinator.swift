@@ -1,0 +1,522 @@
+import Foundation
+import Logging
+import Synchronization
+
+/// Makes one logical write atomic across a KV store and an SQL database.
+///
+/// ```swift
+/// let coordinator = try SagaCoordinator(kv: rocks, sql: sqlite)   // recovery runs here
+/// let balance = try coordinator.run { saga in
+///     try saga.sql.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", 5, 1)
+///     try saga.kv.put("st\nADDR\nbalance", "n\n105")
+///     return 105
+/// }
+/// ```
+///
+/// The SQL `COMMIT` is the single decision point: a saga is committed if and only if its SQL
+/// transaction committed. The KV writes are made durable together with a journal record before
+/// `COMMIT`; if `COMMIT` fails they are undone, and after a crash recovery finishes the job.
+/// The steps below follow PROTOCOL.md and are named by ``SagaStep``.
+public final class SagaCoordinator: Sendable {
+    public struct Configuration: Sendable {
+        /// How long a saga waits for a key lock before giving up (also ends deadlocks that run
+        /// through the SQL database's own locks).
+        public var lockTimeout: Duration
+        /// Fault-injection and test hooks, called at every protocol step.
+        public var hooks: (any SagaHooks)?
+        /// Garbage collection runs once this many sagas have finished.
+        public var gcThreshold: Int
+        /// Idle SQL connections kept for reuse.
+        public var poolSize: Int
+
+        public init(lockTimeout: Duration = .seconds(5), hooks: (any SagaHooks)? = nil, gcThreshold: Int = 512, poolSize: Int = 16) {
+            self.lockTimeout = lockTimeout
+            self.hooks = hooks
+            self.gcThreshold = gcThreshold
+            self.poolSize = poolSize
+        }
+    }
+
+    private struct State {
+        /// Finished sagas whose journal records are still to be deleted.
+        var finished: [SagaID] = []
+        /// Sagas whose journal records are gone but whose marker rows are still to be deleted.
+        var markersToDelete: [SagaID] = []
+        /// Sagas past `prepare` and not yet finished in this process.
+        var active: Set<SagaID> = []
+        /// Prepared sagas whose outcome could not be decided or finished; recovery retries them.
+        var inDoubt: Set<SagaID> = []
+        var closed = false
+    }
+
+    public let configuration: Configuration
+    let kv: any KVStore
+    let sql: any SQLDatabase
+    let logger: Logger
+    private let locks = KeyLocks()
+    private let pool: ConnectionPool
+    private let state = Mutex(State())
+    private let ids: IDLease
+    private let gcLock = Mutex(())
+
+    /// Opens a coordinator on the two stores and runs recovery before returning.
+    ///
+    /// Throws if the marker table cannot be created, the journal cannot be read, or a journal
+    /// record is damaged (recovery refuses to guess). Sagas that recovery could not decide
+    /// (database unreachable, foreign write) stay prepared and locked: see ``inDoubt``.
+    public init(kv: any KVStore, sql: any SQLDatabase, configuration: Configuration = .init(), logger: Logger = Logger(label: "saga")) throws(SagaError) {
+        self.kv = kv
+        self.sql = sql
+        self.configuration = configuration
+        self.logger = logger
+        self.pool = ConnectionPool(database: sql, limit: configuration.poolSize)
+        var floor: UInt64 = 0
+        do {
+            let conn = try pool.take()
+            try conn.ensureMarkerTable()
+            if let max = try conn.maxMarkerID() { floor = max.rawValue + 1 }
+            pool.giveBack(conn)
+        } catch {
+            throw .sqlFailed(saga: nil, step: .begin, underlying: error)
+        }
+        do {
+            for (key, _) in try kv.journalEntries() {
+                if let id = JournalRecord.saga(fromKey: key) { floor = Swift.max(floor, id.rawValue + 1) }
+            }
+            ids = try IDLease(kv: kv, atLeast: floor)
+        } catch let e as SagaError {
+            throw e
+        } catch {
+            throw .stopped(reason: "cannot read the journal or persist the id lease: \(error)")
+        }
+        let report = try recover(atOpen: true)
+        if let corrupt = report.problems.first(where: { if case .journalCorrupt = $0 { true } else { false } }) {
+            throw corrupt
+        }
+        if !report.committed.isEmpty || !report.compensated.isEmpty || !report.isClean {
+            logger.notice("\(report)")
+        }
+    }
+
+    /// Sagas that are prepared but undecided or unfinished; their keys stay locked until
+    /// ``recover()`` resolves them.
+    public var inDoubt: [SagaID] { state.withLock { $0.inDoubt.sorted() } }
+
+    /// Closes the idle SQL connections; later sagas fail with ``SagaError/Misuse/closed``.
+    /// The stores themselves belong to the caller.
+    public func close() {
+        state.withLock { $0.closed = true }
+        pool.closeAll()
+    }
+
+    // MARK: - Running a saga
+
+    @TaskLocal private static var running: [RunningSaga] = []
+    private struct RunningSaga: Sendable { let coordinator: ObjectIdentifier; let saga: SagaID }
+
+    /// Runs one saga: `body` executes SQL through `saga.sql` and stages KV writes through
+    /// `saga.kv`; when it returns, the KV writes and the SQL transaction commit together or
+    /// not at all. Returns what `body` returned.
+    ///
+    /// Blocking: call it from a thread of your own, not from Swift's cooperative pool.
+    public func run<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
+        if let outer = Self.running.first(where: { $0.coordinator == ObjectIdentifier(self) }) {
+            throw .misuse(.nestedSaga(outer.saga))
+        }
+        if state.withLock({ $0.closed }) { throw .misuse(.closed) }
+        let id: SagaID
+        do { id = try ids.next() } catch {
+            throw .stopped(reason: "cannot persist the saga id lease: \(error)")
+        }
+        do {
+            return try Self.$running.withValue(Self.running + [RunningSaga(coordinator: ObjectIdentifier(self), saga: id)]) {
+                try execute(id, body)
+            }
+        } catch let e as SagaError {
+            throw e
+        } catch {
+            preconditionFailure("execute only throws SagaError, got \(error)")
+        }
+    }
+
+    /// The saga state machine: begin, body, prepare, marker, commit, and the three outcomes.
+    private func execute<T>(_ id: SagaID, _ body: (Saga) throws -> T) throws(SagaError) -> T {
+        var log = logger
+        log[metadataKey: "saga"] = "\(id.rawValue)"
+
+        // 1. Begin.
+        let conn: any SQLConnection
+        do {
+            conn = try pool.take()
+        } catch {
+            throw .sqlFailed(saga: id, step: .begin, underlying: error)
+        }
+        do {
+            try hook(.begin, id)
+            try conn.begin()
+        } catch {
+            conn.close()
+            throw .sqlFailed(saga: id, step: .begin, underlying: error)
+        }
+
+        // 2. Body (3. locks are taken as keys are touched).
+        let saga = Saga(id: id, connection: conn, context: SagaContext(kv: kv, locks: locks, lockTimeout: configuration.lockTimeout))
+        let value: T
+        do {
+            value = try body(saga)
+            saga.ended = true
+            if let lost = saga.lostTransaction { throw SagaError.transactionLost(saga: id, underlying: lost) }
+            try hook(.body, id)
+        } catch {
+            saga.ended = true
+            abandon(id, conn)
+            throw classifyBodyError(error, saga: saga)
+        }
+
+        // 4. Prepare: pre-images in one multi-get; forward writes + `prepared` in one synced batch.
+        let writes = saga.writes
+        var record: JournalRecord?
+        var kvFailure: (any Error)?
+        if !writes.isEmpty {
+            do {
+                let keys = writes.map(\.key)
+                let pre = try kv.multiGet(keys)
+                let entries = zip(writes, pre).map { JournalRecord.Entry(key: $0.key, preImage: $1, afterImage: $0.image) }
+                let prepared = JournalRecord(saga: id, state: .prepared, entries: entries)
+                var batch = KVWriteBatch()
+                for w in writes { batch.set(w.key, to: w.image) }
+                batch.put(JournalRecord.key(for: id), prepared.encoded(), in: .journal)
+                try hook(.prepare, id)
+                state.withLock { _ = $0.active.insert(id) }
+                record = prepared
+                try kv.write(batch, sync: true)
+            } catch {
+                // A synced batch is atomic: either it is durable or not. If the store says it
+                // failed but the record is readable, it landed: compensate below. Otherwise
+                // nothing landed in this process, and if it reaches disk later, recovery on
+                // reopen fences the saga (no marker) and undoes it.
+                let landed = record != nil && ((try? kv.journalGet(JournalRecord.key(for: id))) ?? nil) != nil
+                if !landed {
+                    state.withLock { _ = $0.active.remove(id) }
+                    abandon(id, conn)
+                    log.warning("KV write failed, SQL rolled back: \(error)")
+                    throw .kvWriteFailed(saga: id, underlying: error)
+                }
+                log.warning("KV write reported failure but the batch is durable; compensating: \(error)")
+                kvFailure = error
+            }
+        }
+
+        // 5. Marker, and 6. Commit. COMMIT is the decision point.
+        var outcome: CommitResult
+        do {
+            if let kvFailure { throw kvFailure }
+            if record != nil { try hook(.prepared, id) }
+            try hook(.marker, id)
+            // A transaction that ended under us must never be "continued": in autocommit mode
+            // the marker would commit on its own.
+            guard conn.isInTransaction else { throw TransactionNotOpen() }
+            try conn.insertMarker(id)
+            try hook(.commit, id)
+            outcome = conn.commit()
+        } catch {
+            // COMMIT was never sent, so the transaction cannot commit.
+            if conn.isInTransaction { try? conn.rollback() }
+            outcome = .failed(error)
+        }
+
+        switch outcome {
+        case .committed:
+            pool.giveBack(conn)
+            finishCommitted(id, hasRecord: record != nil, phase: .run, log: log)
+            return value
+
+        case .failed(let error):
+            pool.giveBack(conn)
+            log.warning("COMMIT failed: \(error); compensating")
+            let restored = try compensateOrHold(record, phase: .run, log: log)
+            throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
+
+        case .unknown(let error):
+            // Never assume a rollback. Close the failed connection (SQLite recovers its
+            // journal), then decide with a fencing insert on a fresh connection.
+            conn.close()
+            log.warning("COMMIT outcome unknown: \(error); fencing")
+            switch fence(id, phase: .run, log: log) {
+            case .committed:
+                finishCommitted(id, hasRecord: record != nil, phase: .run, log: log)
+                return value
+            case .aborted:
+                let restored = try compensateOrHold(record, phase: .run, log: log)
+                throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
+            case nil:
+                if record != nil {
+                    state.withLock { _ = $0.inDoubt.insert(id) }
+                } else {
+                    locks.releaseAll(id)
+                }
+                throw .inDoubt(saga: id, underlying: error)
+            }
+        }
+    }
+
+    private struct TransactionNotOpen: Error, CustomStringConvertible {
+        var description: String { "the SQL transaction is no longer open" }
+    }
+
+    private func classifyBodyError(_ error: any Error, saga: Saga) -> SagaError {
+        if let lost = saga.lostTransaction { return .transactionLost(saga: saga.id, underlying: lost) }
+        if let e = error as? SagaError {
+            switch e {
+            case .lockTimeout, .deadlock, .misuse, .transactionLost: return e
+            default: break
+            }
+        }
+        return .bodyFailed(saga: saga.id, underlying: error)
+    }
+
+    /// Rolls back a saga that wrote nothing to the KV store, releases its locks and returns the
+    /// connection.
+    private func abandon(_ id: SagaID, _ conn: any SQLConnection) {
+        if conn.isInTransaction {
+            do { try conn.rollback() } catch { logger.warning("ROLLBACK of \(id) failed: \(error)") }
+        }
+        pool.giveBack(conn)
+        locks.releaseAll(id)
+    }
+
+    /// Committed: record `committed` (not synced: the marker proves the outcome), release.
+    private func finishCommitted(_ id: SagaID, hasRecord: Bool, phase: SagaPhase, log: Logger) {
+        do {
+            try hook(.committed, id, phase: phase)
+            if hasRecord {
+                var batch = KVWriteBatch()
+                batch.put(JournalRecord.key(for: id), JournalRecord(saga: id, state: .committed).encoded(), in: .journal)
+                try kv.write(batch, sync: false)
+            }
+        } catch {
+            log.warning("the committed record was not written (\(error)); the marker proves the outcome")
+        }
+        finish(id)
+    }
+
+    private func finish(_ id: SagaID) {
+        let due = state.withLock { s -> Bool in
+            s.active.remove(id)
+            s.inDoubt.remove(id)
+            s.finished.append(id)
+            return s.finished.count >= configuration.gcThreshold
+        }
+        locks.releaseAll(id)
+        if due {
+            do { _ = try collectGarbage() } catch { logger.warning("garbage collection failed: \(error)") }
+        }
+    }
+
+    /// Undoes a failed saga. On success the saga is finished; when compensation cannot be
+    /// done, the saga stays prepared, its keys stay locked, and the error says why.
+    private func compensateOrHold(_ record: JournalRecord?, phase: SagaPhase, log: Logger) throws(SagaError) -> Int {
+        guard let record else { return 0 }
+        do {
+            let restored = try compensate(record, phase: phase)
+            finish(record.saga)
+            return restored
+        } catch {
+            state.withLock { _ = $0.inDoubt.insert(record.saga) }
+            log.error("compensation stopped: \(error)")
+            throw error
+        }
+    }
+
+    /// Writes one synced batch restoring every pre-image, plus `compensated`. Checks each key
+    /// first: after-image → restore; pre-image → already restored; anything else → stop.
+    private func compensate(_ record: JournalRecord, phase: SagaPhase) throws(SagaError) -> Int {
+        let id = record.saga
+        let current: [Bytes?]
+        do {
+            try hook(.compensate, id, phase: phase)
+            current = try kv.multiGet(record.entries.map(\.key))
+        } catch {
+            throw .compensationFailed(saga: id, underlying: error)
+        }
+        var batch = KVWriteBatch()
+        var restored = 0
+        for (entry, now) in zip(record.entries, current) {
+            if now == entry.afterImage {
+                batch.set(entry.key, to: entry.preImage)
+                restored += 1
+            } else if now == entry.preImage {
+                continue
+            } else {
+                throw .foreignWrite(saga: id, key: entry.key, preImage: entry.preImage, afterImage: entry.afterImage, current: now)
+            }
+        }
+        batch.put(JournalRecord.key(for: id), JournalRecord(saga: id, state: .compensated).encoded(), in: .journal)
+        do {
+            try kv.write(batch, sync: true)
+        } catch {
+            throw .compensationFailed(saga: id, underlying: error)
+        }
+        do { try hook(.compensated, id, phase: phase) } catch {
+            logger.warning("hook failure after compensation of \(id) ignored: \(error)")
+        }
+        return restored
+    }
+
+    /// Decides an unknown outcome with a fencing insert on a fresh connection. nil when the
+    /// database cannot be reached.
+    private func fence(_ id: SagaID, phase: SagaPhase, log: Logger) -> FenceDecision? {
+        do {
+            try hook(.resolve, id, phase: phase)
+            let conn = try sql.connect()
+            defer { conn.close() }
+            let decision = try conn.fence(id)
+            log.notice("\(id) resolved by fencing: \(decision)")
+            return decision
+        } catch {
+            log.warning("cannot resolve \(id): \(error)")
+            return nil
+        }
+    }
+
+    // MARK: - Recovery
+
+    /// Resolves every saga still `prepared` in the journal (other than those running in this
+    /// process): a fencing insert decides each; committed ones are recorded, failed ones are
+    /// compensated. Idempotent: running it twice, or after a crash inside it, changes nothing
+    /// the second time. Then collects garbage.
+    @discardableResult
+    public func recover() throws(SagaError) -> RecoveryReport {
+        if state.withLock({ $0.closed }) { throw .misuse(.closed) }
+        return try recover(atOpen: false)
+    }
+
+    private func recover(atOpen: Bool) throws(SagaError) -> RecoveryReport {
+        var report = RecoveryReport()
+        let entries: [(key: Bytes, value: Bytes)]
+        do { entries = try kv.journalEntries() } catch {
+            throw .stopped(reason: "cannot read the journal: \(error)")
+        }
+        var journaled: Set<SagaID> = []
+        for (key, value) in entries {
+            guard let id = JournalRecord.saga(fromKey: key) else { continue }
+            journaled.insert(id)
+            let record: JournalRecord
+            do {
+                record = try JournalRecord(decoding: value)
+                guard record.saga == id else {
+                    throw JournalRecord.DecodingError(reason: "record names \(record.saga) but is stored under \(id)")
+                }
+            } catch {
+                report.problems.append(.journalCorrupt(saga: id, key: key, reason: "\(error)"))
+                continue
+            }
+            switch record.state {
+            case .committed, .compensated:
+                if atOpen { state.withLock { $0.finished.append(id) } }
+            case .prepared:
+                let running = state.withLock { $0.active.contains(id) && !$0.inDoubt.contains(id) }
+                if running { continue }
+                resolve(record, adoptLocks: atOpen, into: &report)
+            }
+        }
+        if atOpen { removeOrphanMarkers(keeping: journaled) }
+        do { _ = try collectGarbage() } catch { logger.warning("garbage collection after recovery failed: \(error)") }
+        return report
+    }
+
+    private func resolve(_ record: JournalRecord, adoptLocks: Bool, into report: inout RecoveryReport) {
+        let id = record.saga
+        var log = logger
+        log[metadataKey: "saga"] = "\(id.rawValue)"
+        if adoptLocks {
+            let conflicts = locks.adopt(record.entries.map(\.key), for: id)
+            if let (key, holder) = conflicts.first {
+                report.problems.append(.lockTimeout(saga: id, keys: [key], heldBy: [holder]))
+                return
+            }
+        }
+        state.withLock { s in
+            s.active.insert(id)
+            s.inDoubt.insert(id)
+        }
+        switch fence(id, phase: .recovery, log: log) {
+        case .committed:
+            finishCommitted(id, hasRecord: true, phase: .recovery, log: log)
+            report.committed.append(id)
+        case .aborted:
+            do {
+                _ = try compensateOrHold(record, phase: .recovery, log: log)
+                report.compensated.append(id)
+            } catch {
+                report.problems.append(error)
+            }
+        case nil:
+            report.inDoubt.append(id)
+        }
+    }
+
+    /// A marker may outlive its journal record (a crash between the two GC steps). At open,
+    /// before any saga runs, a marker with no record belongs to a finished saga.
+    private func removeOrphanMarkers(keeping journaled: Set<SagaID>) {
+        do {
+            let conn = try pool.take()
+            defer { pool.giveBack(conn) }
+            let orphans = try conn.markerIDs().filter { !journaled.contains($0) }
+            if !orphans.isEmpty {
+                try conn.deleteMarkers(orphans)
+                logger.debug("removed \(orphans.count) orphan marker row(s)")
+            }
+        } catch {
+            logger.warning("orphan marker cleanup failed: \(error)")
+        }
+    }
+
+    // MARK: - Garbage collection
+
+    /// Removes the journal records and marker rows of finished sagas, in the only safe order:
+    /// first the journal records, synced; then their markers. Returns how many sagas were
+    /// collected. Runs by itself every ``Configuration/gcThreshold`` finished sagas.
+    @discardableResult
+    public func collectGarbage() throws(SagaError) -> Int {
+        try gcLock.withLock { _ throws(SagaError) -> Int in
+            let ids = state.withLock { s -> [SagaID] in
+                defer { s.finished.removeAll() }
+                return s.finished
+            }
+            if !ids.isEmpty {
+                do {
+                    try hook(.gcJournal, nil, phase: .gc)
+                    var batch = KVWriteBatch()
+                    for id in ids { batch.delete(JournalRecord.key(for: id), in: .journal) }
+                    try kv.write(batch, sync: true)
+                } catch {
+                    state.withLock { $0.finished.insert(contentsOf: ids, at: 0) }
+                    throw .stopped(reason: "deleting finished journal records failed: \(error)")
+                }
+                state.withLock { $0.markersToDelete.append(contentsOf: ids) }
+            }
+            let markers = state.withLock { s -> [SagaID] in
+                defer { s.markersToDelete.removeAll() }
+                return s.markersToDelete
+            }
+            guard !markers.isEmpty else { return 0 }
+            do {
+                try hook(.gcMarkers, nil, phase: .gc)
+                let conn = try pool.take()
+                defer { pool.giveBack(conn) }
+                try conn.deleteMarkers(markers)
+            } catch {
+                state.withLock { $0.markersToDelete.append(contentsOf: markers) }
+                throw .sqlFailed(saga: nil, step: .gcMarkers, underlying: error)
+            }
+            return markers.count
+        }
+    }
+
+    // MARK: - Hooks
+
+    private func hook(_ step: SagaStep, _ id: SagaID?, phase: SagaPhase = .run) throws {
+        try configuration.hooks?.reached(step, phase: phase, saga: id)
+    }
+}

@@ -1,0 +1,121 @@
+/// Everything a saga can end with other than success. Each case says what happened to both
+/// stores and what the caller can do about it.
+public enum SagaError: Error, CustomStringConvertible, Sendable {
+    /// The body threw. The SQL transaction was rolled back and the KV store was never touched:
+    /// nothing was written anywhere. Safe to retry.
+    case bodyFailed(saga: SagaID, underlying: any Error)
+    /// The SQL transaction ended under the saga (the database rolled it back: deadlock victim,
+    /// lost connection...). The saga refused to run further statements or commit a marker.
+    /// Nothing was written anywhere. Safe to retry.
+    case transactionLost(saga: SagaID, underlying: any Error)
+    /// An SQL step outside the body failed before anything was written (`BEGIN`, opening a
+    /// connection). Nothing was written anywhere.
+    case sqlFailed(saga: SagaID?, step: SagaStep, underlying: any Error)
+    /// Writing the forward KV batch failed. The SQL transaction was rolled back: nothing is
+    /// committed. If the KV store kept part of the failed write on disk, recovery after
+    /// reopening undoes it (it is journaled). Reopen the store before retrying.
+    case kvWriteFailed(saga: SagaID, underlying: any Error)
+    /// `COMMIT` failed (proved by the database) and every KV write of the saga was undone.
+    /// Both stores are as before the saga. Safe to retry.
+    case commitFailed(saga: SagaID, underlying: any Error, restoredKeys: Int)
+    /// The outcome of `COMMIT` could not be decided (the database is unreachable). The saga
+    /// stays `prepared` and its keys stay locked; ``SagaCoordinator/recover()`` (or the next
+    /// open) resolves it. Do not retry the saga before it is resolved.
+    case inDoubt(saga: SagaID, underlying: any Error)
+    /// While undoing a failed saga, a key held bytes that are neither the saga's after-image
+    /// nor its pre-image: something wrote it behind the coordinator. Nothing was undone; the
+    /// saga stays `prepared` with its keys locked. Repair the key by hand (to the pre-image
+    /// if the SQL side is the truth), then run recovery.
+    case foreignWrite(saga: SagaID, key: Bytes, preImage: Bytes?, afterImage: Bytes?, current: Bytes?)
+    /// Writing the compensating batch failed. The saga stays `prepared` with its keys
+    /// locked; recovery (or reopening) finishes it.
+    case compensationFailed(saga: SagaID, underlying: any Error)
+    /// A key lock was not granted in time. The saga was rolled back, nothing was written.
+    /// Retry; a timeout can also be a deadlock through the SQL database's own locks.
+    case lockTimeout(saga: SagaID, keys: [Bytes], heldBy: [SagaID])
+    /// Granting the lock would close a cycle of sagas waiting for each other. This saga was
+    /// chosen as the victim and rolled back; nothing was written. Retry.
+    case deadlock(saga: SagaID, keys: [Bytes], cycle: [SagaID])
+    /// A journal record could not be decoded (damaged, or written by an unknown version).
+    /// Recovery refuses to guess and leaves it in place.
+    case journalCorrupt(saga: SagaID?, key: Bytes, reason: String)
+    /// The API was used in a way it does not allow; nothing was written.
+    case misuse(Misuse)
+    /// The coordinator stopped after a failure it cannot continue past (an fsync failed).
+    /// Reopen the stores; recovery decides every saga that was in flight.
+    case stopped(reason: String)
+
+    public enum Misuse: Sendable, CustomStringConvertible, Equatable {
+        case sagaEnded(SagaID)
+        case nestedSaga(SagaID)
+        case emptyKey
+        case reservedKey(Bytes)
+        case keyTooLarge(size: Int, limit: Int)
+        case valueTooLarge(size: Int, limit: Int)
+        case closed
+
+        public var description: String {
+            switch self {
+            case .sagaEnded(let id): "\(id) has ended; its KV and SQL handles can no longer be used"
+            case .nestedSaga(let id): "a saga cannot start inside \(id) on the same thread; run the work in the outer saga"
+            case .emptyKey: "the empty key is not a valid KV key"
+            case .reservedKey(let key): "the key \"\(key.debugText)\" is in the reserved journal space (prefix \\x00saga\\x00)"
+            case .keyTooLarge(let size, let limit): "a key of \(size) bytes is over the limit of \(limit) bytes"
+            case .valueTooLarge(let size, let limit): "a value of \(size) bytes is over the limit of \(limit) bytes"
+            case .closed: "the coordinator is closed"
+            }
+        }
+    }
+
+    /// The saga the error is about, when there is one.
+    public var saga: SagaID? {
+        switch self {
+        case .bodyFailed(let s, _), .transactionLost(let s, _), .kvWriteFailed(let s, _),
+             .commitFailed(let s, _, _), .inDoubt(let s, _), .foreignWrite(let s, _, _, _, _),
+             .compensationFailed(let s, _), .lockTimeout(let s, _, _), .deadlock(let s, _, _):
+            s
+        case .sqlFailed(let s, _, _), .journalCorrupt(let s, _, _): s
+        case .misuse, .stopped: nil
+        }
+    }
+
+    /// Whether both stores are known to hold none of the saga's writes, so that running the
+    /// same work again is safe.
+    public var isRetryable: Bool {
+        switch self {
+        case .bodyFailed, .transactionLost, .sqlFailed, .commitFailed, .lockTimeout, .deadlock: true
+        default: false
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .bodyFailed(let s, let e):
+            "\(s): the body threw (\(e)); SQL rolled back, KV untouched, nothing written"
+        case .transactionLost(let s, let e):
+            "\(s): the SQL transaction ended under the saga (\(e)); refused to continue, nothing written"
+        case .sqlFailed(let s, let step, let e):
+            "\(s.map(String.init(describing:)) ?? "saga"): SQL failed at step '\(step)' (\(e)); nothing written"
+        case .kvWriteFailed(let s, let e):
+            "\(s): the KV batch failed (\(e)); SQL rolled back, nothing committed; reopen the KV store, recovery undoes any partial write"
+        case .commitFailed(let s, let e, let n):
+            "\(s): COMMIT failed (\(e)); KV compensated (\(n) key(s) restored), both stores as before"
+        case .inDoubt(let s, let e):
+            "\(s): COMMIT outcome in doubt (\(e)); saga stays prepared with its keys locked, recovery will resolve it"
+        case .foreignWrite(let s, let key, let pre, let post, let cur):
+            "\(s): key \"\(key.debugText)\" was written behind the saga: pre-image \(describe(pre)), after-image \(describe(post)), current \(describe(cur)); nothing undone, saga left prepared with its keys locked: repair the key, then run recovery"
+        case .compensationFailed(let s, let e):
+            "\(s): writing the compensation failed (\(e)); saga left prepared with its keys locked, recovery will finish it"
+        case .lockTimeout(let s, let keys, let holders):
+            "\(s): lock wait timed out on \(keys.map { "\"\($0.debugText)\"" }.joined(separator: ", ")) held by \(holders.map(String.init(describing:)).joined(separator: ", ")); rolled back, nothing written"
+        case .deadlock(let s, let keys, let cycle):
+            "\(s): deadlock on \(keys.map { "\"\($0.debugText)\"" }.joined(separator: ", ")) (cycle \(cycle.map(String.init(describing:)).joined(separator: " -> "))); rolled back, nothing written"
+        case .journalCorrupt(let s, let key, let reason):
+            "journal record \"\(key.debugText)\"\(s.map { " of \($0)" } ?? "") cannot be decoded: \(reason); recovery refuses to guess"
+        case .misuse(let m):
+            "misuse: \(m)"
+        case .stopped(let reason):
+            "the coordinator stopped: \(reason); reopen the stores, recovery will decide the sagas in flight"
+        }
+    }
+}

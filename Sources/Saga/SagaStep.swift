@@ -1,0 +1,51 @@
+/// The named points of the protocol (PROTOCOL.md). Every one of them is a place where a
+/// ``SagaHooks`` implementation can crash the process or inject a failure.
+public enum SagaStep: String, CaseIterable, Sendable, CustomStringConvertible {
+    /// Before `BEGIN` on the SQL connection.
+    case begin
+    /// The body returned; nothing has touched the KV store yet.
+    case body
+    /// Pre-images read; the forward batch with the `prepared` record is about to be written.
+    case prepare
+    /// The forward batch is durable; the marker row is not inserted yet.
+    case prepared
+    /// Marker row about to be inserted into the open SQL transaction.
+    case marker
+    /// `COMMIT` about to be sent (the marker is in the transaction).
+    case commit
+    /// `COMMIT` succeeded; the `committed` record is not written yet.
+    case committed
+    /// The outcome is known to be "failed"; the compensating batch is about to be written.
+    case compensate
+    /// The compensating batch (with `compensated`) is durable; locks not released yet.
+    case compensated
+    /// The fencing insert is about to run on a fresh connection (unknown outcome, recovery).
+    case resolve
+    /// GC: finished journal records are about to be deleted (synced).
+    case gcJournal
+    /// GC: the journal records are gone; their marker rows are about to be deleted.
+    case gcMarkers
+
+    public var description: String { rawValue }
+}
+
+/// Where a step was reached: in a caller's saga, in recovery, or in garbage collection.
+public enum SagaPhase: String, Sendable, CaseIterable {
+    case run, recovery, gc
+}
+
+/// Test and fault-injection hooks, called at every ``SagaStep``.
+///
+/// Throwing from `reached` makes the step's own operation fail with that error; the coordinator
+/// then follows the protocol exactly as if the store had failed there.
+public protocol SagaHooks: Sendable {
+    func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws
+}
+
+/// An error injected by a hook, distinguishable from real store errors in reports.
+public struct InjectedFault: Error, CustomStringConvertible, Sendable {
+    public let step: SagaStep
+    public let phase: SagaPhase
+    public var description: String { "injected fault at step '\(step)' (\(phase))" }
+    public init(step: SagaStep, phase: SagaPhase) { self.step = step; self.phase = phase }
+}
