@@ -105,6 +105,11 @@ public final class SagaSQL: SQLExecutor {
     private func guarded<T>(_ work: () throws -> T) throws -> T {
         try saga.checkUsable()
         if let lost = saga.lostTransaction { throw SagaError.transactionLost(saga: saga.id, underlying: lost) }
+        // A statement run after the transaction ended would autocommit on its own.
+        guard saga.connection.isInTransaction else {
+            saga.lostTransaction = TransactionEnded()
+            throw SagaError.transactionLost(saga: saga.id, underlying: TransactionEnded())
+        }
         do {
             return try work()
         } catch {
@@ -116,6 +121,11 @@ public final class SagaSQL: SQLExecutor {
 
 @available(*, unavailable)
 extension SagaSQL: Sendable {}
+
+/// The database reports no open transaction where the saga expected its own.
+struct TransactionEnded: Error, CustomStringConvertible {
+    var description: String { "the SQL transaction is no longer open" }
+}
 
 /// What a running saga needs from its coordinator.
 struct SagaContext: Sendable {

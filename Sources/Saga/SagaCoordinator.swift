@@ -215,7 +215,7 @@ public final class SagaCoordinator: Sendable {
             try hook(.marker, id)
             // A transaction that ended under us must never be "continued": in autocommit mode
             // the marker would commit on its own.
-            guard conn.isInTransaction else { throw TransactionNotOpen() }
+            guard conn.isInTransaction else { throw TransactionEnded() }
             try conn.insertMarker(id)
             try hook(.commit, id)
             outcome = conn.commit()
@@ -258,10 +258,6 @@ public final class SagaCoordinator: Sendable {
                 throw .inDoubt(saga: id, underlying: error)
             }
         }
-    }
-
-    private struct TransactionNotOpen: Error, CustomStringConvertible {
-        var description: String { "the SQL transaction is no longer open" }
     }
 
     private func classifyBodyError(_ error: any Error, saga: Saga) -> SagaError {

@@ -1,0 +1,147 @@
+import Foundation
+import Logging
+import RocksDBBackend
+import Saga
+import SQLiteBackend
+
+/// An ocore-style node: a RocksDB directory for state variables and an SQL database for
+/// balances and the trigger queue, processing one trigger per saga.
+final class Node {
+    enum FailMode: String, CaseIterable, Sendable {
+        /// A deferred foreign key violated at COMMIT: SQLite proves the failure.
+        case fk
+        /// An fsync failure injected through the fault VFS at COMMIT: the outcome is unknown.
+        case io
+    }
+
+    let dir: String
+    let kv: RocksDBStore
+    let sql: SQLiteDatabase
+    let admin: SQLiteConnection
+    let coordinator: SagaCoordinator?
+    let logger: Logger
+    private let commitFault: CommitFaultHook
+
+    static func kvPath(_ dir: String) -> String { dir + "/kv" }
+    static func sqlPath(_ dir: String) -> String { dir + "/ledger.sqlite" }
+
+    /// Opens the node's stores; in protected mode also the coordinator (which recovers).
+    init(dir: String, protected: Bool, hooks: (any SagaHooks)? = nil, gcEvery: Int = 512, logger: Logger) throws {
+        self.dir = dir
+        self.logger = logger
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try SQLiteFaults.register()
+        var config = SQLiteDatabase.Configuration()
+        config.vfs = SQLiteFaults.vfsName  // forwards everything unless armed
+        sql = try SQLiteDatabase(path: Self.sqlPath(dir), configuration: config)
+        admin = try sql.openConnection()
+        for statement in Schema.statements { try admin.execute(statement, []) }
+        kv = try RocksDBStore(path: Self.kvPath(dir))
+        commitFault = CommitFaultHook()
+        if protected {
+            let all: [any SagaHooks] = [commitFault] + (hooks.map { [$0] } ?? [])
+            coordinator = try SagaCoordinator(
+                kv: kv, sql: sql,
+                configuration: .init(hooks: CombinedHooks(all), gcThreshold: gcEvery),
+                logger: logger)
+        } else {
+            coordinator = nil
+        }
+    }
+
+    func close() {
+        coordinator?.close()
+        admin.close()
+        kv.close()
+    }
+
+    /// Seeds `count` deterministic triggers for a handful of AA addresses, once.
+    @discardableResult
+    func seed(triggers count: Int, seed: UInt64) throws -> Bool {
+        if try !admin.query("SELECT value FROM demo_meta WHERE key = 'seed'", []).isEmpty { return false }
+        var rng = SplitMix64(state: seed)
+        let addresses = (0..<5).map { _ in rng.base32(32) }
+        try admin.execute("BEGIN IMMEDIATE", [])
+        do {
+            for mci in 1...max(1, count) where count > 0 {
+                let unit = rng.base32(44)
+                let address = addresses[Int(rng.next() % UInt64(addresses.count))]
+                let amount = Int64(1_000 + rng.next() % 100_000)
+                try admin.execute("INSERT INTO aa_triggers (mci, unit, address, amount) VALUES (?, ?, ?, ?)",
+                                  [.integer(Int64(mci)), .text(unit), .text(address), .integer(amount)])
+            }
+            try admin.execute("INSERT INTO demo_meta (key, value) VALUES ('seed', ?)", [.text("\(seed):\(count)")])
+            try admin.execute("COMMIT", [])
+        } catch {
+            try? admin.rollback()
+            throw error
+        }
+        return true
+    }
+
+    /// The head of the queue.
+    func nextTrigger() throws -> Trigger? {
+        guard let row = try admin.query("SELECT mci, unit, address, amount FROM aa_triggers ORDER BY mci LIMIT 1", []).first else { return nil }
+        guard let mci = row[0].int64, let unit = row[1].string, let address = row[2].string, let amount = row[3].int64 else {
+            throw DemoError("malformed trigger row \(row.values)")
+        }
+        return Trigger(mci: mci, unit: unit, address: address, amount: amount)
+    }
+
+    // MARK: Processing
+
+    /// Processes one trigger as one saga; `fail` makes its COMMIT fail for real.
+    func process(_ t: Trigger, fail: FailMode?) throws(SagaError) {
+        guard let coordinator else { preconditionFailure("process(_:fail:) needs a protected node") }
+        if fail == .io { commitFault.armForNextCommit() }
+        defer { commitFault.disarm() }
+        try coordinator.run { saga in
+            let writes = try AA.apply(t, sql: saga.sql, read: { try saga.kv.get($0) })
+            for (key, value) in writes.kv {
+                if let value { try saga.kv.put(key, value) } else { try saga.kv.delete(key) }
+            }
+            if fail == .fk {
+                try saga.sql.execute("INSERT INTO fault_probe (ref) VALUES ('missing-parent')", [])
+            }
+        }
+    }
+
+    /// The unsafe sequence of the motivating bug: SQL writes, the KV batch synced, then COMMIT.
+    func processUnprotected(_ t: Trigger, fail: FailMode?) throws {
+        let conn = try sql.openConnection()
+        defer { conn.close() }
+        try conn.begin()
+        let writes = try AA.apply(t, sql: conn, read: { try kv.get($0) })
+        if fail == .fk { try conn.execute("INSERT INTO fault_probe (ref) VALUES ('missing-parent')", []) }
+        var batch = KVWriteBatch()
+        for (key, value) in writes.kv { batch.set(key, to: value) }
+        try kv.write(batch, sync: true)
+        if fail == .io { SQLiteFaults.arm(.sync) }
+        defer { SQLiteFaults.disarm() }
+        switch conn.commit() {
+        case .committed: return
+        case .failed(let e), .unknown(let e): throw e
+        }
+    }
+}
+
+/// Arms an fsync failure in the fault VFS right before the COMMIT of a chosen saga.
+final class CommitFaultHook: SagaHooks, @unchecked Sendable {
+    private let lock = NSLock()
+    private var armed = false
+
+    func armForNextCommit() { lock.withLock { armed = true } }
+    func disarm() {
+        lock.withLock { armed = false }
+        SQLiteFaults.disarm()
+    }
+
+    func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
+        guard step == .commit, phase == .run else { return }
+        let fire = lock.withLock { () -> Bool in
+            defer { armed = false }
+            return armed
+        }
+        if fire { SQLiteFaults.arm(.sync) }
+    }
+}
