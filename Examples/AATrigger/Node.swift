@@ -37,7 +37,7 @@ final class Node {
         admin = try sql.openConnection()
         for statement in Schema.statements { try admin.execute(statement, []) }
         kv = try RocksDBStore(path: Self.kvPath(dir))
-        commitFault = CommitFaultHook()
+        commitFault = CommitFaultHook(path: Self.sqlPath(dir))
         if protected {
             let all: [any SagaHooks] = [commitFault] + (hooks.map { [$0] } ?? [])
             coordinator = try SagaCoordinator(
@@ -116,7 +116,7 @@ final class Node {
         var batch = KVWriteBatch()
         for (key, value) in writes.kv { batch.set(key, to: value) }
         try kv.write(batch, sync: true)
-        if fail == .io { SQLiteFaults.arm(.sync) }
+        if fail == .io { SQLiteFaults.arm(.sync, pathPrefix: sql.path) }
         defer { SQLiteFaults.disarm() }
         switch conn.commit() {
         case .committed: return
@@ -129,6 +129,8 @@ final class Node {
 final class CommitFaultHook: SagaHooks, @unchecked Sendable {
     private let lock = NSLock()
     private var armed = false
+    private let path: String
+    init(path: String) { self.path = path }
 
     func armForNextCommit() { lock.withLock { armed = true } }
     func disarm() {
@@ -142,6 +144,6 @@ final class CommitFaultHook: SagaHooks, @unchecked Sendable {
             defer { armed = false }
             return armed
         }
-        if fire { SQLiteFaults.arm(.sync) }
+        if fire { SQLiteFaults.arm(.sync, pathPrefix: path) }
     }
 }

@@ -22,14 +22,15 @@ public enum SQLiteFaults {
     }
 
     /// Fails the `countdown`-th operation from now (1 = the next); with `persistent`, every one
-    /// after it too, until ``disarm()``.
-    public static func arm(_ op: Operation, countdown: Int = 1, persistent: Bool = false) {
+    /// after it too, until ``disarm()``. With `pathPrefix`, only files whose path starts with it
+    /// count (the database file, its `-wal` and `-journal`): other databases are left alone.
+    public static func arm(_ op: Operation, countdown: Int = 1, persistent: Bool = false, pathPrefix: String? = nil) {
         let code: Int32 = switch op {
         case .sync: Int32(SAGA_FAULT_SYNC.rawValue)
         case .write: Int32(SAGA_FAULT_WRITE.rawValue)
         case .diskFull: Int32(SAGA_FAULT_FULL.rawValue)
         }
-        saga_fault_vfs_arm(code, Int32(countdown), persistent ? 1 : 0)
+        saga_fault_vfs_arm(code, Int32(countdown), persistent ? 1 : 0, pathPrefix)
     }
 
     public static func disarm() { saga_fault_vfs_disarm() }

@@ -2,12 +2,15 @@
  * Every method is forwarded; only the armed operation is replaced by an error. */
 #include "saga_faults.h"
 #include <sqlite3.h>
+#include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
 
 typedef struct FaultFile {
     sqlite3_file base;   /* must be first: methods point at fault_io_methods */
     sqlite3_file *real;  /* the wrapped file, allocated right after this struct */
+    const char *name;    /* valid until xClose (SQLite guarantees it) */
 } FaultFile;
 
 static sqlite3_vfs fault_vfs;
@@ -18,9 +21,19 @@ static atomic_int persistent_fault;
 static atomic_int tripped;
 static atomic_int failures;
 static atomic_long syncs;
+static pthread_mutex_t prefix_lock = PTHREAD_MUTEX_INITIALIZER;
+static char prefix[4096];
 
-static int should_fail(int op) {
+static int path_matches(const char *name) {
+    pthread_mutex_lock(&prefix_lock);
+    int ok = prefix[0] == 0 || (name && strncmp(name, prefix, strlen(prefix)) == 0);
+    pthread_mutex_unlock(&prefix_lock);
+    return ok;
+}
+
+static int should_fail(int op, const char *name) {
     if (atomic_load(&armed_op) != op) return 0;
+    if (!path_matches(name)) return 0;
     if (atomic_load(&tripped)) {
         if (atomic_load(&persistent_fault)) { atomic_fetch_add(&failures, 1); return 1; }
         return 0;
@@ -33,8 +46,11 @@ static int should_fail(int op) {
     return 0;
 }
 
-void saga_fault_vfs_arm(int op, int n, int persistent) {
+void saga_fault_vfs_arm(int op, int n, int persistent, const char *path_prefix) {
     atomic_store(&armed_op, 0);
+    pthread_mutex_lock(&prefix_lock);
+    snprintf(prefix, sizeof prefix, "%s", path_prefix ? path_prefix : "");
+    pthread_mutex_unlock(&prefix_lock);
     atomic_store(&countdown, n < 1 ? 1 : n);
     atomic_store(&persistent_fault, persistent);
     atomic_store(&tripped, 0);
@@ -46,6 +62,7 @@ int saga_fault_vfs_failures(void) { return atomic_load(&failures); }
 long saga_fault_vfs_syncs(void) { return atomic_load(&syncs); }
 
 #define REAL(f) (((FaultFile *)(f))->real)
+#define NAME(f) (((FaultFile *)(f))->name)
 
 static int f_close(sqlite3_file *f) {
     int rc = REAL(f)->pMethods ? REAL(f)->pMethods->xClose(REAL(f)) : SQLITE_OK;
@@ -53,14 +70,14 @@ static int f_close(sqlite3_file *f) {
 }
 static int f_read(sqlite3_file *f, void *b, int n, sqlite3_int64 o) { return REAL(f)->pMethods->xRead(REAL(f), b, n, o); }
 static int f_write(sqlite3_file *f, const void *b, int n, sqlite3_int64 o) {
-    if (should_fail(SAGA_FAULT_WRITE)) return SQLITE_IOERR_WRITE;
-    if (should_fail(SAGA_FAULT_FULL)) return SQLITE_FULL;
+    if (should_fail(SAGA_FAULT_WRITE, NAME(f))) return SQLITE_IOERR_WRITE;
+    if (should_fail(SAGA_FAULT_FULL, NAME(f))) return SQLITE_FULL;
     return REAL(f)->pMethods->xWrite(REAL(f), b, n, o);
 }
 static int f_truncate(sqlite3_file *f, sqlite3_int64 s) { return REAL(f)->pMethods->xTruncate(REAL(f), s); }
 static int f_sync(sqlite3_file *f, int flags) {
     atomic_fetch_add(&syncs, 1);
-    if (should_fail(SAGA_FAULT_SYNC)) return SQLITE_IOERR_FSYNC;
+    if (should_fail(SAGA_FAULT_SYNC, NAME(f))) return SQLITE_IOERR_FSYNC;
     return REAL(f)->pMethods->xSync(REAL(f), flags);
 }
 static int f_size(sqlite3_file *f, sqlite3_int64 *s) { return REAL(f)->pMethods->xFileSize(REAL(f), s); }
@@ -86,6 +103,7 @@ static int v_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int fl
     (void)vfs;
     FaultFile *ff = (FaultFile *)file;
     ff->real = (sqlite3_file *)&ff[1];
+    ff->name = name;
     memset(ff->real, 0, (size_t)real_vfs->szOsFile);
     int rc = real_vfs->xOpen(real_vfs, name, ff->real, flags, outFlags);
     /* Only install our methods when the real open succeeded, so xClose is not called on failure. */

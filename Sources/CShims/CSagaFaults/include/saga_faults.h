@@ -21,8 +21,9 @@ enum saga_fault_op {
 int saga_fault_vfs_register(void);
 
 /* Arms the VFS: the countdown-th matching operation from now fails (1 = the next one).
- * persistent != 0: every matching operation after that one fails too, until disarmed. */
-void saga_fault_vfs_arm(int op, int countdown, int persistent);
+ * persistent != 0: every matching operation after that one fails too, until disarmed.
+ * path_prefix: only files whose path starts with it match (NULL or "": every file). */
+void saga_fault_vfs_arm(int op, int countdown, int persistent, const char *path_prefix);
 void saga_fault_vfs_disarm(void);
 /* How many operations the VFS has failed since it was last armed. */
 int saga_fault_vfs_failures(void);

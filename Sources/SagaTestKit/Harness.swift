@@ -1,0 +1,113 @@
+import Saga
+
+/// What the conformance suite needs from a pair of backends. One implementation per SQL
+/// backend (SQLite, MariaDB...), always over the real stores.
+public protocol SagaHarness: Sendable {
+    /// A short name for test output ("rocksdb+sqlite").
+    var name: String { get }
+    /// Fresh, empty stores with the suite's test table created.
+    func makeEnvironment() throws -> any HarnessEnvironment
+}
+
+/// One pair of real stores under test. Sendable because concurrent cases share it between
+/// threads; ``reopen()`` is only called while no saga runs.
+public protocol HarnessEnvironment: AnyObject, Sendable {
+    var kv: any KVStore { get }
+    var sql: any SQLDatabase { get }
+    /// Closes both stores and opens them again, as a restarted process would.
+    func reopen() throws
+    /// Stages something in `saga` that makes its COMMIT fail for real, in a way the database
+    /// proves (the outcome is "failed", not "unknown").
+    func arrangeCommitFailure(in saga: Saga) throws
+    /// Hooks that make the next COMMIT's outcome unknown for real (an I/O error while
+    /// committing, a lost reply): the coordinator must resolve it by fencing.
+    func unknownCommitHooks() -> any SagaHooks
+    /// Whether the SQL database runs one writing transaction at a time (SQLite): then sagas
+    /// cannot deadlock on KV keys, because the first holds the database until it completes.
+    var serializesWriters: Bool { get }
+    /// Removes the stores.
+    func destroy()
+}
+
+/// A check that failed, with the place it was made.
+public struct ConformanceFailure: Error, CustomStringConvertible {
+    public let description: String
+}
+
+/// Throws ``ConformanceFailure`` unless `condition` holds.
+public func check(_ condition: Bool, _ message: @autoclosure () -> String, file: StaticString = #fileID, line: UInt = #line) throws {
+    if !condition { throw ConformanceFailure(description: "\(file):\(line): \(message())") }
+}
+
+/// Runs `body` and returns the ``SagaError`` it threw; fails if it threw nothing or something else.
+public func expectSagaError<T>(_ body: () throws -> T, file: StaticString = #fileID, line: UInt = #line) throws -> SagaError {
+    do {
+        let value = try body()
+        throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got success (\(value))")
+    } catch let e as SagaError {
+        return e
+    } catch let e as ConformanceFailure {
+        throw e
+    } catch {
+        throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got \(type(of: error)): \(error)")
+    }
+}
+
+extension HarnessEnvironment {
+    /// A coordinator over the environment's stores (recovery runs as it opens).
+    public func coordinator(_ configuration: SagaCoordinator.Configuration = .init()) throws -> SagaCoordinator {
+        try SagaCoordinator(kv: kv, sql: sql, configuration: configuration)
+    }
+
+    /// One query on a fresh connection, outside any saga.
+    public func sqlQuery(_ sql: String, _ args: [SQLValue] = []) throws -> [SQLRow] {
+        let conn = try self.sql.connect()
+        defer { conn.close() }
+        return try conn.query(sql, args)
+    }
+
+    /// One statement on a fresh connection, outside any saga (autocommit).
+    @discardableResult
+    public func sqlExecute(_ sql: String, _ args: [SQLValue] = []) throws -> Int {
+        let conn = try self.sql.connect()
+        defer { conn.close() }
+        return try conn.execute(sql, args)
+    }
+
+    /// The test table's value for `k`, or nil.
+    public func row(_ k: String) throws -> Int64? {
+        try sqlQuery("SELECT v FROM saga_test WHERE k = ?", [.text(k)]).first?[0].int64
+    }
+
+    /// The journal records, decoded, by saga id.
+    public func journal() throws -> [SagaID: JournalRecord] {
+        var out: [SagaID: JournalRecord] = [:]
+        for (key, value) in try kv.journalEntries() {
+            guard let id = JournalRecord.saga(fromKey: key) else { continue }
+            out[id] = try JournalRecord(decoding: value)
+        }
+        return out
+    }
+
+    public func markers() throws -> [SagaID: String] {
+        var out: [SagaID: String] = [:]
+        for row in try sqlQuery("SELECT saga_id, status FROM saga_markers") {
+            if let id = row[0].int64, let status = row[1].string { out[SagaID(UInt64(id))] = status }
+        }
+        return out
+    }
+
+    /// Writes KV keys directly, outside any saga (test set-up, or a "foreign" writer).
+    public func kvSet(_ pairs: [(String, String?)]) throws {
+        var batch = KVWriteBatch()
+        for (k, v) in pairs { batch.set(Bytes(k.utf8), to: v.map { Bytes($0.utf8) }) }
+        try kv.write(batch, sync: true)
+    }
+
+    public func kvGet(_ key: String) throws -> String? {
+        try kv.get(Bytes(key.utf8)).map { String(decoding: $0, as: UTF8.self) }
+    }
+}
+
+/// Portable DDL for the suite's table (works on SQLite and MySQL).
+public let conformanceTableDDL = "CREATE TABLE IF NOT EXISTS saga_test (k VARCHAR(64) NOT NULL PRIMARY KEY, v BIGINT NOT NULL)"
