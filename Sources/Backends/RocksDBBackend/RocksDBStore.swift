@@ -64,7 +64,7 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
         if let err {
             let message = String(cString: err)
             rocksdb_free(err)
-            Self.freeOptions(options, readOptions, syncWrite, asyncWrite)
+            // Every stored property is initialized here, so deinit runs and frees the options.
             throw RocksDBError.open(path: path, message: message)
         }
         db = handle
@@ -121,11 +121,14 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
         let families = [OpaquePointer?](repeating: family, count: n)
         let sizesIn = keys.map(\.count)
         // Keep every key's storage alive for the call: copy into one contiguous buffer.
+        // One spare byte keeps the buffer non-empty when every key is empty.
         var flat = Bytes()
-        flat.reserveCapacity(sizesIn.reduce(0, +))
+        flat.reserveCapacity(sizesIn.reduce(1, +))
         for k in keys { flat.append(contentsOf: k) }
+        flat.append(0)
         flat.withUnsafeBufferPointer { buf in
-            let base = UnsafeRawPointer(buf.baseAddress ?? UnsafePointer(bitPattern: 1)!)
+            guard let start = buf.baseAddress else { return }
+            let base = UnsafeRawPointer(start)
             var offset = 0
             let ptrs: [UnsafePointer<CChar>?] = sizesIn.map { size in
                 defer { offset += size }

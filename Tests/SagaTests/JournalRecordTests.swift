@@ -1,0 +1,62 @@
+@testable import Saga
+import Testing
+
+@Suite("Journal record format")
+struct JournalRecordTests {
+    let sample = JournalRecord(saga: SagaID(0x0102_0304_0506_0708), state: .prepared, entries: [
+        .init(key: Bytes("st\nADDR\nbalance".utf8), preImage: Bytes("n\n5".utf8), afterImage: Bytes("n\n6".utf8)),
+        .init(key: [0x00, 0xFF], preImage: nil, afterImage: []),
+        .init(key: Bytes("gone".utf8), preImage: Bytes("x".utf8), afterImage: nil),
+    ])
+
+    @Test func roundTripsEveryState() throws {
+        #expect(try JournalRecord(decoding: sample.encoded()) == sample)
+        for state in [JournalRecord.State.committed, .compensated] {
+            let r = JournalRecord(saga: SagaID(9), state: state)
+            #expect(try JournalRecord(decoding: r.encoded()) == r)
+            #expect(r.encoded().count == 15, "a finished record is 15 bytes")
+        }
+    }
+
+    @Test func distinguishesAbsentFromEmpty() throws {
+        let decoded = try JournalRecord(decoding: sample.encoded())
+        #expect(decoded.entries[1].preImage == nil)
+        #expect(decoded.entries[1].afterImage == [])
+    }
+
+    @Test func everySingleBitFlipIsDetected() {
+        let bytes = sample.encoded()
+        for i in bytes.indices {
+            for bit in 0..<8 {
+                var damaged = bytes
+                damaged[i] ^= UInt8(1 << bit)
+                #expect(throws: JournalRecord.DecodingError.self) { try JournalRecord(decoding: damaged) }
+            }
+        }
+    }
+
+    @Test func everyTruncationIsDetected() {
+        let bytes = sample.encoded()
+        for n in 0..<bytes.count {
+            #expect(throws: JournalRecord.DecodingError.self) { try JournalRecord(decoding: Array(bytes.prefix(n))) }
+        }
+    }
+
+    @Test func unknownVersionIsNamed() throws {
+        var bytes = Array(JournalRecord(saga: SagaID(1), state: .committed).encoded().dropLast(4))
+        bytes[1] = 2
+        bytes.appendBigEndian(CRC32C.checksum(bytes))
+        let error = #expect(throws: JournalRecord.DecodingError.self) { try JournalRecord(decoding: bytes) }
+        #expect(error?.reason.contains("version 2") == true)
+    }
+
+    @Test func crc32cMatchesTheStandardCheckValue() {
+        #expect(CRC32C.checksum(Bytes("123456789".utf8)) == 0xE306_9283)
+    }
+
+    @Test func recordKeysSortByID() {
+        #expect(JournalRecord.key(for: SagaID(2)).lexicographicallyPrecedes(JournalRecord.key(for: SagaID(256))))
+        #expect(JournalRecord.saga(fromKey: JournalRecord.key(for: SagaID(77))) == SagaID(77))
+        #expect(JournalRecord.saga(fromKey: IDLease.ceilingKey) == nil)
+    }
+}
