@@ -9,7 +9,7 @@ struct AADemo: ParsableCommand {
         commandName: "aa-demo",
         abstract: "An ocore-style node processing AA triggers: state vars in RocksDB, balances in SQL.",
         discussion: "With no subcommand, runs a short show: the same COMMIT failure unprotected and protected by Saga.",
-        subcommands: [Show.self, Run.self, Verify.self],
+        subcommands: [Show.self, Run.self, Recover.self, Verify.self],
         defaultSubcommand: Show.self)
 }
 
@@ -127,6 +127,31 @@ struct Run: ParsableCommand {
         try node.coordinator?.collectGarbage()
         let report = try Verifier.check(kv: node.kv, sql: node.admin)
         say("done: \(processed) trigger(s) processed in this run; queue empty; digest \(report.digest)")
+    }
+}
+
+struct Recover: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Open the node's stores with the coordinator (which recovers), print what recovery did, process nothing.")
+
+    @Option(help: "The node's data directory.")
+    var data: String
+
+    @Option(name: .customLong("crash-at"), help: "SIGKILL the process at this step of recovery (resolve, committed, compensate, compensated, gcJournal, gcMarkers).")
+    var crashAt: String?
+
+    func run() throws {
+        guard FileManager.default.fileExists(atPath: Node.kvPath(data)) else { throw DemoError("no node data in \(data)") }
+        var hooks: (any SagaHooks)?
+        if let crashAt {
+            guard let step = SagaStep(rawValue: crashAt) else { throw ValidationError("unknown step \"\(crashAt)\"") }
+            hooks = StepTrigger(.crash, at: step, phase: step == .gcJournal || step == .gcMarkers ? .gc : .recovery)
+        }
+        let node = try Node(dir: data, protected: true, hooks: hooks, logger: makeLogger(verbose: false))
+        defer { node.close() }
+        let pending = node.coordinator?.inDoubt ?? []
+        say("recovered; in doubt: \(pending.isEmpty ? "none" : pending.map(String.init(describing:)).joined(separator: ", "))")
+        if !pending.isEmpty { throw ExitCode(2) }
     }
 }
 

@@ -1,0 +1,200 @@
+import Foundation
+import Saga
+import SQLiteBackend
+import Testing
+
+/// Crash tests: `aa-demo` runs as a child process and SIGKILLs itself at a named protocol step;
+/// the parent then recovers (a fresh `aa-demo recover`), checks that both stores agree and that
+/// every trigger the child reported committed is there, and finally lets the node finish the
+/// queue and compares its state digest with an uninterrupted run's.
+@Suite("Crash at every step", .serialized)
+struct CrashTests {
+    static let triggers = "12"
+    static let seed = "7"
+
+    /// The reference: the digest of an uninterrupted run of the same trigger stream.
+    static let referenceDigest: String = {
+        do {
+            let dir = try SQLiteEnvironment.makeTempDir("crash-ref")
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let run = try Demo.run(["run", "--data", dir, "--triggers", triggers, "--seed", seed])
+            guard run.exitCode == 0 else { return "reference run failed: \(run.stderr)" }
+            return try Demo.verify(dir).digest
+        } catch {
+            return "reference run failed: \(error)"
+        }
+    }()
+
+    struct Scenario: Sendable, CustomStringConvertible {
+        let crashAt: String
+        let occurrence: Int
+        let extra: [String]
+        var description: String { "\(crashAt)#\(occurrence)\(extra.isEmpty ? "" : " " + extra.joined(separator: " "))" }
+    }
+
+    /// Every step of a saga's own run, each with what it takes to reach it.
+    static let runScenarios: [Scenario] = [
+        Scenario(crashAt: "begin", occurrence: 4, extra: []),
+        Scenario(crashAt: "body", occurrence: 4, extra: []),
+        Scenario(crashAt: "prepare", occurrence: 4, extra: []),
+        Scenario(crashAt: "prepared", occurrence: 4, extra: []),
+        Scenario(crashAt: "marker", occurrence: 4, extra: []),
+        Scenario(crashAt: "commit", occurrence: 4, extra: []),
+        Scenario(crashAt: "committed", occurrence: 4, extra: []),
+        // Compensation happens after a failed COMMIT (deferred FK) ...
+        Scenario(crashAt: "compensate", occurrence: 1, extra: ["--fail-commit-at", "3"]),
+        Scenario(crashAt: "compensated", occurrence: 1, extra: ["--fail-commit-at", "3"]),
+        // ... fencing after an unknown one (fsync error at COMMIT).
+        Scenario(crashAt: "resolve", occurrence: 1, extra: ["--fail-commit-at", "3", "--fail-mode", "io"]),
+        Scenario(crashAt: "run:compensate", occurrence: 1, extra: ["--fail-commit-at", "3", "--fail-mode", "io"]),
+        Scenario(crashAt: "gc:gcJournal", occurrence: 2, extra: ["--gc-every", "3"]),
+        Scenario(crashAt: "gc:gcMarkers", occurrence: 2, extra: ["--gc-every", "3"]),
+    ]
+
+    @Test func everyStepIsCovered() {
+        let covered = Set(Self.runScenarios.map { $0.crashAt.split(separator: ":").last.map(String.init) ?? "" })
+        let missing = SagaStep.allCases.map(\.rawValue).filter { !covered.contains($0) }
+        #expect(missing.isEmpty, "steps without a crash test: \(missing)")
+    }
+
+    @Test(arguments: runScenarios)
+    func crashAtStep(_ scenario: Scenario) throws {
+        let dir = try SQLiteEnvironment.makeTempDir("crash")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let base = ["run", "--data", dir, "--triggers", Self.triggers, "--seed", Self.seed]
+
+        let crashed = try Demo.run(base + scenario.extra + ["--crash-at", scenario.crashAt, "--crash-occurrence", "\(scenario.occurrence)"])
+        #expect(crashed.killed, "the child reached \(scenario) and SIGKILLed itself (exit \(crashed.exitCode), stderr: \(crashed.stderr))")
+        let acknowledged = crashed.committedUnits
+        try Demo.checkRecovered(dir, acknowledged: acknowledged)
+
+        let finish = try Demo.run(base + scenario.extra)
+        #expect(finish.exitCode == 0, "the restarted node finishes: \(finish.stderr)")
+        #expect(try Demo.verify(dir).digest == Self.referenceDigest, "state equals an uninterrupted run's")
+    }
+
+    /// A crash in the middle of recovery, at each of its steps in turn, on a node that crashed
+    /// with a saga prepared but not committed (recovery compensates it) or committed but not
+    /// recorded (recovery keeps it).
+    @Test(arguments: [
+        ("prepared", ["resolve", "compensate", "compensated", "gcJournal", "gcMarkers"]),
+        ("committed", ["resolve", "committed", "gcJournal", "gcMarkers"]),
+        ("marker", ["resolve", "compensate"]),
+    ])
+    func crashInsideRecovery(_ firstCrash: String, _ recoveryCrashes: [String]) throws {
+        let dir = try SQLiteEnvironment.makeTempDir("crash-rec")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let base = ["run", "--data", dir, "--triggers", Self.triggers, "--seed", Self.seed]
+        let crashed = try Demo.run(base + ["--crash-at", firstCrash, "--crash-occurrence", "5"])
+        #expect(crashed.killed)
+        for step in recoveryCrashes {
+            let r = try Demo.run(["recover", "--data", dir, "--crash-at", step])
+            #expect(r.killed, "recovery crashed at \(step) (exit \(r.exitCode): \(r.stdout) \(r.stderr))")
+        }
+        try Demo.checkRecovered(dir, acknowledged: crashed.committedUnits)
+        // Recovery again: nothing changes.
+        let before = try Demo.verify(dir).digest
+        let again = try Demo.run(["recover", "--data", dir])
+        #expect(again.exitCode == 0)
+        #expect(try Demo.verify(dir).digest == before, "a second recovery changes nothing")
+        let finish = try Demo.run(base)
+        #expect(finish.exitCode == 0)
+        #expect(try Demo.verify(dir).digest == Self.referenceDigest)
+    }
+
+    /// Any number of crashes at seeded random steps, each followed by a restart: the final
+    /// state equals an uninterrupted run's.
+    @Test func manyCrashesThenTheSameState() throws {
+        let dir = try SQLiteEnvironment.makeTempDir("crash-many")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let base = ["run", "--data", dir, "--triggers", "20", "--seed", Self.seed, "--gc-every", "2"]
+        let refDir = try SQLiteEnvironment.makeTempDir("crash-many-ref")
+        defer { try? FileManager.default.removeItem(atPath: refDir) }
+        #expect(try Demo.run(["run", "--data", refDir, "--triggers", "20", "--seed", Self.seed]).exitCode == 0)
+        let reference = try Demo.verify(refDir).digest
+
+        var rng: UInt64 = 0xC0FFEE
+        var crashes = 0, acknowledged: [String] = []
+        for _ in 0..<40 {
+            rng = rng &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            let steps = ["begin", "body", "prepare", "prepared", "marker", "commit", "committed", "gc:gcJournal", "gc:gcMarkers"]
+            let step = steps[Int(rng >> 33) % steps.count]
+            let occurrence = Int(rng >> 45) % 3 + 1
+            let r = try Demo.run(base + ["--crash-at", step, "--crash-occurrence", "\(occurrence)"])
+            acknowledged += r.committedUnits
+            if r.killed { crashes += 1; continue }
+            #expect(r.exitCode == 0, "\(r.stderr)")
+            break
+        }
+        #expect(crashes >= 5, "crashed \(crashes) times")
+        try Demo.checkRecovered(dir, acknowledged: acknowledged)
+        #expect(try Demo.verify(dir).digest == reference, "after \(crashes) crashes the state equals an uninterrupted run's")
+    }
+}
+
+/// Runs the `aa-demo` executable built next to the test binary.
+enum Demo {
+    struct Result {
+        let exitCode: Int32
+        let killed: Bool
+        let stdout: String
+        let stderr: String
+        /// Triggers the child reported committed before it died.
+        var committedUnits: [String] {
+            stdout.split(separator: "\n").compactMap { line in
+                line.hasPrefix("committed ") ? String(line.split(separator: " ")[1]) : nil
+            }
+        }
+    }
+
+    static var executable: String {
+        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        return URL(fileURLWithPath: me).deletingLastPathComponent().appendingPathComponent("aa-demo").path
+    }
+
+    static func run(_ arguments: [String]) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("aa-out-\(UUID().uuidString)")
+        let err = FileManager.default.temporaryDirectory.appendingPathComponent("aa-err-\(UUID().uuidString)")
+        _ = FileManager.default.createFile(atPath: out.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: err.path, contents: nil)
+        defer {
+            try? FileManager.default.removeItem(at: out)
+            try? FileManager.default.removeItem(at: err)
+        }
+        process.standardOutput = try FileHandle(forWritingTo: out)
+        process.standardError = try FileHandle(forWritingTo: err)
+        try process.run()
+        process.waitUntilExit()
+        let killed = process.terminationReason == .uncaughtSignal && process.terminationStatus == SIGKILL
+        return Result(
+            exitCode: process.terminationStatus, killed: killed,
+            stdout: (try? String(contentsOf: out, encoding: .utf8)) ?? "",
+            stderr: (try? String(contentsOf: err, encoding: .utf8)) ?? "")
+    }
+
+    struct Verification { let agree: Bool; let digest: String; let output: String }
+
+    static func verify(_ dir: String) throws -> Verification {
+        let r = try run(["verify", "--data", dir])
+        let digest = r.stdout.split(separator: "\n").first { $0.hasPrefix("digest ") }.map { String($0.dropFirst(7)) } ?? "none"
+        return Verification(agree: r.exitCode == 0, digest: digest, output: r.stdout + r.stderr)
+    }
+
+    /// Recovers the node without processing anything, then demands: both stores agree, and
+    /// every acknowledged trigger has its response row.
+    static func checkRecovered(_ dir: String, acknowledged: [String]) throws {
+        let r = try run(["recover", "--data", dir])
+        #expect(r.exitCode == 0, "recovery leaves nothing in doubt: \(r.stdout) \(r.stderr)")
+        let v = try verify(dir)
+        #expect(v.agree, "KV and SQL agree after recovery: \(v.output)")
+        let db = try SQLiteDatabase(path: dir + "/ledger.sqlite")
+        let conn = try db.openConnection()
+        defer { conn.close() }
+        let present = Set(try conn.query("SELECT trigger_unit FROM aa_responses", []).compactMap { $0[0].string })
+        let lost = acknowledged.filter { !present.contains($0) }
+        #expect(lost.isEmpty, "acknowledged triggers lost: \(lost)")
+    }
+}
