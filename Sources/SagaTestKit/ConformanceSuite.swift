@@ -28,6 +28,7 @@ public enum ConformanceSuite {
         ConformanceCase(name: "misuse is refused and writes nothing", run: misuseIsRefused),
         ConformanceCase(name: "deadlocks and lock timeouts roll back", run: deadlocksRollBack),
         ConformanceCase(name: "concurrent sagas match a model", run: concurrentSagasMatchModel),
+        ConformanceCase(name: "a failure injected at every step leaves the stores agreeing", run: failureAtEveryStep),
     ]
 
     // MARK: Cases
@@ -462,6 +463,40 @@ public enum ConformanceSuite {
             try check(sqlValue == Int64(expected), "SQL \(k) = \(sqlValue.map(String.init) ?? "nil"), model \(expected)")
         }
         try check(c.inDoubt.isEmpty, "nothing in doubt")
+    }
+
+    static func failureAtEveryStep(_ env: any HarnessEnvironment) throws {
+        for (n, step) in SagaStep.allCases.enumerated() {
+            let key = "e\(n)"
+            try env.kvSet([(key, "before")])
+            // Compensation only follows a failed COMMIT, fencing an unknown one.
+            let failCommit = step == .compensate || step == .compensated
+            let unknownCommit = step == .resolve
+            var hooks: [any SagaHooks] = [StepTrigger(.fail, at: step)]
+            if unknownCommit { hooks.insert(env.unknownCommitHooks(), at: 0) }
+            let c = try env.coordinator(.init(hooks: CombinedHooks(hooks), gcThreshold: 1))
+            var outcome = "committed"
+            do {
+                try c.run { saga in
+                    try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES (?, 1)", [.text(key)])
+                    try saga.kv.put(key, "after")
+                    if failCommit { try env.arrangeCommitFailure(in: saga) }
+                }
+            } catch {
+                outcome = "\(error)"
+            }
+            let report = try c.recover()
+            try check(report.isClean && c.inDoubt.isEmpty, "step \(step): recovery resolves everything: \(report)")
+            let sqlHas = try env.row(key) != nil
+            let kvHas = try env.kvGet(key) == "after"
+            try check(sqlHas == kvHas, "step \(step): both stores agree (SQL \(sqlHas), KV \(kvHas)); outcome: \(outcome)")
+            try check(try env.kvGet(key) == (kvHas ? "after" : "before"), "step \(step): KV holds one of the two images")
+            try check(try env.journal().values.allSatisfy { $0.state != .prepared }, "step \(step): nothing left prepared")
+            let expectCommitted: Set<SagaStep> = [.committed, .gcJournal, .gcMarkers]
+            try check(sqlHas == expectCommitted.contains(step) || step == .resolve,
+                      "step \(step): committed only where the failure comes after COMMIT (outcome: \(outcome))")
+            c.close()
+        }
     }
 
     final class Results: @unchecked Sendable {
