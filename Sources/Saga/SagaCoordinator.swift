@@ -47,6 +47,9 @@ public final class SagaCoordinator: Sendable {
         /// Prepared sagas whose outcome could not be decided or finished; recovery retries them.
         var inDoubt: Set<SagaID> = []
         var closed = false
+        /// Set when a KV write failed: the store may hold part of it, so nothing may run on
+        /// top of it until a reopen lets recovery decide.
+        var stopped: String?
     }
 
     public let configuration: Configuration
@@ -58,6 +61,7 @@ public final class SagaCoordinator: Sendable {
     private let state = Mutex(State())
     private let ids: IDLease
     private let gcLock = Mutex(())
+    private let recoveryLock = Mutex(())
 
     /// Opens a coordinator on the two stores and runs recovery before returning.
     ///
@@ -124,6 +128,7 @@ public final class SagaCoordinator: Sendable {
             throw .misuse(.nestedSaga(outer.saga))
         }
         if state.withLock({ $0.closed }) { throw .misuse(.closed) }
+        if let reason = state.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
         let id: SagaID
         do { id = try ids.next() } catch {
             throw .stopped(reason: "cannot persist the saga id lease: \(error)")
@@ -197,7 +202,12 @@ public final class SagaCoordinator: Sendable {
                 // reopen fences the saga (no marker) and undoes it.
                 let landed = record != nil && ((try? kv.journalGet(JournalRecord.key(for: id))) ?? nil) != nil
                 if !landed {
-                    state.withLock { _ = $0.active.remove(id) }
+                    state.withLock { s in
+                        s.active.remove(id)
+                        // An injected fault stops before the write; a real failure may have
+                        // left the batch on disk (RocksDB replays an unsynced WAL record).
+                        if !(error is InjectedFault) { s.stopped = "the KV store failed a write of \(id): \(error)" }
+                    }
                     abandon(id, conn)
                     log.warning("KV write failed, SQL rolled back: \(error)")
                     throw .kvWriteFailed(saga: id, underlying: error)
@@ -388,6 +398,10 @@ public final class SagaCoordinator: Sendable {
     }
 
     private func recover(atOpen: Bool) throws(SagaError) -> RecoveryReport {
+        try recoveryLock.withLock { _ throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen) }
+    }
+
+    private func recoverLocked(atOpen: Bool) throws(SagaError) -> RecoveryReport {
         var report = RecoveryReport()
         let entries: [(key: Bytes, value: Bytes)]
         do { entries = try kv.journalEntries() } catch {
@@ -413,6 +427,11 @@ public final class SagaCoordinator: Sendable {
             case .prepared:
                 let running = state.withLock { $0.active.contains(id) && !$0.inDoubt.contains(id) }
                 if running { continue }
+                // On demand, a saga may have finished since the scan: it writes its final
+                // record before it stops being active, so a fresh read tells.
+                if !atOpen, let fresh = try? kv.journalGet(key), let now = try? JournalRecord(decoding: fresh), now.state != .prepared {
+                    continue
+                }
                 resolve(record, adoptLocks: atOpen, into: &report)
             }
         }

@@ -32,6 +32,9 @@ struct RealFailureTests {
         #expect("\(underlying)".contains("IO error"), "RocksDB's own error: \(underlying)")
         #expect(try env.row("k") == nil, "SQL rolled back")
         #expect(try env.markers().isEmpty, "no marker")
+        // The failed write may still be on disk: the coordinator refuses to go on until reopened.
+        let stopped = try expectSagaError { try c?.run { saga in try saga.kv.put("other", "x") } }
+        guard case .stopped = stopped else { Issue.record("expected stopped, got \(stopped)"); return }
         c = nil
         try env.reopen()
         c = try env.coordinator()
