@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "Saga", targets: ["Saga"]),
         .library(name: "RocksDBBackend", targets: ["RocksDBBackend"]),
         .library(name: "SQLiteBackend", targets: ["SQLiteBackend"]),
+        .library(name: "MySQLBackend", targets: ["MySQLBackend"]),
         .executable(name: "aa-demo", targets: ["AATrigger"]),
     ],
     dependencies: [
@@ -22,6 +23,9 @@ let package = Package(
         .systemLibrary(
             name: "CSQLite", path: "Sources/CShims/CSQLite", pkgConfig: "sqlite3",
             providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(
+            name: "CMariaDB", path: "Sources/CShims/CMariaDB", pkgConfig: "libmariadb",
+            providers: [.apt(["libmariadb-dev"])]),
         // Small C helpers: the fault-injecting SQLite VFS (opt-in by VFS name) ...
         .target(name: "CSagaFaults", dependencies: ["CSQLite"], path: "Sources/CShims/CSagaFaults"),
         // ... and an fsync interposer, linked into test programs only (it replaces fsync).
@@ -31,6 +35,7 @@ let package = Package(
         .target(name: "Saga", dependencies: [.product(name: "Logging", package: "swift-log")]),
         .target(name: "RocksDBBackend", dependencies: ["Saga", "CRocksDB"], path: "Sources/Backends/RocksDBBackend"),
         .target(name: "SQLiteBackend", dependencies: ["Saga", "CSQLite", "CSagaFaults"], path: "Sources/Backends/SQLiteBackend"),
+        .target(name: "MySQLBackend", dependencies: ["Saga", "CMariaDB"], path: "Sources/Backends/MySQLBackend"),
 
         // The conformance suite, written against the protocols only; every backend runs it.
         .target(name: "SagaTestKit", dependencies: ["Saga"]),
@@ -38,7 +43,7 @@ let package = Package(
         .executableTarget(
             name: "AATrigger",
             dependencies: [
-                "Saga", "RocksDBBackend", "SQLiteBackend",
+                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -46,7 +51,7 @@ let package = Package(
 
         .testTarget(
             name: "SagaTests",
-            dependencies: ["Saga", "SagaTestKit", "RocksDBBackend", "SQLiteBackend", "CFsyncFaults", "AATrigger"]),
+            dependencies: ["Saga", "SagaTestKit", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "CFsyncFaults", "AATrigger"]),
     ],
     swiftLanguageModes: [.v6]
 )

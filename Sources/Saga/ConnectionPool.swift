@@ -20,7 +20,7 @@ final class ConnectionPool: @unchecked Sendable {
 
     /// Returns a healthy connection with no open transaction; anything else is closed.
     func giveBack(_ conn: any SQLConnection) {
-        guard !conn.isInTransaction else { conn.close(); return }
+        guard !conn.isInTransaction, !conn.isBroken else { conn.close(); return }
         let kept = lock.withLock { () -> Bool in
             guard idle.count < limit else { return false }
             idle.append(conn)

@@ -110,6 +110,8 @@ public protocol SQLConnection: SQLExecutor {
     func commit() -> CommitResult
     /// Whether the database still has a transaction open on this connection.
     var isInTransaction: Bool { get }
+    /// Whether the connection is known to be unusable (lost, closed): it is not pooled.
+    var isBroken: Bool { get }
     /// After a statement failed with `error`: whether the database ended the transaction
     /// because of it (deadlock victim, lost connection, an error SQLite rolls back on).
     /// A saga whose transaction ended under it must not run another statement.

@@ -145,6 +145,8 @@ public final class SQLiteConnection: SQLConnection {
         return sqlite3_get_autocommit(handle) == 0
     }
 
+    public var isBroken: Bool { handle == nil }
+
     /// `BEGIN IMMEDIATE`: takes the write lock up front, so two sagas never both read and then
     /// fail to upgrade (SQLite has one writer at a time anyway).
     public func begin() throws { try execute("BEGIN IMMEDIATE", []) }

@@ -1,0 +1,362 @@
+import CMariaDB
+import Foundation
+import Saga
+
+/// Calls `mysql_library_init` once, before any thread uses the client library.
+enum MySQLLibrary {
+    static let initialized: Bool = mysql_server_init(0, nil, nil) == 0
+}
+
+/// One connection to a MySQL/MariaDB server (MariaDB Connector/C). Not `Sendable`: used by one
+/// thread at a time. Automatic reconnect is off (it would silently continue in autocommit mode
+/// after a lost connection). Every statement with values is a server-side prepared statement;
+/// values are bound, never spliced into SQL text.
+public final class MySQLConnection: SQLConnection {
+    private var handle: UnsafeMutablePointer<MYSQL>?
+    private var statements: [String: UnsafeMutablePointer<MYSQL_STMT>] = [:]
+    private let markerTable: String
+    public let url: MySQLURL
+    /// The connection died: nothing more can run on it.
+    private var lost = false
+    /// The server ended our transaction (deadlock victim, rollback on timeout).
+    private var transactionGone = false
+
+    init(url: MySQLURL, configuration: MySQLDatabase.Configuration) throws {
+        guard MySQLLibrary.initialized else {
+            throw MySQLUsageError(description: "the MariaDB client library failed to initialize")
+        }
+        self.url = url
+        self.markerTable = configuration.markerTable
+        guard let mysql = mysql_init(nil) else { throw MySQLUsageError(description: "mysql_init failed (out of memory)") }
+        var off: my_bool = 0
+        mysql_options(mysql, MYSQL_OPT_RECONNECT, &off)
+        var connectTimeout = UInt32(configuration.connectTimeout.components.seconds)
+        mysql_options(mysql, MYSQL_OPT_CONNECT_TIMEOUT, &connectTimeout)
+        var readTimeout = UInt32(configuration.readTimeout.components.seconds)
+        mysql_options(mysql, MYSQL_OPT_READ_TIMEOUT, &readTimeout)
+        mysql_options(mysql, MYSQL_OPT_WRITE_TIMEOUT, &readTimeout)
+        let connected = mysql_real_connect(
+            mysql, url.socket == nil ? url.host : nil, url.user, url.password, url.database,
+            url.socket == nil ? url.port : 0, url.socket, 0)
+        guard connected != nil else {
+            let error = MySQLError(connection: mysql, context: "connect")
+            mysql_close(mysql)
+            throw Self.explain(error, url: url)
+        }
+        handle = mysql
+        if mysql_set_character_set(mysql, "utf8mb4") != 0 {
+            let error = MySQLError(connection: mysql, context: "SET NAMES utf8mb4")
+            close()
+            throw error
+        }
+    }
+
+    /// Says which part of the URL is wrong when connecting fails.
+    private static func explain(_ e: MySQLError, url: MySQLURL) -> MySQLError {
+        let why: String
+        switch e.code {
+        case 1045: why = "wrong user or password for \(url.user)"
+        case 1049: why = "database \"\(url.database)\" does not exist"
+        case 1044: why = "user \(url.user) may not use database \"\(url.database)\""
+        case 2002, 2003, 2005, 2006:
+            why = url.socket.map { "no server at socket \($0)" } ?? "no server reachable at \(url.host):\(url.port)"
+        default: why = "cannot connect"
+        }
+        return MySQLError(code: e.code, sqlState: e.sqlState, message: "\(why) (\(e.message))", context: "connect to \(url)")
+    }
+
+    deinit { close() }
+
+    public func close() {
+        for (_, stmt) in statements { mysql_stmt_close(stmt) }
+        statements.removeAll()
+        if let handle { mysql_close(handle) }
+        handle = nil
+    }
+
+    /// The server's id for this connection (`CONNECTION_ID()`), the one `KILL` takes.
+    public var connectionID: UInt64 {
+        handle.map { UInt64(mysql_thread_id($0)) } ?? 0
+    }
+
+    private func db() throws -> UnsafeMutablePointer<MYSQL> {
+        guard let handle, !lost else {
+            throw MySQLError(code: 2006, sqlState: "HY000", message: "the connection to \(url) is closed or was lost", context: nil)
+        }
+        return handle
+    }
+
+    private func record(_ error: MySQLError) -> MySQLError {
+        if error.isConnectionLost { lost = true }
+        if error.code == MySQLError.deadlock { transactionGone = true }
+        return error
+    }
+
+    /// A statement without values and without results, over the text protocol.
+    private func simple(_ sql: String) throws {
+        let db = try db()
+        if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
+            throw record(MySQLError(connection: db, context: sql))
+        }
+    }
+
+    // MARK: Prepared statements
+
+    private func statement(_ sql: String) throws -> UnsafeMutablePointer<MYSQL_STMT> {
+        if let stmt = statements[sql] { return stmt }
+        let db = try db()
+        guard let stmt = mysql_stmt_init(db) else { throw record(MySQLError(connection: db, context: sql)) }
+        if mysql_stmt_prepare(stmt, sql, UInt(sql.utf8.count)) != 0 {
+            let error = MySQLError(statement: stmt, context: sql)
+            mysql_stmt_close(stmt)
+            throw record(error)
+        }
+        var update: my_bool = 1
+        mysql_stmt_attr_set(stmt, STMT_ATTR_UPDATE_MAX_LENGTH, &update)
+        statements[sql] = stmt
+        return stmt
+    }
+
+    /// Runs a prepared statement with bound values; collects result rows, if any.
+    private func run(_ sql: String, _ arguments: [SQLValue], wantRows: Bool) throws -> (rows: [SQLRow], affected: Int) {
+        let stmt = try statement(sql)
+        let expected = Int(mysql_stmt_param_count(stmt))
+        guard expected == arguments.count else {
+            throw MySQLUsageError(description: "`\(sql)` takes \(expected) argument(s), \(arguments.count) given")
+        }
+        // Parameter buffers live until the statement has executed.
+        var buffers: [UnsafeMutableRawPointer] = []
+        defer { buffers.forEach { $0.deallocate() } }
+        func store(_ bytes: UnsafeRawBufferPointer) -> UnsafeMutableRawPointer {
+            let p = UnsafeMutableRawPointer.allocate(byteCount: max(bytes.count, 1), alignment: 8)
+            if let base = bytes.baseAddress, bytes.count > 0 { p.copyMemory(from: base, byteCount: bytes.count) }
+            buffers.append(p)
+            return p
+        }
+        var params = [MYSQL_BIND](repeating: MYSQL_BIND(), count: arguments.count)
+        for (i, value) in arguments.enumerated() {
+            switch value {
+            case .null:
+                params[i].buffer_type = MYSQL_TYPE_NULL
+            case .integer(var v):
+                params[i].buffer_type = MYSQL_TYPE_LONGLONG
+                params[i].buffer = withUnsafeBytes(of: &v) { store($0) }
+            case .real(var v):
+                params[i].buffer_type = MYSQL_TYPE_DOUBLE
+                params[i].buffer = withUnsafeBytes(of: &v) { store($0) }
+            case .text(let s):
+                let bytes = Array(s.utf8)
+                params[i].buffer_type = MYSQL_TYPE_STRING
+                params[i].buffer = bytes.withUnsafeBytes { store($0) }
+                params[i].buffer_length = UInt(bytes.count)
+            case .blob(let b):
+                params[i].buffer_type = MYSQL_TYPE_BLOB
+                params[i].buffer = b.withUnsafeBytes { store($0) }
+                params[i].buffer_length = UInt(b.count)
+            }
+        }
+        if !arguments.isEmpty, mysql_stmt_bind_param(stmt, &params) != 0 {
+            throw record(MySQLError(statement: stmt, context: sql))
+        }
+        if mysql_stmt_execute(stmt) != 0 {
+            throw record(MySQLError(statement: stmt, context: sql))
+        }
+        let affected = Int(truncatingIfNeeded: mysql_stmt_affected_rows(stmt))
+        guard let meta = mysql_stmt_result_metadata(stmt) else { return ([], affected) }
+        defer {
+            mysql_free_result(meta)
+            mysql_stmt_free_result(stmt)
+        }
+        if mysql_stmt_store_result(stmt) != 0 { throw record(MySQLError(statement: stmt, context: sql)) }
+        guard wantRows else { return ([], affected) }
+        return (try fetchRows(stmt, meta: meta, sql: sql), affected)
+    }
+
+    private func fetchRows(_ stmt: UnsafeMutablePointer<MYSQL_STMT>, meta: UnsafeMutablePointer<MYSQL_RES>, sql: String) throws -> [SQLRow] {
+        let count = Int(mysql_num_fields(meta))
+        guard let fields = mysql_fetch_fields(meta) else { return [] }
+        enum Kind { case signed, unsigned, double, bytes(binary: Bool) }
+        var kinds: [Kind] = []
+        var names: [String] = []
+        var binds = [MYSQL_BIND](repeating: MYSQL_BIND(), count: count)
+        // The client library writes lengths and null flags through these on every fetch, so
+        // they need addresses that stay put: allocate them.
+        let lengths = UnsafeMutablePointer<UInt>.allocate(capacity: max(count, 1))
+        lengths.initialize(repeating: 0, count: max(count, 1))
+        let nulls = UnsafeMutablePointer<my_bool>.allocate(capacity: max(count, 1))
+        nulls.initialize(repeating: 0, count: max(count, 1))
+        var buffers: [UnsafeMutableRawPointer] = []
+        defer {
+            buffers.forEach { $0.deallocate() }
+            lengths.deallocate()
+            nulls.deallocate()
+        }
+        for i in 0..<count {
+            let f = fields[i]
+            names.append(String(cString: f.name))
+            let size: Int
+            switch f.type {
+            case MYSQL_TYPE_TINY, MYSQL_TYPE_SHORT, MYSQL_TYPE_LONG, MYSQL_TYPE_LONGLONG, MYSQL_TYPE_INT24, MYSQL_TYPE_YEAR:
+                let unsigned = (f.flags & UInt32(UNSIGNED_FLAG)) != 0
+                kinds.append(unsigned ? .unsigned : .signed)
+                binds[i].buffer_type = MYSQL_TYPE_LONGLONG
+                binds[i].is_unsigned = unsigned ? 1 : 0
+                size = 8
+            case MYSQL_TYPE_FLOAT, MYSQL_TYPE_DOUBLE:
+                kinds.append(.double)
+                binds[i].buffer_type = MYSQL_TYPE_DOUBLE
+                size = 8
+            default:
+                // charsetnr 63 is "binary": BLOB, BINARY, VARBINARY.
+                kinds.append(.bytes(binary: f.charsetnr == 63))
+                binds[i].buffer_type = MYSQL_TYPE_BLOB
+                size = Int(f.max_length) + 1
+            }
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+            buffers.append(buffer)
+            binds[i].buffer = buffer
+            binds[i].buffer_length = UInt(size)
+            binds[i].length = lengths + i
+            binds[i].is_null = nulls + i
+        }
+        if mysql_stmt_bind_result(stmt, &binds) != 0 { throw record(MySQLError(statement: stmt, context: sql)) }
+        var rows: [SQLRow] = []
+        while true {
+            let rc = mysql_stmt_fetch(stmt)
+            if rc == MYSQL_NO_DATA { break }
+            if rc == 1 { throw record(MySQLError(statement: stmt, context: sql)) }
+            // MYSQL_DATA_TRUNCATED cannot happen: buffers are sized from max_length.
+            var values: [SQLValue] = []
+            values.reserveCapacity(count)
+            for i in 0..<count {
+                if nulls[i] != 0 { values.append(.null); continue }
+                let buffer = buffers[i]
+                switch kinds[i] {
+                case .signed: values.append(.integer(buffer.loadUnaligned(as: Int64.self)))
+                case .unsigned: values.append(.integer(Int64(bitPattern: buffer.loadUnaligned(as: UInt64.self))))
+                case .double: values.append(.real(buffer.loadUnaligned(as: Double.self)))
+                case .bytes(let binary):
+                    let bytes = Bytes(UnsafeRawBufferPointer(start: buffer, count: Int(lengths[i])))
+                    values.append(binary ? .blob(bytes) : .text(String(decoding: bytes, as: UTF8.self)))
+                }
+            }
+            rows.append(SQLRow(columns: names, values: values))
+        }
+        return rows
+    }
+
+    @discardableResult
+    public func execute(_ sql: String, _ arguments: [SQLValue]) throws -> Int {
+        try run(sql, arguments, wantRows: false).affected
+    }
+
+    public func query(_ sql: String, _ arguments: [SQLValue]) throws -> [SQLRow] {
+        try run(sql, arguments, wantRows: true).rows
+    }
+
+    // MARK: Transactions
+
+    /// Whether a transaction is open: the server's own status flag (sent with every OK reply),
+    /// unless the connection died or an error told us the server ended the transaction.
+    public var isInTransaction: Bool {
+        guard let handle, !lost, !transactionGone else { return false }
+        return (handle.pointee.server_status & UInt32(SERVER_STATUS_IN_TRANS)) != 0
+    }
+
+    public var isBroken: Bool { handle == nil || lost }
+
+    public func begin() throws {
+        transactionGone = false
+        try simple("START TRANSACTION")
+    }
+
+    public func rollback() throws {
+        defer { transactionGone = false }
+        guard handle != nil, !lost else { return }  // the server rolls back a lost connection
+        try simple("ROLLBACK")
+    }
+
+    public func commit() -> CommitResult {
+        do {
+            try simple("COMMIT")
+            return .committed
+        } catch let error as MySQLError {
+            // A lost connection: the COMMIT may have been executed, the reply lost. A server
+            // error with the transaction still open: it did not commit; roll back. Anything
+            // else cannot be proven either way.
+            if error.isConnectionLost { return .unknown(error) }
+            if serverSaysInTransaction() == true {
+                do { try simple("ROLLBACK") } catch { return .unknown(error) }
+                return .failed(error)
+            }
+            return .unknown(error)
+        } catch {
+            return .unknown(error)
+        }
+    }
+
+    /// Asks the server whether this connection has a transaction open; nil if it cannot tell.
+    private func serverSaysInTransaction() -> Bool? {
+        guard !lost, let rows = try? query("SELECT @@in_transaction", []), let v = rows.first?[0].int64 else { return nil }
+        return v != 0
+    }
+
+    /// After a failed statement: did the server end the transaction? A lost connection or a
+    /// deadlock always does; for anything else (a lock wait timeout with
+    /// `innodb_rollback_on_timeout`...), the server is asked. When it cannot tell: ended.
+    public func transactionEnded(by error: any Error) -> Bool {
+        if lost || transactionGone { return true }
+        guard let e = error as? MySQLError else { return !isInTransaction }
+        if e.isConnectionLost || e.code == MySQLError.deadlock { return true }
+        let open = serverSaysInTransaction()
+        if open != true { transactionGone = true }
+        return open != true
+    }
+
+    // MARK: Markers
+
+    public func ensureMarkerTable() throws {
+        try execute("""
+            CREATE TABLE IF NOT EXISTS \(markerTable) (
+                saga_id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
+                status ENUM('committed', 'aborted') NOT NULL
+            ) ENGINE=InnoDB
+            """, [])
+    }
+
+    public func insertMarker(_ id: SagaID) throws {
+        try execute("INSERT INTO \(markerTable) (saga_id, status) VALUES (?, 'committed')", [.integer(Int64(bitPattern: id.rawValue))])
+    }
+
+    /// `INSERT IGNORE` on the primary key: InnoDB makes it wait until any transaction holding
+    /// that key has finished, either way. The row found afterwards decides.
+    public func fence(_ id: SagaID) throws -> FenceDecision {
+        let key = SQLValue.integer(Int64(bitPattern: id.rawValue))
+        try execute("INSERT IGNORE INTO \(markerTable) (saga_id, status) VALUES (?, 'aborted')", [key])
+        let status = try query("SELECT status FROM \(markerTable) WHERE saga_id = ?", [key]).first?[0].string
+        switch status {
+        case "committed": return .committed
+        case "aborted": return .aborted
+        default: throw MySQLUsageError(description: "marker for \(id) missing right after the fencing insert (status \(status ?? "none"))")
+        }
+    }
+
+    public func markerIDs() throws -> [SagaID] {
+        try query("SELECT saga_id FROM \(markerTable) ORDER BY saga_id", []).compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
+    }
+
+    public func maxMarkerID() throws -> SagaID? {
+        try query("SELECT MAX(saga_id) FROM \(markerTable)", []).first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
+    }
+
+    public func deleteMarkers(_ ids: [SagaID]) throws {
+        for start in stride(from: 0, to: ids.count, by: 256) {
+            let chunk = ids[start..<min(start + 256, ids.count)]
+            let placeholders = Array(repeating: "?", count: chunk.count).joined(separator: ",")
+            try execute("DELETE FROM \(markerTable) WHERE saga_id IN (\(placeholders))", chunk.map { .integer(Int64(bitPattern: $0.rawValue)) })
+        }
+    }
+}
+
+@available(*, unavailable)
+extension MySQLConnection: Sendable {}

@@ -1,0 +1,58 @@
+import CMariaDB
+
+/// A MySQL/MariaDB failure: the server's (or client library's) error code, the SQLSTATE, the
+/// message, and what was being done.
+public struct MySQLError: Error, CustomStringConvertible, Sendable, Equatable {
+    /// The error number: 1xxx from the server (1213 deadlock, 1205 lock wait timeout, 1045
+    /// access denied...), 2xxx from the client library (2013 lost connection during query,
+    /// 2006 server gone away...).
+    public let code: UInt32
+    /// The five-character SQLSTATE (`40001` for a deadlock, `HY000` when unknown).
+    public let sqlState: String
+    public let message: String
+    /// The statement or step that failed.
+    public let context: String?
+
+    public init(code: UInt32, sqlState: String, message: String, context: String? = nil) {
+        self.code = code
+        self.sqlState = sqlState
+        self.message = message
+        self.context = context
+    }
+
+    public static let deadlock: UInt32 = 1213
+    public static let lockWaitTimeout: UInt32 = 1205
+
+    /// The connection is gone (or the server killed it): the server rolls back any open
+    /// transaction on its own, unless a COMMIT was already on its way.
+    public var isConnectionLost: Bool {
+        [2006, 2013, 2055, 4031, 1927, 1053, 2026].contains(code)
+    }
+
+    public var description: String {
+        var s = "MySQL error \(code) (SQLSTATE \(sqlState)): \(message)"
+        if let context { s += " -- while running `\(context)`" }
+        return s
+    }
+
+    init(connection: UnsafeMutablePointer<MYSQL>, context: String?) {
+        self.init(
+            code: mysql_errno(connection),
+            sqlState: String(cString: mysql_sqlstate(connection)),
+            message: String(cString: mysql_error(connection)),
+            context: context)
+    }
+
+    init(statement: UnsafeMutablePointer<MYSQL_STMT>, context: String?) {
+        self.init(
+            code: mysql_stmt_errno(statement),
+            sqlState: String(cString: mysql_stmt_sqlstate(statement)),
+            message: String(cString: mysql_stmt_error(statement)),
+            context: context)
+    }
+}
+
+/// A problem found before the server was asked: a bad URL, a wrong number of arguments.
+public struct MySQLUsageError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+}

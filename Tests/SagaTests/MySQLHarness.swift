@@ -1,0 +1,94 @@
+import Foundation
+import MySQLBackend
+import RocksDBBackend
+import Saga
+import SagaTestKit
+
+/// RocksDB + MariaDB, both real: a fresh database on the shared throwaway server, reached
+/// through a ``MySQLProxy`` that can lose a COMMIT's reply.
+struct MySQLHarness: SagaHarness {
+    var name: String { "rocksdb+mariadb" }
+    func makeEnvironment() throws -> any HarnessEnvironment { try MySQLEnvironment(serverURL: try SharedMariaDB.url()) }
+}
+
+/// `@unchecked Sendable`: the stores are thread-safe; `reopen()` swaps them only while no saga runs.
+final class MySQLEnvironment: HarnessEnvironment, @unchecked Sendable {
+    let dir: String
+    let server: MySQLURL
+    let database: String
+    let proxy: MySQLProxy
+    private(set) var rocks: RocksDBStore
+    private(set) var mysql: MySQLDatabase
+    var kv: any KVStore { rocks }
+    var sql: any SQLDatabase { mysql }
+    var serializesWriters: Bool { false }
+
+    /// The URL of this environment's database, straight to the server (no proxy).
+    let directURL: MySQLURL
+    /// The same database through the proxy.
+    let proxiedURL: MySQLURL
+
+    init(serverURL: String, rocksDir: String? = nil) throws {
+        server = try MySQLURL(serverURL)
+        database = "saga_t_" + UUID().uuidString.prefix(8).lowercased()
+        dir = try rocksDir ?? SQLiteEnvironment.makeTempDir("saga-my")
+        let admin = try MySQLDatabase(url: server).openConnection()
+        defer { admin.close() }
+        try admin.execute("CREATE DATABASE \(database)", [])
+        proxy = try MySQLProxy(targetHost: server.host == "localhost" ? "127.0.0.1" : server.host, targetPort: UInt16(server.port))
+        var direct = server
+        direct.database = database
+        directURL = direct
+        var proxied = direct
+        proxied.host = "127.0.0.1"
+        proxied.port = UInt32(proxy.port)
+        proxied.socket = nil
+        proxiedURL = proxied
+        rocks = try RocksDBStore(path: dir + "/kv")
+        mysql = try MySQLDatabase(url: proxiedURL)
+        let conn = try mysql.openConnection()
+        defer { conn.close() }
+        try conn.execute(conformanceTableDDL + " ENGINE=InnoDB", [])
+    }
+
+    func reopen() throws {
+        rocks.close()
+        rocks = try RocksDBStore(path: dir + "/kv")
+        mysql = try MySQLDatabase(url: proxiedURL)
+    }
+
+    /// Kills the saga's own connection from another session: the marker insert or COMMIT that
+    /// follows finds the connection gone, and the server rolls the transaction back.
+    func arrangeCommitFailure(in saga: Saga) throws {
+        guard let id = try saga.sql.query("SELECT CONNECTION_ID()", []).first?[0].int64 else {
+            throw TestSetupError("no connection id")
+        }
+        try killConnection(id)
+    }
+
+    func killConnection(_ id: Int64) throws {
+        let side = try MySQLDatabase(url: directURL).openConnection()
+        defer { side.close() }
+        try side.execute("KILL CONNECTION ?", [.integer(id)])
+    }
+
+    /// The proxy forwards the COMMIT and loses the server's reply: the client sees 2013 while
+    /// the transaction is committed.
+    func unknownCommitHooks() -> any SagaHooks { LoseCommitReply(proxy: proxy) }
+
+    func destroy() {
+        rocks.close()
+        if let admin = try? MySQLDatabase(url: server).openConnection() {
+            _ = try? admin.execute("DROP DATABASE IF EXISTS \(database)", [])
+            admin.close()
+        }
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+struct LoseCommitReply: SagaHooks {
+    let proxy: MySQLProxy
+    func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
+        if step == .commit, phase == .run { proxy.arm(.loseReply) }
+    }
+}

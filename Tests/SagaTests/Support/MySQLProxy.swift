@@ -1,0 +1,134 @@
+import Foundation
+
+/// A loopback TCP proxy in front of a MySQL server that can lose a COMMIT's reply: it forwards
+/// the client's `COMMIT` packet, lets the server execute it, then drops the server's OK and
+/// closes both sides. The client sees error 2013 while the transaction **is committed**.
+///
+/// MySQL packets are a 3-byte little-endian length, a sequence byte and the payload; a query is
+/// payload `0x03` followed by the SQL text.
+final class MySQLProxy: @unchecked Sendable {
+    enum Action {
+        /// Forward COMMIT, drop the reply, close the connection.
+        case loseReply
+        /// Forward COMMIT, then run this (e.g. kill the server), then close the connection.
+        case afterForwarding(@Sendable () -> Void)
+    }
+
+    let port: UInt16
+    private let target: (host: String, port: UInt16)
+    private let listener: Int32
+    private let lock = NSLock()
+    private var armed: Action?
+    private var fired = 0
+
+    init(targetHost: String, targetPort: UInt16) throws {
+        target = (targetHost, targetPort)
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw TestSetupError("proxy: socket() failed") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var addr = Self.loopback(port: 0)
+        let bound = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard bound == 0, listen(fd, 64) == 0 else { close(fd); throw TestSetupError("proxy: bind/listen failed") }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        listener = fd
+        port = UInt16(bigEndian: addr.sin_port)
+        Thread.detachNewThread { [self] in acceptLoop() }
+    }
+
+    deinit { shutdown(listener, Int32(SHUT_RDWR)); close(listener) }
+
+    /// The next COMMIT through the proxy gets `action`.
+    func arm(_ action: Action) { lock.withLock { armed = action } }
+    var firedCount: Int { lock.withLock { fired } }
+
+    private static func loopback(port: UInt16) -> sockaddr_in {
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_port = port.bigEndian
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        return a
+    }
+
+    private func acceptLoop() {
+        while true {
+            let client = accept(listener, nil, nil)
+            if client < 0 { return }
+            let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var addr = Self.loopback(port: target.port)
+            addr.sin_addr.s_addr = inet_addr(target.host)
+            let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            if ok != 0 { close(client); close(server); continue }
+            let pair = Pair(client: client, server: server)
+            Thread.detachNewThread { [self] in clientToServer(pair) }
+            Thread.detachNewThread { [self] in serverToClient(pair) }
+        }
+    }
+
+    final class Pair: @unchecked Sendable {
+        let client: Int32, server: Int32
+        let lock = NSLock()
+        var dropNextReply = false
+        var closed = false
+        init(client: Int32, server: Int32) { self.client = client; self.server = server }
+        func closeBoth() {
+            lock.withLock {
+                guard !closed else { return }
+                closed = true
+                shutdown(client, Int32(SHUT_RDWR)); shutdown(server, Int32(SHUT_RDWR))
+                close(client); close(server)
+            }
+        }
+    }
+
+    private func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return false }
+            off += n
+        }
+        return true
+    }
+
+    private func clientToServer(_ pair: Pair) {
+        var pending: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65_536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(pair.client, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { pair.closeBoth(); return }
+            pending += buf[0..<n]
+            // Forward whole packets, one at a time, so a COMMIT can be recognised.
+            while pending.count >= 4 {
+                let len = Int(pending[0]) | Int(pending[1]) << 8 | Int(pending[2]) << 16
+                guard pending.count >= 4 + len else { break }
+                let packet = Array(pending[0..<(4 + len)])
+                pending.removeFirst(4 + len)
+                let isCommit = len == 7 && packet[4] == 0x03 && String(decoding: packet[5...], as: UTF8.self).uppercased() == "COMMIT"
+                let action: Action? = isCommit ? lock.withLock { defer { armed = nil }; if armed != nil { fired += 1 }; return armed } : nil
+                if case .loseReply? = action { pair.lock.withLock { pair.dropNextReply = true } }
+                if !writeAll(pair.server, packet) { pair.closeBoth(); return }
+                if case .afterForwarding(let after)? = action {
+                    after()
+                    pair.closeBoth()
+                    return
+                }
+            }
+        }
+    }
+
+    private func serverToClient(_ pair: Pair) {
+        var buf = [UInt8](repeating: 0, count: 65_536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(pair.server, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { pair.closeBoth(); return }
+            if pair.lock.withLock({ pair.dropNextReply }) {
+                // The server answered the COMMIT: it is committed. The client never hears it.
+                pair.closeBoth()
+                return
+            }
+            if !writeAll(pair.client, Array(buf[0..<n])) { pair.closeBoth(); return }
+        }
+    }
+}
