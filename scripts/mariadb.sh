@@ -22,12 +22,13 @@ stop() {
 
 case "$cmd" in
 start)
-    if [ -f "$dir/mariadbd.pid" ] && kill -0 "$(cat "$dir/mariadbd.pid")" 2>/dev/null; then
+    # A killed server can linger as a zombie, so ask the server itself, not kill -0.
+    if [ -S "$dir/mysqld.sock" ] && mariadb-admin --no-defaults --socket="$dir/mysqld.sock" -uroot ping >/dev/null 2>&1; then
         echo "a server is already running in $dir" >&2
         echo "mysql://$user:$password@127.0.0.1:$(cat "$dir/port")/$database"
         exit 0
     fi
-    port=${3:-$(( 20000 + RANDOM % 20000 ))}
+    port=${3:-$(( 20000 + RANDOM % 12000 ))}  # below the ephemeral range
     command -v mariadbd >/dev/null || { echo "mariadbd not found: install mariadb-server (scripts/setup.sh does)" >&2; exit 1; }
     mkdir -p "$dir"
     echo "$port" >"$dir/port"

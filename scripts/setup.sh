@@ -2,7 +2,9 @@
 # Installs what Saga needs on a fresh Debian machine (Debian's packages only), when missing.
 set -euo pipefail
 
-packages=(librocksdb-dev libsqlite3-dev pkg-config)
+packages=(librocksdb-dev libsqlite3-dev libmariadb-dev pkg-config)
+# The tests also need a MariaDB server (started by scripts/test.sh, never as a service).
+[ "${SAGA_WITH_SERVER:-0}" = 1 ] && packages+=(mariadb-server)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,11 +2,20 @@
 # The whole test suite. Installs what is missing, builds warning-free, runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+SAGA_WITH_SERVER=1 bash scripts/setup.sh
+
+# A throwaway MariaDB server for the MySQL tests (temp datadir, loopback port, real user and
+# password), stopped on exit, also when tests fail. Tests that kill servers start their own.
+server_dir=$(mktemp -d /tmp/saga-mariadb-XXXXXX)
+cleanup() { bash scripts/mariadb.sh stop "$server_dir" || true; rm -rf "$server_dir"; }
+trap cleanup EXIT
+SAGA_MYSQL_URL=$(bash scripts/mariadb.sh start "$server_dir" | tail -1)
+export SAGA_MYSQL_URL
+echo "==> MariaDB for the tests: ${SAGA_MYSQL_URL/:saga-test-pw@/:***@}"
 
 echo "==> swift build (warnings are errors here)"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; cleanup' EXIT
 swift build --build-tests 2>&1 | tee "$log" | grep -E "error|warning:|Compiling|Build complete" | grep -v "^\[.*Compiling" || true
 if grep -E "^/.*(warning|error):" "$log" >/dev/null; then
     echo "build produced warnings or errors:" >&2

@@ -7,7 +7,7 @@ import Testing
 /// `scripts/mariadb.sh`, the same script CI uses.
 final class MariaDBServer: @unchecked Sendable {
     let dir: String
-    let port: Int
+    private(set) var port: Int
     private(set) var url: String = ""
 
     static var script: String {
@@ -18,12 +18,19 @@ final class MariaDBServer: @unchecked Sendable {
     /// Starts a new server; `extraArguments` go to mariadbd (e.g. `--innodb-rollback-on-timeout`).
     init(extraArguments: [String] = []) throws {
         dir = try SQLiteEnvironment.makeTempDir("mariadb")
-        port = Int.random(in: 41_000...59_000)
+        port = Int.random(in: 20_000...32_000)  // below the ephemeral range (32768+)
         self.extraArguments = extraArguments
         try start()
     }
 
     private let extraArguments: [String]
+
+    /// Restarts on a new port (the data stays): clients that still try the old one fail
+    /// instead of reaching the restarted server by accident.
+    func restartOnNewPort() throws {
+        port = port >= 31_000 ? port - 1_000 : port + 1
+        try start()
+    }
 
     func start() throws {
         let result = try Shell.run("/bin/bash", [Self.script, "start", dir, "\(port)"] , environment: ["MARIADBD_EXTRA": extraArguments.joined(separator: " ")])
@@ -31,6 +38,13 @@ final class MariaDBServer: @unchecked Sendable {
             throw TestSetupError("cannot start MariaDB in \(dir): \(result.stdout) \(result.stderr)")
         }
         url = String(last)
+        // The script pings through the socket; wait until TCP answers too.
+        var lastError = ""
+        for _ in 0..<100 {
+            do { _ = try MySQLDatabase(url: url); return } catch { lastError = "\(error)" }
+            usleep(100_000)
+        }
+        throw TestSetupError("MariaDB in \(dir) does not answer on port \(port): \(lastError)")
     }
 
     var pid: pid_t? {
@@ -51,7 +65,7 @@ final class MariaDBServer: @unchecked Sendable {
 
     deinit {
         stop()
-        try? FileManager.default.removeItem(atPath: dir)
+        if ProcessInfo.processInfo.environment["SAGA_KEEP_SERVERS"] == nil { try? FileManager.default.removeItem(atPath: dir) }
     }
 }
 
@@ -71,29 +85,51 @@ enum SharedMariaDB {
     }
 }
 
+/// Runs a command and waits for it with `posix_spawn` and `waitpid`. (Foundation's `Process`
+/// was seen to miss the exit of a script that leaves a daemon behind, and wait forever.)
 enum Shell {
     struct Result { let status: Int32; let stdout: String; let stderr: String }
 
     static func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws -> Result {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = arguments
-        p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        let out = FileManager.default.temporaryDirectory.appendingPathComponent("sh-out-\(UUID().uuidString)")
-        let err = FileManager.default.temporaryDirectory.appendingPathComponent("sh-err-\(UUID().uuidString)")
-        _ = FileManager.default.createFile(atPath: out.path, contents: nil)
-        _ = FileManager.default.createFile(atPath: err.path, contents: nil)
+        let tmp = FileManager.default.temporaryDirectory
+        let out = tmp.appendingPathComponent("sh-out-\(UUID().uuidString)").path
+        let err = tmp.appendingPathComponent("sh-err-\(UUID().uuidString)").path
         defer {
-            try? FileManager.default.removeItem(at: out)
-            try? FileManager.default.removeItem(at: err)
+            try? FileManager.default.removeItem(atPath: out)
+            try? FileManager.default.removeItem(atPath: err)
         }
-        p.standardOutput = try FileHandle(forWritingTo: out)
-        p.standardError = try FileHandle(forWritingTo: err)
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
-        p.waitUntilExit()
-        return Result(status: p.terminationStatus,
-                      stdout: (try? String(contentsOf: out, encoding: .utf8)) ?? "",
-                      stderr: (try? String(contentsOf: err, encoding: .utf8)) ?? "")
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, out, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        posix_spawn_file_actions_addopen(&actions, 2, err, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        let env = ProcessInfo.processInfo.environment.merging(environment) { $1 }.map { "\($0)=\($1)" }
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = env.map { strdup($0) } + [nil]
+        defer {
+            argv.forEach { free($0) }
+            envp.forEach { free($0) }
+        }
+        // Children (a server among them) must not inherit this thread's blocked signals.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var noSignals = sigset_t()
+        sigemptyset(&noSignals)
+        var allSignals = sigset_t()
+        sigfillset(&allSignals)
+        posix_spawnattr_setsigmask(&attributes, &noSignals)
+        posix_spawnattr_setsigdefault(&attributes, &allSignals)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)
+        guard rc == 0 else { throw TestSetupError("cannot run \(executable): errno \(rc)") }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let exited = (status & 0x7F) == 0
+        return Result(status: exited ? (status >> 8) & 0xFF : 128 + (status & 0x7F),
+                      stdout: (try? String(contentsOfFile: out, encoding: .utf8)) ?? "",
+                      stderr: (try? String(contentsOfFile: err, encoding: .utf8)) ?? "")
     }
 }

@@ -15,7 +15,7 @@ final class MySQLProxy: @unchecked Sendable {
     }
 
     let port: UInt16
-    private let target: (host: String, port: UInt16)
+    private var target: (host: String, port: UInt16)
     private let listener: Int32
     private let lock = NSLock()
     private var armed: Action?
@@ -39,6 +39,9 @@ final class MySQLProxy: @unchecked Sendable {
 
     deinit { shutdown(listener, Int32(SHUT_RDWR)); close(listener) }
 
+    /// New connections go to another port from now on.
+    func retarget(port: UInt16) { lock.withLock { target.port = port } }
+
     /// The next COMMIT through the proxy gets `action`.
     func arm(_ action: Action) { lock.withLock { armed = action } }
     var firedCount: Int { lock.withLock { fired } }
@@ -56,8 +59,9 @@ final class MySQLProxy: @unchecked Sendable {
             let client = accept(listener, nil, nil)
             if client < 0 { return }
             let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var addr = Self.loopback(port: target.port)
-            addr.sin_addr.s_addr = inet_addr(target.host)
+            let to = lock.withLock { target }
+            var addr = Self.loopback(port: to.port)
+            addr.sin_addr.s_addr = inet_addr(to.host)
             let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
             if ok != 0 { close(client); close(server); continue }
             let pair = Pair(client: client, server: server)
@@ -107,7 +111,8 @@ final class MySQLProxy: @unchecked Sendable {
                 pending.removeFirst(4 + len)
                 let isCommit = len == 7 && packet[4] == 0x03 && String(decoding: packet[5...], as: UTF8.self).uppercased() == "COMMIT"
                 let action: Action? = isCommit ? lock.withLock { defer { armed = nil }; if armed != nil { fired += 1 }; return armed } : nil
-                if case .loseReply? = action { pair.lock.withLock { pair.dropNextReply = true } }
+                // Either way the client must not hear the reply.
+                if action != nil { pair.lock.withLock { pair.dropNextReply = true } }
                 if !writeAll(pair.server, packet) { pair.closeBoth(); return }
                 if case .afterForwarding(let after)? = action {
                     after()
