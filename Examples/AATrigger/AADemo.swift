@@ -32,6 +32,9 @@ struct Run: ParsableCommand {
     @Option(help: "The node's data directory (KV in DIR/kv, SQL in DIR/ledger.sqlite).")
     var data: String
 
+    @Option(help: "Keep the SQL side in MySQL/MariaDB instead: mysql://user:password@host:port/db.")
+    var sql: String?
+
     @Option(help: "How many triggers to seed on first use.")
     var triggers: Int = 100
 
@@ -41,7 +44,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("fail-commit-at"), help: "Make the COMMIT of the trigger with this mci fail (once).")
     var failCommitAt: Int64?
 
-    @Option(name: .customLong("fail-mode"), help: "How COMMIT fails: fk (deferred foreign key) or io (injected fsync error).")
+    @Option(name: .customLong("fail-mode"), help: "How COMMIT fails: fk (deferred foreign key) or io (injected fsync error) on SQLite; kill (connection killed) on MySQL.")
     var failMode: String = "fk"
 
     @Flag(help: "Run the unsafe sequence (KV batch, then COMMIT) instead of sagas.")
@@ -61,7 +64,9 @@ struct Run: ParsableCommand {
 
     func validate() throws {
         guard triggers >= 0 else { throw ValidationError("--triggers must be 0 or more") }
-        guard Node.FailMode(rawValue: failMode) != nil else { throw ValidationError("--fail-mode must be fk or io, not \(failMode)") }
+        guard let mode = Node.FailMode(rawValue: failMode) else { throw ValidationError("--fail-mode must be fk, io or kill, not \(failMode)") }
+        if sql != nil, mode != .kill, failCommitAt != nil { throw ValidationError("with --sql mysql://..., use --fail-mode kill") }
+        if sql == nil, mode == .kill { throw ValidationError("--fail-mode kill needs --sql mysql://...") }
         guard gcEvery >= 1 else { throw ValidationError("--gc-every must be at least 1") }
         if let crashAt { _ = try parseCrashPoint(crashAt) }
     }
@@ -89,7 +94,7 @@ struct Run: ParsableCommand {
             let (phase, step) = try parseCrashPoint(crashAt)
             hooks = StepTrigger(.crash, at: step, phase: phase, occurrence: crashOccurrence)
         }
-        let node = try Node(dir: data, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
+        let node = try Node(dir: data, sqlURL: sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
         defer { node.close() }
         if try node.seed(triggers: triggers, seed: seed) {
             say("seeded \(triggers) triggers (seed \(seed)) in \(data)")
@@ -137,6 +142,9 @@ struct Recover: ParsableCommand {
     @Option(help: "The node's data directory.")
     var data: String
 
+    @Option(help: "The MySQL/MariaDB database, if the node keeps its SQL side there.")
+    var sql: String?
+
     @Option(name: .customLong("crash-at"), help: "SIGKILL the process at this step of recovery (resolve, committed, compensate, compensated, gcJournal, gcMarkers).")
     var crashAt: String?
 
@@ -147,7 +155,7 @@ struct Recover: ParsableCommand {
             guard let step = SagaStep(rawValue: crashAt) else { throw ValidationError("unknown step \"\(crashAt)\"") }
             hooks = StepTrigger(.crash, at: step, phase: step == .gcJournal || step == .gcMarkers ? .gc : .recovery)
         }
-        let node = try Node(dir: data, protected: true, hooks: hooks, logger: makeLogger(verbose: false))
+        let node = try Node(dir: data, sqlURL: sql, protected: true, hooks: hooks, logger: makeLogger(verbose: false))
         defer { node.close() }
         let pending = node.coordinator?.inDoubt ?? []
         say("recovered; in doubt: \(pending.isEmpty ? "none" : pending.map(String.init(describing:)).joined(separator: ", "))")
@@ -162,11 +170,14 @@ struct Verify: ParsableCommand {
     @Option(help: "The node's data directory.")
     var data: String
 
+    @Option(help: "The MySQL/MariaDB database, if the node keeps its SQL side there.")
+    var sql: String?
+
     func run() throws {
-        guard FileManager.default.fileExists(atPath: Node.sqlPath(data)), FileManager.default.fileExists(atPath: Node.kvPath(data)) else {
-            throw DemoError("no node data in \(data) (expected \(Node.kvPath(data)) and \(Node.sqlPath(data)))")
+        guard FileManager.default.fileExists(atPath: Node.kvPath(data)), sql != nil || FileManager.default.fileExists(atPath: Node.sqlPath(data)) else {
+            throw DemoError("no node data in \(data) (expected \(Node.kvPath(data)) and \(Node.sqlPath(data)) or --sql)")
         }
-        let node = try Node(dir: data, protected: false, logger: makeLogger(verbose: false))
+        let node = try Node(dir: data, sqlURL: sql, protected: false, logger: makeLogger(verbose: false))
         defer { node.close() }
         let report = try Verifier.check(kv: node.kv, sql: node.admin)
         say("addresses: \(report.addresses), responses: \(report.responses), queued: \(report.queued)")

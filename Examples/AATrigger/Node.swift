@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import MySQLBackend
 import RocksDBBackend
 import Saga
 import SQLiteBackend
@@ -12,32 +13,46 @@ final class Node {
         case fk
         /// An fsync failure injected through the fault VFS at COMMIT: the outcome is unknown.
         case io
+        /// MySQL: the saga's connection is killed from another session right before COMMIT.
+        case kill
     }
 
     let dir: String
     let kv: RocksDBStore
-    let sql: SQLiteDatabase
-    let admin: SQLiteConnection
+    let sql: any SQLDatabase
+    let admin: any SQLConnection
+    let isMySQL: Bool
     let coordinator: SagaCoordinator?
     let logger: Logger
     private let commitFault: CommitFaultHook
+    private var pendingKill: Int64?
 
     static func kvPath(_ dir: String) -> String { dir + "/kv" }
     static func sqlPath(_ dir: String) -> String { dir + "/ledger.sqlite" }
 
     /// Opens the node's stores; in protected mode also the coordinator (which recovers).
-    init(dir: String, protected: Bool, hooks: (any SagaHooks)? = nil, gcEvery: Int = 512, logger: Logger) throws {
+    /// - Parameter sqlURL: a `mysql://` URL, or nil for the SQLite file `DIR/ledger.sqlite`.
+    init(dir: String, sqlURL: String? = nil, protected: Bool, hooks: (any SagaHooks)? = nil, gcEvery: Int = 512, logger: Logger) throws {
         self.dir = dir
         self.logger = logger
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        try SQLiteFaults.register()
-        var config = SQLiteDatabase.Configuration()
-        config.vfs = SQLiteFaults.vfsName  // forwards everything unless armed
-        sql = try SQLiteDatabase(path: Self.sqlPath(dir), configuration: config)
-        admin = try sql.openConnection()
-        for statement in Schema.statements { try admin.execute(statement, []) }
+        if let sqlURL {
+            let mysql = try MySQLDatabase(url: sqlURL)
+            sql = mysql
+            isMySQL = true
+            admin = try mysql.connect()
+            for statement in Schema.mysql { try admin.execute(statement, []) }
+        } else {
+            try SQLiteFaults.register()
+            var config = SQLiteDatabase.Configuration()
+            config.vfs = SQLiteFaults.vfsName  // forwards everything unless armed
+            sql = try SQLiteDatabase(path: Self.sqlPath(dir), configuration: config)
+            isMySQL = false
+            admin = try sql.connect()
+            for statement in Schema.sqlite { try admin.execute(statement, []) }
+        }
         kv = try RocksDBStore(path: Self.kvPath(dir))
-        commitFault = CommitFaultHook(path: Self.sqlPath(dir))
+        commitFault = CommitFaultHook(path: Self.sqlPath(dir), database: sql)
         if protected {
             let all: [any SagaHooks] = [commitFault] + (hooks.map { [$0] } ?? [])
             coordinator = try SagaCoordinator(
@@ -58,10 +73,10 @@ final class Node {
     /// Seeds `count` deterministic triggers for a handful of AA addresses, once.
     @discardableResult
     func seed(triggers count: Int, seed: UInt64) throws -> Bool {
-        if try !admin.query("SELECT value FROM demo_meta WHERE key = 'seed'", []).isEmpty { return false }
+        if try !admin.query("SELECT value FROM demo_meta WHERE name = 'seed'", []).isEmpty { return false }
         var rng = SplitMix64(state: seed)
         let addresses = (0..<5).map { _ in rng.base32(32) }
-        try admin.execute("BEGIN IMMEDIATE", [])
+        try admin.begin()
         do {
             for mci in 1...max(1, count) where count > 0 {
                 let unit = rng.base32(44)
@@ -70,8 +85,8 @@ final class Node {
                 try admin.execute("INSERT INTO aa_triggers (mci, unit, address, amount) VALUES (?, ?, ?, ?)",
                                   [.integer(Int64(mci)), .text(unit), .text(address), .integer(amount)])
             }
-            try admin.execute("INSERT INTO demo_meta (key, value) VALUES ('seed', ?)", [.text("\(seed):\(count)")])
-            try admin.execute("COMMIT", [])
+            try admin.execute("INSERT INTO demo_meta (name, value) VALUES ('seed', ?)", [.text("\(seed):\(count)")])
+            if case .failed(let e) = admin.commit() { throw e }
         } catch {
             try? admin.rollback()
             throw error
@@ -93,9 +108,11 @@ final class Node {
     /// Processes one trigger as one saga; `fail` makes its COMMIT fail for real.
     func process(_ t: Trigger, fail: FailMode?) throws(SagaError) {
         guard let coordinator else { preconditionFailure("process(_:fail:) needs a protected node") }
-        if fail == .io { commitFault.armForNextCommit() }
+        if let fail, fail != .fk { commitFault.armForNextCommit(fail) }
         defer { commitFault.disarm() }
+        let commitFault = self.commitFault
         try coordinator.run { saga in
+            if fail == .kill { commitFault.connectionID = try saga.sql.query("SELECT CONNECTION_ID()", []).first?[0].int64 }
             let writes = try AA.apply(t, sql: saga.sql, read: { try saga.kv.get($0) })
             for (key, value) in writes.kv {
                 if let value { try saga.kv.put(key, value) } else { try saga.kv.delete(key) }
@@ -108,15 +125,17 @@ final class Node {
 
     /// The unsafe sequence of the motivating bug: SQL writes, the KV batch synced, then COMMIT.
     func processUnprotected(_ t: Trigger, fail: FailMode?) throws {
-        let conn = try sql.openConnection()
+        let conn = try sql.connect()
         defer { conn.close() }
         try conn.begin()
+        if fail == .kill { try killLater(conn) }
         let writes = try AA.apply(t, sql: conn, read: { try kv.get($0) })
         if fail == .fk { try conn.execute("INSERT INTO fault_probe (ref) VALUES ('missing-parent')", []) }
         var batch = KVWriteBatch()
         for (key, value) in writes.kv { batch.set(key, to: value) }
         try kv.write(batch, sync: true)
-        if fail == .io { SQLiteFaults.arm(.sync, pathPrefix: sql.path) }
+        if fail == .io { SQLiteFaults.arm(.sync, pathPrefix: Self.sqlPath(dir)) }
+        if fail == .kill, let id = pendingKill { try Self.kill(id, on: sql) }
         defer { SQLiteFaults.disarm() }
         switch conn.commit() {
         case .committed: return
@@ -125,25 +144,51 @@ final class Node {
     }
 }
 
-/// Arms an fsync failure in the fault VFS right before the COMMIT of a chosen saga.
+/// Makes the COMMIT of a chosen saga fail for real, right before it is sent: an fsync failure
+/// in SQLite's fault VFS, or (MySQL) the saga's connection killed from another session.
 final class CommitFaultHook: SagaHooks, @unchecked Sendable {
     private let lock = NSLock()
-    private var armed = false
+    private var armed: Node.FailMode?
+    private var killID: Int64?
     private let path: String
-    init(path: String) { self.path = path }
+    private let database: any SQLDatabase
+    init(path: String, database: any SQLDatabase) { self.path = path; self.database = database }
 
-    func armForNextCommit() { lock.withLock { armed = true } }
+    var connectionID: Int64? {
+        get { lock.withLock { killID } }
+        set { lock.withLock { killID = newValue } }
+    }
+
+    func armForNextCommit(_ mode: Node.FailMode) { lock.withLock { armed = mode } }
     func disarm() {
-        lock.withLock { armed = false }
+        lock.withLock { armed = nil; killID = nil }
         SQLiteFaults.disarm()
     }
 
     func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
         guard step == .commit, phase == .run else { return }
-        let fire = lock.withLock { () -> Bool in
-            defer { armed = false }
-            return armed
+        let (mode, id) = lock.withLock { () -> (Node.FailMode?, Int64?) in
+            defer { armed = nil }
+            return (armed, killID)
         }
-        if fire { SQLiteFaults.arm(.sync, pathPrefix: path) }
+        switch mode {
+        case .io?: SQLiteFaults.arm(.sync, pathPrefix: path)
+        case .kill?: if let id { try Node.kill(id, on: database) }
+        default: break
+        }
+    }
+}
+
+extension Node {
+    /// `KILL CONNECTION` from another session (MySQL).
+    static func kill(_ connectionID: Int64, on database: any SQLDatabase) throws {
+        let side = try database.connect()
+        defer { side.close() }
+        try side.execute("KILL CONNECTION ?", [.integer(connectionID)])
+    }
+
+    /// Remembers the connection to kill before the unprotected COMMIT.
+    func killLater(_ conn: any SQLConnection) throws {
+        pendingKill = try conn.query("SELECT CONNECTION_ID()", []).first?[0].int64
     }
 }

@@ -44,9 +44,28 @@ struct Trigger: Sendable {
     let amount: Int64
 }
 
-/// The SQL schema of the example (SQLite dialect).
+/// The SQL schema of the example.
 enum Schema {
-    static let statements = [
+    static let mysql = [
+        """
+        CREATE TABLE IF NOT EXISTS aa_balances (
+            address VARCHAR(64) NOT NULL, asset VARCHAR(64) NOT NULL, balance BIGINT NOT NULL,
+            PRIMARY KEY (address, asset)) ENGINE=InnoDB
+        """,
+        """
+        CREATE TABLE IF NOT EXISTS aa_triggers (
+            mci BIGINT NOT NULL, unit VARCHAR(64) NOT NULL PRIMARY KEY, address VARCHAR(64) NOT NULL,
+            amount BIGINT NOT NULL) ENGINE=InnoDB
+        """,
+        """
+        CREATE TABLE IF NOT EXISTS aa_responses (
+            mci BIGINT NOT NULL, trigger_unit VARCHAR(64) NOT NULL PRIMARY KEY, aa_address VARCHAR(64) NOT NULL,
+            bounced TINYINT NOT NULL DEFAULT 0, response TEXT) ENGINE=InnoDB
+        """,
+        "CREATE TABLE IF NOT EXISTS demo_meta (name VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL) ENGINE=InnoDB",
+    ]
+
+    static let sqlite = [
         """
         CREATE TABLE IF NOT EXISTS aa_balances (
             address TEXT NOT NULL, asset TEXT NOT NULL, balance INTEGER NOT NULL,
@@ -61,7 +80,7 @@ enum Schema {
             mci INTEGER NOT NULL, trigger_unit TEXT NOT NULL PRIMARY KEY, aa_address TEXT NOT NULL,
             bounced INTEGER NOT NULL DEFAULT 0, response TEXT)
         """,
-        "CREATE TABLE IF NOT EXISTS demo_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS demo_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         // A real deferred constraint, used to make a chosen COMMIT fail: a probe row that points
         // at a parent that does not exist is only rejected at COMMIT.
         "CREATE TABLE IF NOT EXISTS fault_parent (id TEXT PRIMARY KEY)",

@@ -1,4 +1,5 @@
 import Foundation
+import MySQLBackend
 import Saga
 import SQLiteBackend
 import Testing
@@ -196,5 +197,38 @@ enum Demo {
         let present = Set(try conn.query("SELECT trigger_unit FROM aa_responses", []).compactMap { $0[0].string })
         let lost = acknowledged.filter { !present.contains($0) }
         #expect(lost.isEmpty, "acknowledged triggers lost: \(lost)")
+    }
+}
+
+/// The example node with its SQL side in MariaDB: crashes at the steps around COMMIT, a COMMIT
+/// that fails on a killed connection, then the same final state as the SQLite node's.
+@Suite("Crash: aa-demo on MariaDB", .serialized)
+struct MySQLCrashTests {
+    @Test(arguments: ["prepared", "marker", "commit", "committed"])
+    func crashAtStepOnMariaDB(_ step: String) throws {
+        let server = try MySQLURL(try SharedMariaDB.url())
+        let database = "aa_crash_" + UUID().uuidString.prefix(8).lowercased()
+        let admin = try MySQLDatabase(url: server).openConnection()
+        defer {
+            _ = try? admin.execute("DROP DATABASE IF EXISTS \(database)", [])
+            admin.close()
+        }
+        try admin.execute("CREATE DATABASE \(database)", [])
+        var url = server
+        url.database = database
+        let sql = "mysql://\(url.user):\(url.password)@\(url.host):\(url.port)/\(database)"
+        let dir = try SQLiteEnvironment.makeTempDir("crash-my")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let base = ["run", "--data", dir, "--sql", sql, "--triggers", CrashTests.triggers, "--seed", CrashTests.seed]
+        let crashed = try Demo.run(base + ["--fail-commit-at", "2", "--fail-mode", "kill", "--crash-at", step, "--crash-occurrence", "4"])
+        #expect(crashed.killed, "\(crashed.stderr)")
+        let recovered = try Demo.run(["recover", "--data", dir, "--sql", sql])
+        #expect(recovered.exitCode == 0, "\(recovered.stdout) \(recovered.stderr)")
+        let verify = try Demo.run(["verify", "--data", dir, "--sql", sql])
+        #expect(verify.exitCode == 0, "agree after recovery: \(verify.stdout)")
+        let finish = try Demo.run(base)
+        #expect(finish.exitCode == 0, "\(finish.stderr)")
+        let final = try Demo.run(["verify", "--data", dir, "--sql", sql])
+        #expect(final.stdout.contains("digest \(CrashTests.referenceDigest)"), "same state as the SQLite node's uninterrupted run: \(final.stdout)")
     }
 }
