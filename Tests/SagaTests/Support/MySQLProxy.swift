@@ -74,15 +74,21 @@ final class MySQLProxy: @unchecked Sendable {
         let client: Int32, server: Int32
         let lock = NSLock()
         var dropNextReply = false
-        var closed = false
+        var pumpsDone = 0
         init(client: Int32, server: Int32) { self.client = client; self.server = server }
+        /// Stops both directions. The descriptors are closed only once both pump threads have
+        /// left them (`pumpDone`): closing earlier would let a new connection reuse the number
+        /// while the other thread still reads from it.
         func closeBoth() {
-            lock.withLock {
-                guard !closed else { return }
-                closed = true
-                shutdown(client, Int32(SHUT_RDWR)); shutdown(server, Int32(SHUT_RDWR))
-                close(client); close(server)
+            shutdown(client, Int32(SHUT_RDWR))
+            shutdown(server, Int32(SHUT_RDWR))
+        }
+        func pumpDone() {
+            let last = lock.withLock { () -> Bool in
+                pumpsDone += 1
+                return pumpsDone == 2
             }
+            if last { close(client); close(server) }
         }
     }
 
@@ -97,6 +103,7 @@ final class MySQLProxy: @unchecked Sendable {
     }
 
     private func clientToServer(_ pair: Pair) {
+        defer { pair.pumpDone() }
         var pending: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65_536)
         while true {
@@ -124,6 +131,7 @@ final class MySQLProxy: @unchecked Sendable {
     }
 
     private func serverToClient(_ pair: Pair) {
+        defer { pair.pumpDone() }
         var buf = [UInt8](repeating: 0, count: 65_536)
         while true {
             let n = buf.withUnsafeMutableBytes { recv(pair.server, $0.baseAddress, $0.count, 0) }
