@@ -26,4 +26,4 @@ grep -q "Build complete" "$log" || { echo "build failed" >&2; tail -30 "$log" >&
 
 echo "==> swift test"
 # The library's own log lines (expected warnings from injected failures) are left out.
-swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\|warning\|info\) "
+timeout 1800 swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\|warning\|info\) "
