@@ -23,9 +23,7 @@ public final class MySQLDatabase: SQLDatabase {
     }
 
     public init(url: MySQLURL, configuration: Configuration = Configuration()) throws {
-        guard configuration.markerTable.first.map({ $0.isLetter || $0 == "_" }) == true,
-              configuration.markerTable.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") })
-        else {
+        guard MarkerTable.isValidName(configuration.markerTable) else {
             throw MySQLUsageError(description: "invalid marker table name \"\(configuration.markerTable)\": use letters, digits and underscores")
         }
         self.url = url

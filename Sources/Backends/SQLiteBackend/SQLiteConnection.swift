@@ -194,11 +194,7 @@ public final class SQLiteConnection: SQLConnection {
         let key = SQLValue.integer(Int64(bitPattern: id.rawValue))
         try execute("INSERT OR IGNORE INTO \(markerTable) (saga_id, status) VALUES (?, 'aborted')", [key])
         let status = try query("SELECT status FROM \(markerTable) WHERE saga_id = ?", [key]).first?[0].string
-        switch status {
-        case "committed": return .committed
-        case "aborted": return .aborted
-        default: throw SQLiteUsageError(description: "marker for \(id) missing right after the fencing insert (status \(status ?? "none"))")
-        }
+        return try MarkerTable.decision(status: status, saga: id)
     }
 
     public func markerIDs() throws -> [SagaID] {

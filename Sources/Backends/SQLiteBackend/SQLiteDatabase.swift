@@ -28,9 +28,7 @@ public final class SQLiteDatabase: SQLDatabase {
     /// Opens (creating if needed) the database and its marker table; throws ``SQLiteError``
     /// naming the file if it cannot be opened or is not a database.
     public init(path: String, configuration: Configuration = Configuration()) throws {
-        guard configuration.markerTable.first.map({ $0.isLetter || $0 == "_" }) == true,
-              configuration.markerTable.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") })
-        else {
+        guard MarkerTable.isValidName(configuration.markerTable) else {
             throw SQLiteUsageError(description: "invalid marker table name \"\(configuration.markerTable)\": use letters, digits and underscores")
         }
         self.path = path
