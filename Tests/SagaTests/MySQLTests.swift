@@ -200,6 +200,7 @@ struct MySQLServerKillTests {
     /// restart, recovery resolves it and both stores agree.
     @Test func serverKilledBeforeCommitThenRecovered() throws {
         let server = try MariaDBServer()
+        defer { server.stop() }
         let env = try MySQLEnvironment(serverURL: server.url)
         defer { env.destroy() }
         try env.kvSet([("s", "s0")])
@@ -228,6 +229,7 @@ struct MySQLServerKillTests {
     /// recovery makes the KV side agree.
     @Test func serverKilledDuringCommitThenRecovered() throws {
         let server = try MariaDBServer()
+        defer { server.stop() }
         let env = try MySQLEnvironment(serverURL: server.url)
         defer { env.destroy() }
         try env.kvSet([("s", "s0")])
@@ -257,6 +259,7 @@ struct MySQLServerKillTests {
     /// whole transaction back (1205), the backend asks the server, and the saga is poisoned.
     @Test func lockWaitTimeoutWithRollbackPoisons() throws {
         let server = try MariaDBServer(extraArguments: ["--innodb-rollback-on-timeout", "--innodb-lock-wait-timeout=1"])
+        defer { server.stop() }
         let env = try MySQLEnvironment(serverURL: server.url)
         defer { env.destroy() }
         try env.sqlExecute("INSERT INTO saga_test (k, v) VALUES ('a', 0), ('b', 0)")

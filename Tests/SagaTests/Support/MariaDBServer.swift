@@ -59,8 +59,11 @@ final class MariaDBServer: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: dir + "/mariadbd.pid")
     }
 
+    /// Stops the server and removes its directory. Tests call it in a `defer`: hooks may keep
+    /// the object alive past the test, and deinit does not run at process exit.
     func stop() {
         _ = try? Shell.run("/bin/bash", [Self.script, "stop", dir])
+        if ProcessInfo.processInfo.environment["SAGA_KEEP_SERVERS"] == nil { try? FileManager.default.removeItem(atPath: dir) }
     }
 
     deinit {
