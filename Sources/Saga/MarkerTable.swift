@@ -23,3 +23,50 @@ public enum MarkerTable {
         public var description: String { "marker for \(saga) missing right after the fencing insert (status \(status ?? "none"))" }
     }
 }
+
+extension MarkerTable {
+    /// The statements every SQL backend runs on the marker table, in SQL that SQLite and MySQL
+    /// both accept. Only the fencing insert's verb differs (`INSERT OR IGNORE`, `INSERT IGNORE`).
+    public struct Statements: Sendable {
+        public let table: String
+        public let insertIgnore: String
+
+        /// - Parameters:
+        ///   - table: a name checked with ``MarkerTable/isValidName(_:)``.
+        ///   - insertIgnore: the dialect's "insert unless the key exists".
+        public init(table: String, insertIgnore: String) {
+            self.table = table
+            self.insertIgnore = insertIgnore
+        }
+
+        static func key(_ id: SagaID) -> SQLValue { .integer(Int64(bitPattern: id.rawValue)) }
+
+        public func insertCommitted(_ id: SagaID, on db: any SQLExecutor) throws {
+            try db.execute("INSERT INTO \(table) (saga_id, status) VALUES (?, 'committed')", [Self.key(id)])
+        }
+
+        /// The fencing insert, then the row that holds the id decides.
+        public func fence(_ id: SagaID, on db: any SQLExecutor) throws -> FenceDecision {
+            try db.execute("\(insertIgnore) INTO \(table) (saga_id, status) VALUES (?, 'aborted')", [Self.key(id)])
+            let status = try db.query("SELECT status FROM \(table) WHERE saga_id = ?", [Self.key(id)]).first?[0].string
+            return try MarkerTable.decision(status: status, saga: id)
+        }
+
+        public func ids(on db: any SQLExecutor) throws -> [SagaID] {
+            try db.query("SELECT saga_id FROM \(table) ORDER BY saga_id", []).compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
+        }
+
+        public func maxID(on db: any SQLExecutor) throws -> SagaID? {
+            try db.query("SELECT MAX(saga_id) FROM \(table)", []).first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
+        }
+
+        /// Deletes in chunks of 256 bound ids.
+        public func delete(_ ids: [SagaID], on db: any SQLExecutor) throws {
+            for start in stride(from: 0, to: ids.count, by: 256) {
+                let chunk = ids[start..<min(start + 256, ids.count)]
+                let placeholders = Array(repeating: "?", count: chunk.count).joined(separator: ",")
+                try db.execute("DELETE FROM \(table) WHERE saga_id IN (\(placeholders))", chunk.map(Self.key))
+            }
+        }
+    }
+}

@@ -15,6 +15,7 @@ public final class MySQLConnection: SQLConnection {
     private var handle: UnsafeMutablePointer<MYSQL>?
     private var statements: [String: UnsafeMutablePointer<MYSQL_STMT>] = [:]
     private let markerTable: String
+    private let markers: MarkerTable.Statements
     public let url: MySQLURL
     /// The connection died: nothing more can run on it.
     private var lost = false
@@ -27,6 +28,7 @@ public final class MySQLConnection: SQLConnection {
         }
         self.url = url
         self.markerTable = configuration.markerTable
+        self.markers = MarkerTable.Statements(table: configuration.markerTable, insertIgnore: "INSERT IGNORE")
         guard let mysql = mysql_init(nil) else { throw MySQLUsageError(description: "mysql_init failed (out of memory)") }
         var off: my_bool = 0
         mysql_options(mysql, MYSQL_OPT_RECONNECT, &off)
@@ -324,34 +326,17 @@ public final class MySQLConnection: SQLConnection {
             """, [])
     }
 
-    public func insertMarker(_ id: SagaID) throws {
-        try execute("INSERT INTO \(markerTable) (saga_id, status) VALUES (?, 'committed')", [.integer(Int64(bitPattern: id.rawValue))])
-    }
+    public func insertMarker(_ id: SagaID) throws { try markers.insertCommitted(id, on: self) }
 
     /// `INSERT IGNORE` on the primary key: InnoDB makes it wait until any transaction holding
     /// that key has finished, either way. The row found afterwards decides.
-    public func fence(_ id: SagaID) throws -> FenceDecision {
-        let key = SQLValue.integer(Int64(bitPattern: id.rawValue))
-        try execute("INSERT IGNORE INTO \(markerTable) (saga_id, status) VALUES (?, 'aborted')", [key])
-        let status = try query("SELECT status FROM \(markerTable) WHERE saga_id = ?", [key]).first?[0].string
-        return try MarkerTable.decision(status: status, saga: id)
-    }
+    public func fence(_ id: SagaID) throws -> FenceDecision { try markers.fence(id, on: self) }
 
-    public func markerIDs() throws -> [SagaID] {
-        try query("SELECT saga_id FROM \(markerTable) ORDER BY saga_id", []).compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
-    }
+    public func markerIDs() throws -> [SagaID] { try markers.ids(on: self) }
 
-    public func maxMarkerID() throws -> SagaID? {
-        try query("SELECT MAX(saga_id) FROM \(markerTable)", []).first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
-    }
+    public func maxMarkerID() throws -> SagaID? { try markers.maxID(on: self) }
 
-    public func deleteMarkers(_ ids: [SagaID]) throws {
-        for start in stride(from: 0, to: ids.count, by: 256) {
-            let chunk = ids[start..<min(start + 256, ids.count)]
-            let placeholders = Array(repeating: "?", count: chunk.count).joined(separator: ",")
-            try execute("DELETE FROM \(markerTable) WHERE saga_id IN (\(placeholders))", chunk.map { .integer(Int64(bitPattern: $0.rawValue)) })
-        }
-    }
+    public func deleteMarkers(_ ids: [SagaID]) throws { try markers.delete(ids, on: self) }
 }
 
 @available(*, unavailable)

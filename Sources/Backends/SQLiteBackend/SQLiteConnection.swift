@@ -8,11 +8,13 @@ public final class SQLiteConnection: SQLConnection {
     private var handle: OpaquePointer?
     private var statements: [String: OpaquePointer] = [:]
     private let markerTable: String
+    private let markers: MarkerTable.Statements
     public let path: String
 
     init(path: String, configuration: SQLiteDatabase.Configuration) throws {
         self.path = path
         self.markerTable = configuration.markerTable
+        self.markers = MarkerTable.Statements(table: configuration.markerTable, insertIgnore: "INSERT OR IGNORE")
         var db: OpaquePointer?
         let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE
         let rc = sqlite3_open_v2(path, &db, flags, configuration.vfs)
@@ -186,33 +188,20 @@ public final class SQLiteConnection: SQLConnection {
             """, [])
     }
 
-    public func insertMarker(_ id: SagaID) throws {
-        try execute("INSERT INTO \(markerTable) (saga_id, status) VALUES (?, 'committed')", [.integer(Int64(bitPattern: id.rawValue))])
-    }
+    public func insertMarker(_ id: SagaID) throws { try markers.insertCommitted(id, on: self) }
 
-    public func fence(_ id: SagaID) throws -> FenceDecision {
-        let key = SQLValue.integer(Int64(bitPattern: id.rawValue))
-        try execute("INSERT OR IGNORE INTO \(markerTable) (saga_id, status) VALUES (?, 'aborted')", [key])
-        let status = try query("SELECT status FROM \(markerTable) WHERE saga_id = ?", [key]).first?[0].string
-        return try MarkerTable.decision(status: status, saga: id)
-    }
+    public func fence(_ id: SagaID) throws -> FenceDecision { try markers.fence(id, on: self) }
 
-    public func markerIDs() throws -> [SagaID] {
-        try query("SELECT saga_id FROM \(markerTable) ORDER BY saga_id", []).compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
-    }
+    public func markerIDs() throws -> [SagaID] { try markers.ids(on: self) }
 
-    public func maxMarkerID() throws -> SagaID? {
-        try query("SELECT MAX(saga_id) FROM \(markerTable)", []).first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
-    }
+    public func maxMarkerID() throws -> SagaID? { try markers.maxID(on: self) }
 
+    /// In one transaction: one fsync for all the chunks.
     public func deleteMarkers(_ ids: [SagaID]) throws {
         guard !ids.isEmpty else { return }
-        try execute("BEGIN IMMEDIATE", [])
+        try begin()
         do {
-            for chunk in stride(from: 0, to: ids.count, by: 256).map({ ids[$0..<min($0 + 256, ids.count)] }) {
-                let placeholders = Array(repeating: "?", count: chunk.count).joined(separator: ",")
-                try execute("DELETE FROM \(markerTable) WHERE saga_id IN (\(placeholders))", chunk.map { .integer(Int64(bitPattern: $0.rawValue)) })
-            }
+            try markers.delete(ids, on: self)
             try execute("COMMIT", [])
         } catch {
             try? rollback()
