@@ -83,8 +83,12 @@ public final class SagaCoordinator: Sendable {
         } catch {
             throw .sqlFailed(saga: nil, step: .begin, underlying: error)
         }
+        // One scan of the journal serves the id floor and recovery: nothing else writes
+        // records before recovery has run.
+        let journal: [(key: Bytes, value: Bytes)]
         do {
-            for (key, _) in try kv.journalEntries() {
+            journal = try kv.journalEntries()
+            for (key, _) in journal {
                 if let id = JournalRecord.saga(fromKey: key) { floor = Swift.max(floor, id.rawValue + 1) }
             }
             ids = try IDLease(kv: kv, atLeast: floor)
@@ -93,7 +97,7 @@ public final class SagaCoordinator: Sendable {
         } catch {
             throw .stopped(reason: "cannot read the journal or persist the id lease: \(error)")
         }
-        let report = try recover(atOpen: true)
+        let report = try recover(atOpen: true, journal: journal)
         if let corrupt = report.problems.first(where: { if case .journalCorrupt = $0 { true } else { false } }) {
             throw corrupt
         }
@@ -397,15 +401,20 @@ public final class SagaCoordinator: Sendable {
         return try recover(atOpen: false)
     }
 
-    private func recover(atOpen: Bool) throws(SagaError) -> RecoveryReport {
-        try recoveryLock.withLock { _ throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen) }
+    /// - Parameter journal: the journal as already read at open; nil reads it now.
+    private func recover(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]? = nil) throws(SagaError) -> RecoveryReport {
+        try recoveryLock.withLock { _ throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen, journal: journal) }
     }
 
-    private func recoverLocked(atOpen: Bool) throws(SagaError) -> RecoveryReport {
+    private func recoverLocked(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]?) throws(SagaError) -> RecoveryReport {
         var report = RecoveryReport()
         let entries: [(key: Bytes, value: Bytes)]
-        do { entries = try kv.journalEntries() } catch {
-            throw .stopped(reason: "cannot read the journal: \(error)")
+        if let journal {
+            entries = journal
+        } else {
+            do { entries = try kv.journalEntries() } catch {
+                throw .stopped(reason: "cannot read the journal: \(error)")
+            }
         }
         var journaled: Set<SagaID> = []
         for (key, value) in entries {
