@@ -25,15 +25,27 @@ func makeLogger(verbose: Bool) -> Logger {
     return logger
 }
 
-struct Run: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Seed the queue on first use, recover, then process what is left of it in order.")
-
+/// Where a node keeps its state: shared by every subcommand.
+struct NodeLocation: ParsableArguments {
     @Option(help: "The node's data directory (KV in DIR/kv, SQL in DIR/ledger.sqlite).")
     var data: String
 
     @Option(help: "Keep the SQL side in MySQL/MariaDB instead: mysql://user:password@host:port/db.")
     var sql: String?
+
+    /// For commands that work on an existing node: both stores must be there.
+    func requireExisting() throws {
+        guard FileManager.default.fileExists(atPath: Node.kvPath(data)), sql != nil || FileManager.default.fileExists(atPath: Node.sqlPath(data)) else {
+            throw DemoError("no node data in \(data) (expected \(Node.kvPath(data)) and \(Node.sqlPath(data)) or --sql)")
+        }
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Seed the queue on first use, recover, then process what is left of it in order.")
+
+    @OptionGroup var location: NodeLocation
 
     @Option(help: "How many triggers to seed on first use.")
     var triggers: Int = 100
@@ -65,8 +77,8 @@ struct Run: ParsableCommand {
     func validate() throws {
         guard triggers >= 0 else { throw ValidationError("--triggers must be 0 or more") }
         guard let mode = Node.FailMode(rawValue: failMode) else { throw ValidationError("--fail-mode must be fk, io or kill, not \(failMode)") }
-        if sql != nil, mode != .kill, failCommitAt != nil { throw ValidationError("with --sql mysql://..., use --fail-mode kill") }
-        if sql == nil, mode == .kill { throw ValidationError("--fail-mode kill needs --sql mysql://...") }
+        if location.sql != nil, mode != .kill, failCommitAt != nil { throw ValidationError("with --sql mysql://..., use --fail-mode kill") }
+        if location.sql == nil, mode == .kill { throw ValidationError("--fail-mode kill needs --sql mysql://...") }
         guard gcEvery >= 1 else { throw ValidationError("--gc-every must be at least 1") }
         if let crashAt { _ = try parseCrashPoint(crashAt) }
     }
@@ -94,10 +106,10 @@ struct Run: ParsableCommand {
             let (phase, step) = try parseCrashPoint(crashAt)
             hooks = StepTrigger(.crash, at: step, phase: phase, occurrence: crashOccurrence)
         }
-        let node = try Node(dir: data, sqlURL: sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
+        let node = try Node(dir: location.data, sqlURL: location.sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
         defer { node.close() }
         if try node.seed(triggers: triggers, seed: seed) {
-            say("seeded \(triggers) triggers (seed \(seed)) in \(data)")
+            say("seeded \(triggers) triggers (seed \(seed)) in \(location.data)")
         }
         let mode = Node.FailMode(rawValue: failMode) ?? .fk
         var failedOnce = false
@@ -139,23 +151,19 @@ struct Recover: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Open the node's stores with the coordinator (which recovers), print what recovery did, process nothing.")
 
-    @Option(help: "The node's data directory.")
-    var data: String
-
-    @Option(help: "The MySQL/MariaDB database, if the node keeps its SQL side there.")
-    var sql: String?
+    @OptionGroup var location: NodeLocation
 
     @Option(name: .customLong("crash-at"), help: "SIGKILL the process at this step of recovery (resolve, committed, compensate, compensated, gcJournal, gcMarkers).")
     var crashAt: String?
 
     func run() throws {
-        guard FileManager.default.fileExists(atPath: Node.kvPath(data)) else { throw DemoError("no node data in \(data)") }
+        try location.requireExisting()
         var hooks: (any SagaHooks)?
         if let crashAt {
             guard let step = SagaStep(rawValue: crashAt) else { throw ValidationError("unknown step \"\(crashAt)\"") }
             hooks = StepTrigger(.crash, at: step, phase: step == .gcJournal || step == .gcMarkers ? .gc : .recovery)
         }
-        let node = try Node(dir: data, sqlURL: sql, protected: true, hooks: hooks, logger: makeLogger(verbose: false))
+        let node = try Node(dir: location.data, sqlURL: location.sql, protected: true, hooks: hooks, logger: makeLogger(verbose: false))
         defer { node.close() }
         let pending = node.coordinator?.inDoubt ?? []
         say("recovered; in doubt: \(pending.isEmpty ? "none" : pending.map(String.init(describing:)).joined(separator: ", "))")
@@ -167,17 +175,11 @@ struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check that KV and SQL agree for every address; print the state digest. Exit 1 when they disagree.")
 
-    @Option(help: "The node's data directory.")
-    var data: String
-
-    @Option(help: "The MySQL/MariaDB database, if the node keeps its SQL side there.")
-    var sql: String?
+    @OptionGroup var location: NodeLocation
 
     func run() throws {
-        guard FileManager.default.fileExists(atPath: Node.kvPath(data)), sql != nil || FileManager.default.fileExists(atPath: Node.sqlPath(data)) else {
-            throw DemoError("no node data in \(data) (expected \(Node.kvPath(data)) and \(Node.sqlPath(data)) or --sql)")
-        }
-        let node = try Node(dir: data, sqlURL: sql, protected: false, logger: makeLogger(verbose: false))
+        try location.requireExisting()
+        let node = try Node(dir: location.data, sqlURL: location.sql, protected: false, logger: makeLogger(verbose: false))
         defer { node.close() }
         let report = try Verifier.check(kv: node.kv, sql: node.admin)
         say("addresses: \(report.addresses), responses: \(report.responses), queued: \(report.queued)")
