@@ -106,7 +106,7 @@ struct Run: ParsableCommand {
             let (phase, step) = try parseCrashPoint(crashAt)
             hooks = StepTrigger(.crash, at: step, phase: phase, occurrence: crashOccurrence)
         }
-        let node = try Node(dir: location.data, sqlURL: location.sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
+        var node = try Node(dir: location.data, sqlURL: location.sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
         defer { node.close() }
         if try node.seed(triggers: triggers, seed: seed) {
             say("seeded \(triggers) triggers (seed \(seed)) in \(location.data)")
@@ -134,9 +134,12 @@ struct Run: ParsableCommand {
             case .failure(let error) where error.isRetryable:
                 say("COMMIT failed for trigger mci=\(t.mci): \(error); retrying")
             case .failure(.inDoubt(let saga, _)):
-                say("trigger mci=\(t.mci) in doubt (\(saga)); running recovery")
-                let report = try node.coordinator?.recover()
-                if let report, !report.isClean { throw DemoError("cannot resolve \(saga): \(report)") }
+                // The coordinator may have stopped (an fsync failed): reopen both stores, as
+                // a node restart would; recovery at open decides the saga.
+                say("trigger mci=\(t.mci) in doubt (\(saga)); reopening the stores to recover")
+                node.close()
+                node = try Node(dir: location.data, sqlURL: location.sql, protected: true, hooks: hooks, gcEvery: gcEvery, logger: logger)
+                if let pending = node.coordinator?.inDoubt, !pending.isEmpty { throw DemoError("cannot resolve \(pending)") }
             case .failure(let error):
                 throw error
             }

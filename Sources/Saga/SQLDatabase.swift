@@ -82,6 +82,21 @@ public enum CommitResult {
     case unknown(any Error)
 }
 
+/// An error after which a store must not be trusted until it is reopened: an fsync or a write
+/// failed, so what is on disk may differ from what the process believes (a failed fsync may
+/// have dropped dirty pages, or a transaction the database reported failed may come back from
+/// its log at reopen). Backends mark such errors; the coordinator never retries or continues
+/// past one: it stops, and recovery after reopening decides the sagas in flight.
+public protocol DurabilityError: Error {
+    /// Whether the store must be reopened before anything else runs on it.
+    var requiresReopen: Bool { get }
+}
+
+extension Error {
+    /// Whether this is a ``DurabilityError`` that requires reopening the store.
+    var requiresReopen: Bool { (self as? any DurabilityError)?.requiresReopen ?? false }
+}
+
 /// The decision a fencing insert reached for a saga id.
 public enum FenceDecision: Sendable, Equatable {
     /// The saga's own marker row is there: its transaction committed.

@@ -210,7 +210,7 @@ public final class SagaCoordinator: Sendable {
                         s.active.remove(id)
                         // An injected fault stops before the write; a real failure may have
                         // left the batch on disk (RocksDB replays an unsynced WAL record).
-                        if !(error is InjectedFault) { s.stopped = "the KV store failed a write of \(id): \(error)" }
+                        if !(error is InjectedFault), s.stopped == nil { s.stopped = "the KV store failed a write of \(id): \(error)" }
                     }
                     abandon(id, conn)
                     log.warning("KV write failed, SQL rolled back: \(error)")
@@ -248,8 +248,25 @@ public final class SagaCoordinator: Sendable {
         case .failed(let error):
             pool.giveBack(conn)
             log.warning("COMMIT failed: \(error); compensating")
+            // Proved failed, so undoing the KV side is right even after an I/O error; but
+            // nothing runs on top of a store that failed a write until it is reopened.
+            defer { if error.requiresReopen { stop("the SQL database failed I/O at COMMIT of \(id): \(error)") } }
             let restored = try compensateOrHold(record, phase: .run, log: log)
             throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
+
+        case .unknown(let error) where error.requiresReopen:
+            // An fsync or write failed inside COMMIT. The database's own files decide the
+            // outcome, and only after a reopen (its log may replay the transaction or not):
+            // never fence or continue on top of them in this process.
+            conn.close()
+            stop("the SQL database failed I/O at COMMIT of \(id): \(error)")
+            if record != nil {
+                state.withLock { _ = $0.inDoubt.insert(id) }
+            } else {
+                locks.releaseAll(id)
+            }
+            log.error("COMMIT failed with an I/O error: \(error); stopped, recovery after reopening decides")
+            throw .inDoubt(saga: id, underlying: error)
 
         case .unknown(let error):
             // Never assume a rollback. Close the failed connection (SQLite recovers its
@@ -272,6 +289,11 @@ public final class SagaCoordinator: Sendable {
                 throw .inDoubt(saga: id, underlying: error)
             }
         }
+    }
+
+    /// Refuses every later saga until the stores are reopened (and recovery has run).
+    private func stop(_ reason: String) {
+        state.withLock { if $0.stopped == nil { $0.stopped = reason } }
     }
 
     private func classifyBodyError(_ error: any Error, saga: Saga) -> SagaError {
@@ -398,6 +420,7 @@ public final class SagaCoordinator: Sendable {
     @discardableResult
     public func recover() throws(SagaError) -> RecoveryReport {
         if state.withLock({ $0.closed }) { throw .misuse(.closed) }
+        if let reason = state.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
         return try recover(atOpen: false)
     }
 

@@ -45,9 +45,9 @@ struct CrashTests {
         // Compensation happens after a failed COMMIT (deferred FK) ...
         Scenario(crashAt: "compensate", occurrence: 1, extra: ["--fail-commit-at", "3"]),
         Scenario(crashAt: "compensated", occurrence: 1, extra: ["--fail-commit-at", "3"]),
-        // ... fencing after an unknown one (fsync error at COMMIT).
+        // ... an unknown one (fsync error at COMMIT) stops the node; the reopened node fences.
         Scenario(crashAt: "resolve", occurrence: 1, extra: ["--fail-commit-at", "3", "--fail-mode", "io"]),
-        Scenario(crashAt: "run:compensate", occurrence: 1, extra: ["--fail-commit-at", "3", "--fail-mode", "io"]),
+        Scenario(crashAt: "recovery:compensate", occurrence: 1, extra: ["--fail-commit-at", "3", "--fail-mode", "io"]),
         Scenario(crashAt: "gc:gcJournal", occurrence: 2, extra: ["--gc-every", "3"]),
         Scenario(crashAt: "gc:gcMarkers", occurrence: 2, extra: ["--gc-every", "3"]),
     ]

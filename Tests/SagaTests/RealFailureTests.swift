@@ -48,8 +48,8 @@ struct RealFailureTests {
         #expect(try env.row("k") == 2 && env.kvGet("k") == "k2")
     }
 
-    /// SQLite's fsync fails during COMMIT (SQLITE_IOERR_FSYNC; SQLite rolls back by itself),
-    /// and the database cannot be reached to fence: the saga stays in doubt. After closing and
+    /// SQLite's fsync fails during COMMIT (SQLITE_IOERR_FSYNC): the saga stays in doubt and the
+    /// coordinator stops, without fencing on top of a file that failed an fsync. After closing and
     /// reopening both stores, recovery decides it by the marker and the stores agree.
     @Test func sqliteFsyncFailureAtCommitIsResolvedAfterReopening() throws {
         let env = try SQLiteEnvironment()
@@ -67,6 +67,9 @@ struct RealFailureTests {
         guard case .inDoubt(let id, let underlying) = error else { Issue.record("expected inDoubt, got \(error)"); return }
         #expect((underlying as? SQLiteError)?.extendedCode == 1034, "SQLITE_IOERR_FSYNC at COMMIT: \(underlying)")
         #expect(try env.journal()[id]?.state == .prepared)
+        // An fsync failure is never continued past: nothing runs until the stores are reopened.
+        let stopped = try expectSagaError { try c?.run { saga in try saga.kv.put("other", "x") } }
+        guard case .stopped = stopped else { Issue.record("expected stopped, got \(stopped)"); return }
         c = nil
         try env.reopen()
         c = try env.coordinator()

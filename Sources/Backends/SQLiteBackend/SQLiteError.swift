@@ -1,4 +1,5 @@
 import CSQLite
+import Saga
 
 /// An SQLite failure: the extended result code, SQLite's message, and the statement.
 public struct SQLiteError: Error, CustomStringConvertible, Sendable, Equatable {
@@ -47,6 +48,13 @@ public struct SQLiteError: Error, CustomStringConvertible, Sendable, Equatable {
             return e.extendedCode == pattern.rawValue || e.primaryCode == pattern.rawValue
         }
     }
+}
+
+extension SQLiteError: DurabilityError {
+    /// Every `SQLITE_IOERR_*`: a read, write or fsync failed under SQLite. The file may not
+    /// hold what SQLite believes (a failed fsync can drop dirty pages; WAL frames of a COMMIT
+    /// that reported an error may still be replayed at the next open).
+    public var requiresReopen: Bool { primaryCode == SQLITE_IOERR }
 }
 
 /// Misuse of the SQLite backend, caught before SQLite sees it.

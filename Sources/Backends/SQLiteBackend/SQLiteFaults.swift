@@ -39,3 +39,31 @@ public enum SQLiteFaults {
     /// `xSync` calls that went through the VFS since the process started.
     public static var syncs: Int { Int(saga_fault_vfs_syncs()) }
 }
+
+extension SQLiteFaults {
+    /// What a simulated power loss did to the writes that were not synced yet.
+    public struct PowerLoss: Sendable, CustomStringConvertible {
+        public let unsynced: Int
+        public let dropped: Int
+        public let garbled: Int
+        public var description: String { "\(unsynced) unsynced write(s): \(dropped) dropped, \(garbled) garbled, \(unsynced - dropped - garbled) kept" }
+    }
+
+    /// Starts (or stops) remembering every write to files under `pathPrefix` until the file is
+    /// synced, for ``simulatePowerLoss(seed:)``.
+    public static func trackUnsyncedWrites(_ on: Bool, pathPrefix: String? = nil) {
+        saga_fault_vfs_track_power(on ? 1 : 0, pathPrefix)
+    }
+
+    /// Writes not synced yet (while tracking).
+    public static var unsyncedWrites: Int { Int(saga_fault_vfs_unsynced_writes()) }
+
+    /// Rolls the files back as a power cut with a volatile disk cache may: every unsynced write,
+    /// newest first, is kept, dropped or garbled, chosen by `seed`. Afterwards no thread can
+    /// write through the VFS any more: kill the process right away (as the power cut would).
+    public static func simulatePowerLoss(seed: UInt64) -> PowerLoss {
+        var dropped = 0, garbled = 0
+        let n = saga_fault_vfs_power_loss(seed, &dropped, &garbled)
+        return PowerLoss(unsynced: Int(n), dropped: dropped, garbled: garbled)
+    }
+}

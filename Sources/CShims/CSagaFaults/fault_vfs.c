@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct FaultFile {
@@ -12,6 +13,29 @@ typedef struct FaultFile {
     sqlite3_file *real;  /* the wrapped file, allocated right after this struct */
     const char *name;    /* valid until xClose (SQLite guarantees it) */
 } FaultFile;
+
+/* Power-loss simulation: while enabled, every write to a matching file is remembered with the
+ * bytes it replaced (and the file size before it) until the file is synced. A simulated power
+ * loss then walks the unsynced writes newest first and, per write, keeps it, drops it (puts the
+ * old bytes back, shrinks the file again) or garbles it (random bytes), as a disk with a
+ * volatile cache may. */
+typedef struct PendingWrite {
+    struct PendingWrite *next;   /* older write */
+    sqlite3_file *real;          /* the file (open: SQLite closes files only after syncing them) */
+    char *path;
+    sqlite3_int64 offset;
+    int length;
+    int old_length;              /* bytes of old content that existed before the write */
+    sqlite3_int64 old_size;      /* file size before the write */
+    unsigned char *old;          /* old_length bytes */
+} PendingWrite;
+
+static pthread_mutex_t power_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_int power_tracking;
+static char power_prefix[4096];   /* guarded by power_lock */
+static PendingWrite *pending;      /* newest first */
+static long pending_count;
+static void forget_pending(sqlite3_file *real);
 
 static sqlite3_vfs fault_vfs;
 static sqlite3_vfs *real_vfs;
@@ -64,7 +88,96 @@ long saga_fault_vfs_syncs(void) { return atomic_load(&syncs); }
 #define REAL(f) (((FaultFile *)(f))->real)
 #define NAME(f) (((FaultFile *)(f))->name)
 
+void saga_fault_vfs_track_power(int on, const char *path_prefix) {
+    pthread_mutex_lock(&power_lock);
+    snprintf(power_prefix, sizeof power_prefix, "%s", path_prefix ? path_prefix : "");
+    atomic_store(&power_tracking, on);
+    if (!on) while (pending) forget_pending(pending->real);
+    pthread_mutex_unlock(&power_lock);
+}
+
+long saga_fault_vfs_unsynced_writes(void) {
+    pthread_mutex_lock(&power_lock);
+    long n = pending_count;
+    pthread_mutex_unlock(&power_lock);
+    return n;
+}
+
+static unsigned long long next_random(unsigned long long *s) {
+    unsigned long long z = (*s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+long saga_fault_vfs_power_loss(unsigned long long seed, long *dropped, long *garbled) {
+    /* Holds the lock for good: the caller kills the process right after, and no other
+     * thread may write to the files while (or after) they are rolled back. */
+    pthread_mutex_lock(&power_lock);
+    long d = 0, g = 0, n = 0;
+    for (PendingWrite *w = pending; w; w = w->next, n++) {
+        unsigned long long r = next_random(&seed) % 3;
+        if (r == 1) {          /* dropped: the old bytes come back, the file shrinks back */
+            if (w->old_length > 0) w->real->pMethods->xWrite(w->real, w->old, w->old_length, w->offset);
+            sqlite3_int64 size = 0;
+            if (w->real->pMethods->xFileSize(w->real, &size) == SQLITE_OK && size > w->old_size) {
+                w->real->pMethods->xTruncate(w->real, w->old_size);
+            }
+            d++;
+        } else if (r == 2) {   /* garbled: some sectors of it hold noise */
+            unsigned char noise[512];
+            for (int i = 0; i < (int)sizeof noise; i++) noise[i] = (unsigned char)next_random(&seed);
+            int len = w->length < (int)sizeof noise ? w->length : (int)sizeof noise;
+            sqlite3_int64 at = w->offset + (sqlite3_int64)(next_random(&seed) % (unsigned long long)(w->length - len + 1));
+            w->real->pMethods->xWrite(w->real, noise, len, at);
+            g++;
+        }
+    }
+    if (dropped) *dropped = d;
+    if (garbled) *garbled = g;
+    return n;
+}
+
+static void forget_pending(sqlite3_file *real) {
+    PendingWrite **p = &pending;
+    while (*p) {
+        if ((*p)->real == real) {
+            PendingWrite *dead = *p;
+            *p = dead->next;
+            free(dead->old); free(dead->path); free(dead);
+            pending_count--;
+        } else {
+            p = &(*p)->next;
+        }
+    }
+}
+
+/* Remembers what a write is about to replace. Called with power_lock held. */
+static void remember_write(sqlite3_file *real, const char *name, sqlite3_int64 o, int n) {
+    sqlite3_int64 size = 0;
+    if (real->pMethods->xFileSize(real, &size) != SQLITE_OK) return;
+    PendingWrite *w = calloc(1, sizeof *w);
+    if (!w) return;
+    w->real = real;
+    w->path = strdup(name ? name : "");
+    w->offset = o;
+    w->length = n;
+    w->old_size = size;
+    sqlite3_int64 avail = size > o ? size - o : 0;
+    w->old_length = (int)(avail < n ? avail : n);
+    w->old = malloc((size_t)(w->old_length > 0 ? w->old_length : 1));
+    if (w->old_length > 0 && real->pMethods->xRead(real, w->old, w->old_length, o) != SQLITE_OK) {
+        w->old_length = 0;
+    }
+    w->next = pending;
+    pending = w;
+    pending_count++;
+}
+
 static int f_close(sqlite3_file *f) {
+    pthread_mutex_lock(&power_lock);
+    forget_pending(REAL(f));
+    pthread_mutex_unlock(&power_lock);
     int rc = REAL(f)->pMethods ? REAL(f)->pMethods->xClose(REAL(f)) : SQLITE_OK;
     return rc;
 }
@@ -72,13 +185,24 @@ static int f_read(sqlite3_file *f, void *b, int n, sqlite3_int64 o) { return REA
 static int f_write(sqlite3_file *f, const void *b, int n, sqlite3_int64 o) {
     if (should_fail(SAGA_FAULT_WRITE, NAME(f))) return SQLITE_IOERR_WRITE;
     if (should_fail(SAGA_FAULT_FULL, NAME(f))) return SQLITE_FULL;
-    return REAL(f)->pMethods->xWrite(REAL(f), b, n, o);
+    if (!atomic_load(&power_tracking)) return REAL(f)->pMethods->xWrite(REAL(f), b, n, o);
+    pthread_mutex_lock(&power_lock);
+    if (NAME(f) && strncmp(NAME(f), power_prefix, strlen(power_prefix)) == 0) remember_write(REAL(f), NAME(f), o, n);
+    int rc = REAL(f)->pMethods->xWrite(REAL(f), b, n, o);
+    pthread_mutex_unlock(&power_lock);
+    return rc;
 }
 static int f_truncate(sqlite3_file *f, sqlite3_int64 s) { return REAL(f)->pMethods->xTruncate(REAL(f), s); }
 static int f_sync(sqlite3_file *f, int flags) {
     atomic_fetch_add(&syncs, 1);
     if (should_fail(SAGA_FAULT_SYNC, NAME(f))) return SQLITE_IOERR_FSYNC;
-    return REAL(f)->pMethods->xSync(REAL(f), flags);
+    int rc = REAL(f)->pMethods->xSync(REAL(f), flags);
+    if (rc == SQLITE_OK && atomic_load(&power_tracking)) {
+        pthread_mutex_lock(&power_lock);
+        forget_pending(REAL(f));
+        pthread_mutex_unlock(&power_lock);
+    }
+    return rc;
 }
 static int f_size(sqlite3_file *f, sqlite3_int64 *s) { return REAL(f)->pMethods->xFileSize(REAL(f), s); }
 static int f_lock(sqlite3_file *f, int l) { return REAL(f)->pMethods->xLock(REAL(f), l); }

@@ -30,6 +30,15 @@ int saga_fault_vfs_failures(void);
 /* How many xSync calls went through the VFS (for counting fsyncs). */
 long saga_fault_vfs_syncs(void);
 
+/* Power-loss simulation for files whose path starts with path_prefix ("" or NULL: every file).
+ * track_power(1, prefix): remember every write until its file is synced; track_power(0, _): forget.
+ * power_loss(seed): for each unsynced write, newest first, keep it, drop it (old bytes back,
+ * file shrunk) or garble it (noise over part of it), chosen by the seed. It then holds an
+ * internal lock for good: kill the process right after. Returns how many writes were unsynced. */
+void saga_fault_vfs_track_power(int on, const char *path_prefix);
+long saga_fault_vfs_unsynced_writes(void);
+long saga_fault_vfs_power_loss(unsigned long long seed, long *dropped, long *garbled);
+
 #ifdef __cplusplus
 }
 #endif
