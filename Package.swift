@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "SQLiteBackend", targets: ["SQLiteBackend"]),
         .library(name: "MySQLBackend", targets: ["MySQLBackend"]),
         .executable(name: "aa-demo", targets: ["AATrigger"]),
+        .executable(name: "saga-torture", targets: ["SagaTorture"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -37,6 +38,10 @@ let package = Package(
         .target(name: "SQLiteBackend", dependencies: ["Saga", "CSQLite", "CSagaFaults"], path: "Sources/Backends/SQLiteBackend"),
         .target(name: "MySQLBackend", dependencies: ["Saga", "CMariaDB"], path: "Sources/Backends/MySQLBackend"),
 
+        // Faults made around real stores, shared by the tests and the torture program: a
+        // throwaway MariaDB server, a TCP proxy that loses COMMIT replies, a process runner.
+        .target(name: "SagaFaultKit", dependencies: ["MySQLBackend"]),
+
         // The conformance suite, written against the protocols only; every backend runs it.
         .target(name: "SagaTestKit", dependencies: ["Saga"]),
 
@@ -49,9 +54,19 @@ let package = Package(
             ],
             path: "Examples/AATrigger"),
 
+        // Tries hard to break the guarantee: crash points, random kills, I/O errors, power loss,
+        // server kills, replicas. Prints its figures; exits 1 on anything lost or divergent.
+        .executableTarget(
+            name: "SagaTorture",
+            dependencies: [
+                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
         .testTarget(
             name: "SagaTests",
-            dependencies: ["Saga", "SagaTestKit", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "CFsyncFaults", "AATrigger"]),
+            dependencies: ["Saga", "SagaTestKit", "SagaFaultKit", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "CFsyncFaults", "AATrigger"]),
     ],
     swiftLanguageModes: [.v6]
 )

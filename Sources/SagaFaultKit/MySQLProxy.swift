@@ -6,22 +6,22 @@ import Foundation
 ///
 /// MySQL packets are a 3-byte little-endian length, a sequence byte and the payload; a query is
 /// payload `0x03` followed by the SQL text.
-final class MySQLProxy: @unchecked Sendable {
-    enum Action {
+public final class MySQLProxy: @unchecked Sendable {
+    public enum Action {
         /// Forward COMMIT, drop the reply, close the connection.
         case loseReply
         /// Forward COMMIT, then run this (e.g. kill the server), then close the connection.
         case afterForwarding(@Sendable () -> Void)
     }
 
-    let port: UInt16
+    public let port: UInt16
     private var target: (host: String, port: UInt16)
     private let listener: Int32
     private let lock = NSLock()
     private var armed: Action?
     private var fired = 0
 
-    init(targetHost: String, targetPort: UInt16) throws {
+    public init(targetHost: String, targetPort: UInt16) throws {
         target = (targetHost, targetPort)
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw TestSetupError("proxy: socket() failed") }
@@ -40,11 +40,33 @@ final class MySQLProxy: @unchecked Sendable {
     deinit { shutdown(listener, Int32(SHUT_RDWR)); close(listener) }
 
     /// New connections go to another port from now on.
-    func retarget(port: UInt16) { lock.withLock { target.port = port } }
+    public func retarget(port: UInt16) { lock.withLock { target.port = port } }
 
     /// The next COMMIT through the proxy gets `action`.
-    func arm(_ action: Action) { lock.withLock { armed = action } }
-    var firedCount: Int { lock.withLock { fired } }
+    public func arm(_ action: Action) { lock.withLock { armed = action } }
+    public var firedCount: Int { lock.withLock { fired } }
+
+    /// From now on, lose the reply of about one COMMIT in `oneIn` (seeded, so a run replays);
+    /// nil stops it.
+    public func loseRepliesAtRandom(oneIn: Int?, seed: UInt64 = 1) {
+        lock.withLock { randomLoss = oneIn.map { (max(1, $0), seed) } }
+    }
+    private var randomLoss: (oneIn: Int, state: UInt64)?
+
+    /// Called with `lock` held, for every COMMIT.
+    private func nextAction() -> Action? {
+        if let a = armed { armed = nil; fired += 1; return a }
+        guard var r = randomLoss else { return nil }
+        r.state &+= 0x9E37_79B9_7F4A_7C15
+        var z = r.state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        z ^= z >> 31
+        randomLoss = r
+        guard z % UInt64(r.oneIn) == 0 else { return nil }
+        fired += 1
+        return .loseReply
+    }
 
     private static func loopback(port: UInt16) -> sockaddr_in {
         var a = sockaddr_in()
@@ -117,7 +139,7 @@ final class MySQLProxy: @unchecked Sendable {
                 let packet = Array(pending[0..<(4 + len)])
                 pending.removeFirst(4 + len)
                 let isCommit = len == 7 && packet[4] == 0x03 && String(decoding: packet[5...], as: UTF8.self).uppercased() == "COMMIT"
-                let action: Action? = isCommit ? lock.withLock { defer { armed = nil }; if armed != nil { fired += 1 }; return armed } : nil
+                let action: Action? = isCommit ? lock.withLock { nextAction() } : nil
                 // Either way the client must not hear the reply.
                 if action != nil { pair.lock.withLock { pair.dropNextReply = true } }
                 if !writeAll(pair.server, packet) { pair.closeBoth(); return }

@@ -1,23 +1,32 @@
 import Foundation
 import MySQLBackend
-import Testing
 
-/// A throwaway MariaDB server for tests that kill or restart one: its own temporary datadir,
-/// a loopback port and a socket, a real user and password. Started through
-/// `scripts/mariadb.sh`, the same script CI uses.
-final class MariaDBServer: @unchecked Sendable {
-    let dir: String
-    private(set) var port: Int
-    private(set) var url: String = ""
+/// A throwaway MariaDB server for tests and the torture program, which kill or restart one: its
+/// own temporary datadir, a loopback port and a socket, a real user and password. Started
+/// through `scripts/mariadb.sh`, the same script CI uses.
+public final class MariaDBServer: @unchecked Sendable {
+    public let dir: String
+    public private(set) var port: Int
+    public private(set) var url: String = ""
 
-    static var script: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("scripts/mariadb.sh").path
+    /// `scripts/mariadb.sh` of this checkout (`SAGA_MARIADB_SCRIPT` overrides it).
+    public static var script: String {
+        if let path = ProcessInfo.processInfo.environment["SAGA_MARIADB_SCRIPT"], !path.isEmpty { return path }
+        return URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("scripts/mariadb.sh").path
+    }
+
+    /// A new directory under the system's temporary directory.
+    public static func makeTempDir(_ tag: String) throws -> String {
+        let dir = FileManager.default.temporaryDirectory
+            .appendingPathComponent("\(tag)-\(getpid())-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir
     }
 
     /// Starts a new server; `extraArguments` go to mariadbd (e.g. `--innodb-rollback-on-timeout`).
-    init(extraArguments: [String] = []) throws {
-        dir = try SQLiteEnvironment.makeTempDir("mariadb")
+    public init(extraArguments: [String] = []) throws {
+        dir = try Self.makeTempDir("mariadb")
         port = Int.random(in: 20_000...32_000)  // below the ephemeral range (32768+)
         self.extraArguments = extraArguments
         try start()
@@ -27,12 +36,12 @@ final class MariaDBServer: @unchecked Sendable {
 
     /// Restarts on a new port (the data stays): clients that still try the old one fail
     /// instead of reaching the restarted server by accident.
-    func restartOnNewPort() throws {
+    public func restartOnNewPort() throws {
         port = port >= 31_000 ? port - 1_000 : port + 1
         try start()
     }
 
-    func start() throws {
+    public func start() throws {
         let result = try Shell.run("/bin/bash", [Self.script, "start", dir, "\(port)"] , environment: ["MARIADBD_EXTRA": extraArguments.joined(separator: " ")])
         guard result.status == 0, let last = result.stdout.split(separator: "\n").last, last.hasPrefix("mysql://") else {
             throw TestSetupError("cannot start MariaDB in \(dir): \(result.stdout) \(result.stderr)")
@@ -47,12 +56,12 @@ final class MariaDBServer: @unchecked Sendable {
         throw TestSetupError("MariaDB in \(dir) does not answer on port \(port): \(lastError)")
     }
 
-    var pid: pid_t? {
+    public var pid: pid_t? {
         (try? String(contentsOfFile: dir + "/mariadbd.pid", encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
     }
 
     /// `kill -9` of the server process, and waits until it is gone.
-    func kill9() {
+    public func kill9() {
         guard let pid else { return }
         kill(pid, SIGKILL)
         for _ in 0..<200 where kill(pid, 0) == 0 { usleep(10_000) }
@@ -61,7 +70,7 @@ final class MariaDBServer: @unchecked Sendable {
 
     /// Stops the server and removes its directory. Tests call it in a `defer`: hooks may keep
     /// the object alive past the test, and deinit does not run at process exit.
-    func stop() {
+    public func stop() {
         _ = try? Shell.run("/bin/bash", [Self.script, "stop", dir])
         if ProcessInfo.processInfo.environment["SAGA_KEEP_SERVERS"] == nil { try? FileManager.default.removeItem(atPath: dir) }
     }
@@ -72,15 +81,16 @@ final class MariaDBServer: @unchecked Sendable {
     }
 }
 
-struct TestSetupError: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
+/// A fault-injection fixture could not be set up (server, proxy, child process).
+public struct TestSetupError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }
 
 /// The MariaDB server the suite shares: `SAGA_MYSQL_URL`, which `scripts/test.sh` sets after
 /// starting a throwaway server. Without it the MySQL tests fail (never skip).
-enum SharedMariaDB {
-    static func url() throws -> String {
+public enum SharedMariaDB {
+    public static func url() throws -> String {
         guard let url = ProcessInfo.processInfo.environment["SAGA_MYSQL_URL"], !url.isEmpty else {
             throw TestSetupError("SAGA_MYSQL_URL is not set: the MySQL tests need a MariaDB server. Run scripts/test.sh (it starts one), or scripts/mariadb.sh start DIR and export the URL it prints.")
         }
@@ -90,10 +100,10 @@ enum SharedMariaDB {
 
 /// Runs a command and waits for it with `posix_spawn` and `waitpid`. (Foundation's `Process`
 /// was seen to miss the exit of a script that leaves a daemon behind, and wait forever.)
-enum Shell {
-    struct Result { let status: Int32; let stdout: String; let stderr: String }
+public enum Shell {
+    public struct Result: Sendable { public let status: Int32; public let stdout: String; public let stderr: String }
 
-    static func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws -> Result {
+    public static func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws -> Result {
         let tmp = FileManager.default.temporaryDirectory
         let out = tmp.appendingPathComponent("sh-out-\(UUID().uuidString)").path
         let err = tmp.appendingPathComponent("sh-err-\(UUID().uuidString)").path

@@ -1,0 +1,157 @@
+import Foundation
+import MySQLBackend
+import RocksDBBackend
+import Saga
+import SQLiteBackend
+
+/// The torture workload: transfers that move amounts between accounts kept twice, once as KV
+/// keys `a/NNNNN` and once as SQL rows, plus a per-saga token (`t/TXID` in KV, a `tt_sagas` row
+/// in SQL) so the checker can tell, saga by saga, whether all of it or none of it happened.
+/// Everything a saga does follows from (seed, txid), so the checker can replay it.
+struct BankSpec: Sendable {
+    var seed: UInt64
+    /// Accounts in all.
+    var accounts: Int = 200
+    /// The hot set: 80% of the keys a saga touches come from the first `hot` accounts.
+    var hot: Int = 8
+    /// At most this many accounts a saga.
+    var maxKeys: Int = 20
+    /// One saga in `failOneIn` has its COMMIT fail for real (0: none).
+    var failOneIn: Int = 10
+
+    struct Transfer: Sendable {
+        let txid: Int64
+        /// Sorted, distinct accounts with their deltas.
+        let deltas: [(account: Int, delta: Int64)]
+        let forcedFailure: Bool
+    }
+
+    func transfer(_ txid: Int64) -> Transfer {
+        var rng = SplitMix64(seed: seed ^ (UInt64(bitPattern: txid) &* 0x9E37_79B9_7F4A_7C15))
+        let n = 1 + Int(rng.next() % UInt64(max(1, maxKeys)))
+        var chosen: [Int: Int64] = [:]
+        while chosen.count < min(n, accounts) {
+            let hotPick = rng.next() % 10 < 8
+            let account = hotPick ? Int(rng.next() % UInt64(max(1, hot))) : hot + Int(rng.next() % UInt64(max(1, accounts - hot)))
+            chosen[account] = Int64(rng.next() % 101) - 50
+        }
+        let fail = failOneIn > 0 && rng.next() % UInt64(failOneIn) == 0
+        return Transfer(txid: txid, deltas: chosen.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }, forcedFailure: fail)
+    }
+
+    static func accountKey(_ a: Int) -> Bytes { Bytes("a/\(String(format: "%05d", a))".utf8) }
+    static func tokenKey(_ txid: Int64) -> Bytes { Bytes("t/\(txid)".utf8) }
+    static let accountPrefix = Bytes("a/".utf8)
+    static let tokenPrefix = Bytes("t/".utf8)
+
+    static func encode(_ v: Int64) -> Bytes { Bytes(String(v).utf8) }
+    static func decode(_ b: Bytes?) throws -> Int64 {
+        guard let b else { return 0 }
+        guard let v = Int64(String(decoding: b, as: UTF8.self)) else { throw TortureError("KV value \"\(b.debugText)\" is not a balance") }
+        return v
+    }
+}
+
+/// SplitMix64: small, seeded, good enough to pick keys and moments.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(max(1, n))) }
+    mutating func between(_ lo: Int, _ hi: Int) -> Int { lo + below(hi - lo + 1) }
+}
+
+struct TortureError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Where one node under test keeps its two stores.
+struct NodeSite: Sendable {
+    enum Backend: String, Sendable, CaseIterable, Codable { case sqlite, mysql }
+    let backend: Backend
+    let dir: String
+    /// The MySQL database of this node (direct to the server).
+    let mysqlURL: String?
+
+    var kvPath: String { dir + "/kv" }
+    var sqlitePath: String { dir + "/bank.sqlite" }
+
+    static let sqliteSchema = [
+        "CREATE TABLE IF NOT EXISTS tt_accounts (k INTEGER PRIMARY KEY, balance INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS tt_sagas (txid INTEGER PRIMARY KEY, nkeys INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS tt_parent (id TEXT PRIMARY KEY)",
+        "CREATE TABLE IF NOT EXISTS tt_probe (ref TEXT REFERENCES tt_parent(id) DEFERRABLE INITIALLY DEFERRED)",
+    ]
+    static let mysqlSchema = [
+        "CREATE TABLE IF NOT EXISTS tt_accounts (k INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS tt_sagas (txid BIGINT PRIMARY KEY, nkeys INT NOT NULL) ENGINE=InnoDB",
+    ]
+
+    func openSQL(proxyPort: UInt16? = nil) throws -> any SQLDatabase {
+        switch backend {
+        case .sqlite:
+            try SQLiteFaults.register()
+            var config = SQLiteDatabase.Configuration()
+            config.vfs = SQLiteFaults.vfsName
+            return try SQLiteDatabase(path: sqlitePath, configuration: config)
+        case .mysql:
+            guard let mysqlURL else { throw TortureError("no MySQL URL for \(dir)") }
+            var url = try MySQLURL(mysqlURL)
+            if let proxyPort { url.host = "127.0.0.1"; url.port = UInt32(proxyPort); url.socket = nil }
+            return try MySQLDatabase(url: url)
+        }
+    }
+
+    /// Creates the tables and the accounts (idempotent).
+    func prepareSchema(_ sql: any SQLDatabase, accounts: Int) throws {
+        let conn = try sql.connect()
+        defer { conn.close() }
+        for s in backend == .sqlite ? Self.sqliteSchema : Self.mysqlSchema { try conn.execute(s, []) }
+        let have = try conn.query("SELECT COUNT(*) FROM tt_accounts", []).first?[0].int64 ?? 0
+        guard have < accounts else { return }
+        try conn.begin()
+        let verb = backend == .sqlite ? "INSERT OR IGNORE" : "INSERT IGNORE"
+        for a in 0..<accounts { try conn.execute("\(verb) INTO tt_accounts (k, balance) VALUES (?, 0)", [.integer(Int64(a))]) }
+        switch conn.commit() {
+        case .committed: break
+        case .failed(let e), .unknown(let e): throw e
+        }
+    }
+}
+
+/// Runs one transfer as one saga. `failCommit` makes its COMMIT fail for real: a deferred
+/// foreign key on SQLite, the saga's own connection killed from another session on MySQL.
+func runTransfer(_ t: BankSpec.Transfer, on coordinator: SagaCoordinator, backend: NodeSite.Backend, killer: (any SQLDatabase)?) throws(SagaError) {
+    try coordinator.run { saga in
+        // KV locks first, in key order: sagas never wait for each other in a cycle, and no
+        // saga holds an InnoDB row lock while it waits for a KV lock.
+        var balances: [Int64] = []
+        for (account, _) in t.deltas { balances.append(try BankSpec.decode(saga.kv.get(BankSpec.accountKey(account)))) }
+        for (account, delta) in t.deltas {
+            try saga.sql.execute("UPDATE tt_accounts SET balance = balance + ? WHERE k = ?", [.integer(delta), .integer(Int64(account))])
+        }
+        try saga.sql.execute("INSERT INTO tt_sagas (txid, nkeys) VALUES (?, ?)", [.integer(t.txid), .integer(Int64(t.deltas.count))])
+        for ((account, delta), balance) in zip(t.deltas, balances) {
+            try saga.kv.put(BankSpec.accountKey(account), BankSpec.encode(balance + delta))
+        }
+        try saga.kv.put(BankSpec.tokenKey(t.txid), Bytes("1".utf8))
+        if t.forcedFailure {
+            switch backend {
+            case .sqlite:
+                try saga.sql.execute("INSERT INTO tt_probe (ref) VALUES ('missing-parent')", [])
+            case .mysql:
+                guard let killer, let id = try saga.sql.query("SELECT CONNECTION_ID()", []).first?[0].int64 else { break }
+                let side = try killer.connect()
+                defer { side.close() }
+                try side.execute("KILL CONNECTION ?", [.integer(id)])
+            }
+        }
+    }
+}

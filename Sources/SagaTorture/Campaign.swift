@@ -1,0 +1,330 @@
+import Foundation
+import Logging
+import MySQLBackend
+import RocksDBBackend
+import Saga
+import SagaFaultKit
+import SQLiteBackend
+
+/// How hard a run tries.
+struct Intensity: Sendable {
+    var randomKills: Int
+    var powerLosses: Int
+    var serverKills: Int
+    var contentionSagas: Int
+    var replicaTriggers: Int
+    /// Second crashes in recovery after every first crash (long), or once per recovery step.
+    var fullSecondCrashes: Bool
+
+    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, contentionSagas: 300, replicaTriggers: 30, fullSecondCrashes: false)
+    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, contentionSagas: 3000, replicaTriggers: 200, fullSecondCrashes: true)
+}
+
+/// Every fault campaign against one SQL backend (with RocksDB), accumulating figures.
+final class Campaign {
+    let backend: NodeSite.Backend
+    let root: String
+    let seed: UInt64
+    let intensity: Intensity
+    let server: MariaDBServer?
+    var figures: BackendFigures
+    var rng: SplitMix64
+    private var siteCount = 0
+    private let say: (String) -> Void
+
+    init(backend: NodeSite.Backend, root: String, seed: UInt64, intensity: Intensity, server: MariaDBServer?, say: @escaping (String) -> Void) {
+        self.backend = backend
+        self.root = root + "/" + backend.rawValue
+        self.seed = seed
+        self.intensity = intensity
+        self.server = server
+        self.say = say
+        figures = BackendFigures(backend: backend.rawValue)
+        rng = SplitMix64(seed: seed ^ (backend == .sqlite ? 0x51 : 0x3D))
+    }
+
+    func runAll() throws {
+        let start = Date()
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        try crashMatrix()
+        try randomKills()
+        if backend == .sqlite {
+            try ioCountdown()
+            try powerLoss()
+        } else {
+            try serverKills()
+        }
+        try contention()
+        try replicas()
+        figures.seconds = Date().timeIntervalSince(start)
+    }
+
+    // MARK: Sites, workers, checks
+
+    func newSite(_ tag: String) throws -> NodeSite {
+        siteCount += 1
+        let dir = root + "/\(siteCount)-\(tag)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        var url: String?
+        if backend == .mysql {
+            guard let server else { throw TortureError("no MariaDB server") }
+            let database = "tt_\(siteCount)"
+            let admin = try MySQLDatabase(url: server.url).openConnection()
+            defer { admin.close() }
+            try admin.execute("DROP DATABASE IF EXISTS \(database)", [])
+            try admin.execute("CREATE DATABASE \(database)", [])
+            guard let slash = server.url.lastIndex(of: "/") else { throw TortureError("bad server URL") }
+            url = server.url[..<slash] + "/" + database
+        }
+        return NodeSite(backend: backend, dir: dir, mysqlURL: url)
+    }
+
+    var spec: BankSpec { BankSpec(seed: seed) }
+
+    func workerArgs(_ site: NodeSite, firstTxid: Int64, sagas: Int, extra: [String]) -> [String] {
+        var args = ["worker", "--backend", backend.rawValue, "--dir", site.dir, "--seed", "\(seed)",
+                    "--first-txid", "\(firstTxid)", "--sagas", "\(sagas)", "--log", site.dir + "/outcomes.log"]
+        if let url = site.mysqlURL { args += ["--mysql-url", url] }
+        return args + extra
+    }
+
+    func startWorker(_ site: NodeSite, firstTxid: Int64, sagas: Int, extra: [String], tag: String) throws -> ChildProcess {
+        try ChildProcess(ChildProcess.selfPath, workerArgs(site, firstTxid: firstTxid, sagas: sagas, extra: extra), outputIn: site.dir, tag: tag)
+    }
+
+    func nextTxid(_ site: NodeSite) throws -> Int64 {
+        try OutcomeLog.read(site.dir + "/outcomes.log").maxTxid + 1
+    }
+
+    /// Runs the checker and counts what it found; `context` says which fault preceded it.
+    @discardableResult
+    func check(_ site: NodeSite, _ context: String, exact: Bool = false, spec: BankSpec? = nil) -> Bool {
+        figures.checks += 1
+        let r = Checker(site: site, spec: spec ?? self.spec, logPath: site.dir + "/outcomes.log").check(exact: exact)
+        figures.lost += r.lost.count
+        figures.unexpected += r.unexpected.count
+        figures.divergences += r.divergences.count
+        if !r.ok { fail("\(context): \(r.summary)") }
+        return r.ok
+    }
+
+    func fail(_ message: String) {
+        figures.failures.append(message)
+        say("  FAILED [\(backend.rawValue)] \(message)")
+    }
+
+    /// Adds a site's outcome log to the saga counts (once, when the site is done).
+    func countOutcomes(_ site: NodeSite) {
+        guard let log = try? OutcomeLog.read(site.dir + "/outcomes.log") else { return }
+        if ProcessInfo.processInfo.environment["TORTURE_DEBUG"] != nil { say("    \(site.dir): C \(log.committed.count) F \(log.failed.count) U \(log.unknown.count)") }
+        figures.sagasCommitted += log.committed.count
+        figures.sagasFailed += log.failed.count
+        figures.sagasUnknown += log.unknown.count
+        figures.sagasUnanswered += log.unanswered.count
+        figures.forcedCommitFailures += log.begun.filter { spec.transfer($0).forcedFailure }.count
+        if backend == .mysql { figures.lostReplies += log.fenced }
+    }
+
+    func removeSite(_ site: NodeSite) {
+        if figures.failures.isEmpty { try? FileManager.default.removeItem(atPath: site.dir) }
+        if let url = site.mysqlURL, let server, let db = try? MySQLURL(url).database,
+           let admin = try? MySQLDatabase(url: server.url).openConnection() {
+            _ = try? admin.execute("DROP DATABASE IF EXISTS \(db)", [])
+            admin.close()
+        }
+    }
+
+    // MARK: 1. Crash points
+
+    static let recoverySteps: [SagaStep] = [.resolve, .committed, .compensate, .compensated, .gcJournal, .gcMarkers]
+
+    /// Every step x every COMMIT outcome: the worker SIGKILLs itself at the step, the checker
+    /// recovers and checks. Then a second crash at each step of recovery.
+    func crashMatrix() throws {
+        say("[\(backend.rawValue)] crash points: \(SagaStep.allCases.count) steps x \(ForcedOutcome.allCases.count) COMMIT outcomes")
+        var covered: Set<SagaStep> = []
+        var secondCovered: Set<SagaStep> = []
+        var crashedCells: [(SagaStep, ForcedOutcome)] = []
+        figures.stepsKnown = SagaStep.allCases.count
+        for outcome in ForcedOutcome.allCases {
+            for step in SagaStep.allCases {
+                figures.crashCells += 1
+                let site = try newSite("crash-\(step)-\(outcome)")
+                let crashed = try firstCrash(site, step, outcome)
+                if crashed {
+                    figures.firstCrashes += 1
+                    covered.insert(step)
+                    crashedCells.append((step, outcome))
+                }
+                check(site, "after a crash at \(step) (COMMIT \(outcome))")
+                countOutcomes(site)
+                removeSite(site)
+            }
+        }
+        // Second crashes: inside the recovery that follows a first crash.
+        var plan: [(SagaStep, ForcedOutcome, SagaStep)] = []
+        if intensity.fullSecondCrashes {
+            for (s, o) in crashedCells { for r in Self.recoverySteps { plan.append((s, o, r)) } }
+        } else {
+            for r in Self.recoverySteps { plan.append((r == .committed ? .committed : .commit, .committed, r)) }
+        }
+        for (s, o, r) in plan {
+            let site = try newSite("crash2-\(s)-\(o)-\(r)")
+            guard try firstCrash(site, s, o) else { removeSite(site); continue }
+            let child = try startWorker(site, firstTxid: 1000, sagas: 0, extra: ["--crash-at", r.rawValue, "--gc-every", "1"], tag: "second")
+            switch child.wait() {
+            case .signaled(SIGKILL):
+                figures.secondCrashes += 1
+                secondCovered.insert(r)
+            case .exited(0): break  // recovery did not reach that step from this state
+            case let t: fail("recovery after a crash at \(s) (\(o)), crashing at \(r): \(t): \(child.lastOutput)")
+            }
+            check(site, "after a crash at \(s) (COMMIT \(o)) and a second one in recovery at \(r)")
+            countOutcomes(site)
+            removeSite(site)
+        }
+        figures.stepsCovered = covered.count
+        let missing = SagaStep.allCases.filter { !covered.contains($0) }
+        if !missing.isEmpty { fail("steps never reached by a crash: \(missing)") }
+        let missingSecond = Self.recoverySteps.filter { !secondCovered.contains($0) }
+        if !missingSecond.isEmpty { fail("recovery steps never reached by a second crash: \(missingSecond)") }
+        say("  covered \(covered.count)/\(SagaStep.allCases.count) steps: crashed in \(figures.firstCrashes) of \(figures.crashCells) cells (the others are off that outcome's path), \(figures.secondCrashes) more crashes inside recovery")
+    }
+
+    /// Three sagas with the forced outcome, crash at the first time `step` is reached.
+    private func firstCrash(_ site: NodeSite, _ step: SagaStep, _ outcome: ForcedOutcome) throws -> Bool {
+        let child = try startWorker(site, firstTxid: 1, sagas: 3, extra: ["--outcome", outcome.rawValue, "--crash-at", step.rawValue, "--gc-every", "1"], tag: "first")
+        switch child.wait() {
+        case .signaled(SIGKILL):
+            return true
+        case .exited(0):
+            return false  // the step is not on this outcome's path
+        case let t:
+            fail("worker crashing at \(step) (COMMIT \(outcome)): \(t): \(child.lastOutput)")
+            return false
+        }
+    }
+
+    // MARK: 2. Random kills
+
+    func randomKills() throws {
+        let n = intensity.randomKills
+        say("[\(backend.rawValue)] random kills: \(n) SIGKILLs of a 4-thread workload (hot keys, 1-20 keys a saga, 1 in 10 COMMITs failing\(backend == .mysql ? ", 1 in 8 COMMIT replies lost" : ""))")
+        let site = try newSite("kills")
+        var extra = ["--threads", "4", "--fail-one-in", "10"]
+        if backend == .mysql { extra += ["--lose-replies-one-in", "8"] }
+        for i in 0..<n {
+            let child = try startWorker(site, firstTxid: try nextTxid(site), sagas: 1_000_000, extra: extra, tag: "kill")
+            usleep(useconds_t(rng.between(150, 900)) * 1000)
+            if child.hasEnded {
+                fail("kill #\(i + 1): the worker ended before it was killed (\(child.wait())): \(child.lastOutput)")
+            } else {
+                child.killNow()
+                figures.randomKills += 1
+            }
+            if !check(site, "after random kill #\(i + 1)") { break }
+            if (i + 1) % 10 == 0 { say("  \(i + 1) kills") }
+        }
+        countOutcomes(site)
+        removeSite(site)
+    }
+
+    // MARK: 3. I/O error countdown (SQLite)
+
+    /// Fails operation n = 1, 2, ... of a saga's commit path (writes and syncs, once and
+    /// persistent) until the saga gets through untouched; after each, reopen and check.
+    func ioCountdown() throws {
+        say("[sqlite] I/O error countdown: xWrite and xSync, once and persistent, n = 1, 2, ... until a saga completes")
+        var logger = Logger(label: "saga-torture.io") { StreamLogHandler.standardError(label: $0) }
+        logger.logLevel = .critical
+        for op in [SQLiteFaults.Operation.sync, .write] {
+            for persistent in [false, true] {
+                let site = try newSite("io-\(op)-\(persistent ? "persistent" : "once")")
+                let log = try OutcomeLog(path: site.dir + "/outcomes.log")
+                var txid: Int64 = 1
+                for n in 1...200 {
+                    let sql = try site.openSQL()
+                    try site.prepareSchema(sql, accounts: spec.accounts)
+                    let kv = try RocksDBStore(path: site.kvPath)
+                    let coordinator = try SagaCoordinator(kv: kv, sql: sql, configuration: .init(gcThreshold: 4), logger: logger)
+                    let t = BankSpec.Transfer(txid: txid, deltas: spec.transfer(txid).deltas, forcedFailure: false)
+                    log.record(.begun, txid)
+                    SQLiteFaults.arm(op, countdown: n, persistent: persistent, pathPrefix: site.sqlitePath)
+                    let result = Result { () throws(SagaError) in try runTransfer(t, on: coordinator, backend: .sqlite, killer: nil) }
+                    let fired = SQLiteFaults.failures
+                    SQLiteFaults.disarm()
+                    switch result {
+                    case .success: log.record(.committed, txid)
+                    case .failure(.inDoubt): log.record(.unknown, txid)
+                    case .failure: log.record(.failed, txid)
+                    }
+                    coordinator.close()
+                    kv.close()
+                    figures.ioFaults += fired
+                    check(site, "after \(op) #\(n) failed (\(persistent ? "persistent" : "once"))")
+                    txid += 1
+                    if fired == 0 { break }
+                }
+                countOutcomes(site)
+                removeSite(site)
+            }
+        }
+        say("  \(figures.ioFaults) injected I/O errors")
+    }
+
+    // MARK: 4. Power loss (SQLite)
+
+    func powerLoss() throws {
+        let n = intensity.powerLosses
+        say("[sqlite] power loss: \(n) cuts; unsynced SQLite writes kept, dropped or garbled")
+        let site = try newSite("power")
+        for i in 0..<n {
+            let child = try startWorker(site, firstTxid: try nextTxid(site), sagas: 1_000_000,
+                                        extra: ["--threads", "4", "--power-loss-after-ms", "\(rng.between(200, 900))"], tag: "power")
+            switch child.wait() {
+            case .signaled(SIGKILL): figures.powerLosses += 1
+            case let t: fail("power-loss worker: \(t): \(child.lastOutput)")
+            }
+            if !check(site, "after power loss #\(i + 1) (\(child.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))") { break }
+        }
+        countOutcomes(site)
+        removeSite(site)
+    }
+
+    // MARK: 5. Server kills (MariaDB)
+
+    func serverKills() throws {
+        guard let server else { return }
+        let n = intensity.serverKills
+        say("[mysql] server faults: \(n) kill -9 of mariadbd under load, restart, recover")
+        let site = try newSite("server")
+        for i in 0..<n {
+            let child = try startWorker(site, firstTxid: try nextTxid(site), sagas: 1_000_000, extra: ["--threads", "4", "--fail-one-in", "10", "--lose-replies-one-in", "8"], tag: "server")
+            usleep(useconds_t(rng.between(300, 900)) * 1000)
+            server.kill9()
+            figures.serverKills += 1
+            usleep(300_000)  // the workload meets the dead server
+            child.killNow()
+            try server.start()
+            if !check(site, "after server kill #\(i + 1)") { break }
+        }
+        countOutcomes(site)
+        removeSite(site)
+    }
+
+    // MARK: 6. Contention
+
+    func contention() throws {
+        let n = intensity.contentionSagas
+        say("[\(backend.rawValue)] contention: \(n) sagas on 8 threads over 4 hot accounts, 1 in 10 COMMITs failing")
+        let site = try newSite("contention")
+        let child = try startWorker(site, firstTxid: 1, sagas: n, extra: ["--threads", "8", "--hot", "4", "--fail-one-in", "10"], tag: "contention")
+        let t = child.wait()
+        if t != .exited(0) { fail("contention worker: \(t): \(child.lastOutput)") }
+        var spec = self.spec
+        spec.hot = 4
+        if check(site, "after the contention run", exact: true, spec: spec) { figures.contentionSagas += n }
+        countOutcomes(site)
+        removeSite(site)
+    }
+}

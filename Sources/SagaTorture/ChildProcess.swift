@@ -1,0 +1,92 @@
+import Foundation
+
+/// A child process started with `posix_spawn`, its output going to files; it can be waited for
+/// or SIGKILLed at any moment.
+final class ChildProcess {
+    let pid: pid_t
+    let stdoutPath: String
+    let stderrPath: String
+    private(set) var status: Termination?
+
+    enum Termination: Equatable, CustomStringConvertible {
+        case exited(Int32)
+        case signaled(Int32)
+        var description: String {
+            switch self {
+            case .exited(let c): "exit \(c)"
+            case .signaled(let s): "signal \(s)"
+            }
+        }
+    }
+
+    /// This program's own executable (the parent starts itself as the worker).
+    static var selfPath: String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+
+    init(_ executable: String, _ arguments: [String], outputIn dir: String, tag: String) throws {
+        stdoutPath = dir + "/\(tag).out"
+        stderrPath = dir + "/\(tag).err"
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = ProcessInfo.processInfo.environment.map { strdup("\($0)=\($1)") } + [nil]
+        defer {
+            argv.forEach { free($0) }
+            envp.forEach { free($0) }
+        }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var noSignals = sigset_t()
+        sigemptyset(&noSignals)
+        var allSignals = sigset_t()
+        sigfillset(&allSignals)
+        posix_spawnattr_setsigmask(&attributes, &noSignals)
+        posix_spawnattr_setsigdefault(&attributes, &allSignals)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        var child: pid_t = 0
+        let rc = posix_spawn(&child, executable, &actions, &attributes, argv, envp)
+        guard rc == 0 else { throw TortureError("cannot start \(executable): errno \(rc)") }
+        pid = child
+    }
+
+    /// Waits for the child to end.
+    @discardableResult
+    func wait() -> Termination {
+        if let status { return status }
+        var raw: Int32 = 0
+        while waitpid(pid, &raw, 0) < 0 && errno == EINTR {}
+        let t: Termination = (raw & 0x7F) == 0 ? .exited((raw >> 8) & 0xFF) : .signaled(raw & 0x7F)
+        status = t
+        return t
+    }
+
+    /// Whether the child has ended, without waiting.
+    var hasEnded: Bool {
+        if status != nil { return true }
+        var raw: Int32 = 0
+        let r = waitpid(pid, &raw, WNOHANG)
+        guard r == pid else { return false }
+        status = (raw & 0x7F) == 0 ? .exited((raw >> 8) & 0xFF) : .signaled(raw & 0x7F)
+        return true
+    }
+
+    /// SIGKILL, then reap.
+    @discardableResult
+    func killNow() -> Termination {
+        if status == nil { kill(pid, SIGKILL) }
+        return wait()
+    }
+
+    var stdout: String { (try? String(contentsOfFile: stdoutPath, encoding: .utf8)) ?? "" }
+    var stderr: String { (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "" }
+    var lastOutput: String {
+        let lines = (stdout + stderr).split(separator: "\n").suffix(6)
+        return lines.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,80 @@
+import Foundation
+
+/// What one backend's campaign did and found; printed as a table and written as JSON.
+struct BackendFigures: Codable, Sendable {
+    var backend: String
+    var stepsKnown = 0
+    var stepsCovered = 0
+    var crashCells = 0
+    var firstCrashes = 0
+    var secondCrashes = 0
+    var replicaCrashes = 0
+    var replicaKills = 0
+    var randomKills = 0
+    var powerLosses = 0
+    var ioFaults = 0
+    var serverKills = 0
+    var lostReplies = 0
+    var forcedCommitFailures = 0
+    var sagasCommitted = 0
+    var sagasFailed = 0
+    var sagasUnknown = 0
+    var sagasUnanswered = 0
+    var checks = 0
+    var lost = 0
+    var unexpected = 0
+    var divergences = 0
+    var contentionSagas = 0
+    var replicasEqual = false
+    var replicaDigest = ""
+    var seconds = 0.0
+    var failures: [String] = []
+
+    init(backend: String) { self.backend = backend }
+
+    var passed: Bool { lost == 0 && unexpected == 0 && divergences == 0 && failures.isEmpty && replicasEqual && stepsCovered == stepsKnown }
+}
+
+struct TortureReport: Codable, Sendable {
+    var seed: UInt64
+    var mode: String
+    var backends: [BackendFigures]
+    var passed = false
+
+    func table() -> String {
+        let rows: [(String, (BackendFigures) -> String)] = [
+            ("protocol steps known / covered by a crash", { "\($0.stepsKnown) / \($0.stepsCovered)" }),
+            ("cells step x COMMIT outcome / crashed", { "\($0.crashCells) / \($0.firstCrashes)" }),
+            ("second crashes inside recovery", { "\($0.secondCrashes)" }),
+            ("replicas: crashes at a step / SIGKILLs", { "\($0.replicaCrashes) / \($0.replicaKills)" }),
+            ("random SIGKILLs of the workload", { "\($0.randomKills)" }),
+            ("simulated power losses", { "\($0.powerLosses)" }),
+            ("injected I/O errors", { "\($0.ioFaults)" }),
+            ("server kills / lost COMMIT replies", { "\($0.serverKills) / \($0.lostReplies)" }),
+            ("sagas committed / failed / unknown", { "\($0.sagasCommitted) / \($0.sagasFailed) / \($0.sagasUnknown)" }),
+            ("sagas cut off unanswered", { "\($0.sagasUnanswered)" }),
+            ("contention sagas, model exact", { "\($0.contentionSagas)" }),
+            ("checks after a fault", { "\($0.checks)" }),
+            ("LOST (acknowledged, missing)", { "\($0.lost)" }),
+            ("UNEXPECTED (failed, present)", { "\($0.unexpected)" }),
+            ("DIVERGENCES", { "\($0.divergences)" }),
+            ("3 replicas equal (digest)", { $0.replicasEqual ? "yes (\($0.replicaDigest))" : "NO" }),
+            ("seconds", { String(format: "%.0f", $0.seconds) }),
+        ]
+        let width = rows.map(\.0.count).max() ?? 0
+        let colWidth = max(18, backends.flatMap { b in rows.map { $0.1(b).count } }.max() ?? 0)
+        func pad(_ s: String, _ n: Int) -> String { s + String(repeating: " ", count: max(0, n - s.count)) }
+        var out = pad("", width) + " | " + backends.map { pad("rocksdb+" + $0.backend, colWidth) }.joined(separator: " | ") + "\n"
+        out += String(repeating: "-", count: width) + "-+-" + backends.map { _ in String(repeating: "-", count: colWidth) }.joined(separator: "-+-") + "\n"
+        for (name, value) in rows {
+            out += pad(name, width) + " | " + backends.map { pad(value($0), colWidth) }.joined(separator: " | ") + "\n"
+        }
+        return out
+    }
+
+    func json() throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return String(decoding: try encoder.encode(self), as: UTF8.self)
+    }
+}

@@ -1,0 +1,59 @@
+import Foundation
+
+/// The checker's own record of what callers saw, kept outside the stores under test: one line
+/// per event, appended with a single `write` to a file opened `O_APPEND`, so a SIGKILL loses at
+/// most the line being written and never garbles another. A saga is `B`egun before it runs,
+/// then `C`ommitted, `F`ailed or `U`nknown as its caller saw it.
+final class OutcomeLog: @unchecked Sendable {
+    enum Event: Character {
+        case begun = "B", committed = "C", failed = "F", unknown = "U"
+        /// A COMMIT outcome was resolved by fencing while the saga ran (MySQL: a lost reply).
+        case fenced = "R"
+    }
+    private let fd: Int32
+    let path: String
+
+    init(path: String) throws {
+        self.path = path
+        fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw TortureError("cannot open the outcome log \(path): errno \(errno)") }
+    }
+    deinit { close(fd) }
+
+    func record(_ event: Event, _ txid: Int64, _ note: String = "") {
+        let line = Array("\(event.rawValue) \(txid)\(note.isEmpty ? "" : " " + note)\n".utf8)
+        _ = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+    }
+
+    /// What the log says, saga by saga.
+    struct Summary {
+        var begun: Set<Int64> = []
+        var committed: Set<Int64> = []
+        var failed: Set<Int64> = []
+        var unknown: Set<Int64> = []
+        var maxTxid: Int64 = 0
+        var fenced = 0
+        /// Begun and never answered (the process died first): either way is fine.
+        var unanswered: Set<Int64> { begun.subtracting(committed).subtracting(failed).subtracting(unknown) }
+    }
+
+    static func read(_ path: String) throws -> Summary {
+        var s = Summary()
+        guard FileManager.default.fileExists(atPath: path) else { return s }
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        for line in text.split(separator: "\n") {
+            // A line cut short by SIGKILL has no number: skip it (the saga counts as unanswered).
+            let fields = line.split(separator: " ", maxSplits: 2)
+            guard fields.count >= 2, let txid = Int64(fields[1]) else { continue }
+            switch line.first {
+            case "B": s.begun.insert(txid); s.maxTxid = max(s.maxTxid, txid)
+            case "C": s.committed.insert(txid)
+            case "F": s.failed.insert(txid)
+            case "U": s.unknown.insert(txid)
+            case "R": s.fenced += 1
+            default: continue
+            }
+        }
+        return s
+    }
+}
