@@ -16,7 +16,25 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
         public var createIfMissing = true
         /// RocksDB's paranoid checks on open and during reads.
         public var paranoidChecks = true
+        /// How RocksDB replays its write-ahead log at open.
+        public var walRecovery: WALRecovery = .tolerateCorruptedTailRecords
         public init() {}
+    }
+
+    /// RocksDB's WAL recovery modes (`rocksdb_options_set_wal_recovery_mode`).
+    public enum WALRecovery: Int32, Sendable {
+        /// The default here. A record cut short at the very end of the log (a crash in the
+        /// middle of an unsynced write) is ignored; damage anywhere else fails the open with a
+        /// corruption error. No synced write is ever dropped without an error: a synced write
+        /// is complete on disk before it is acknowledged, so it is never the torn tail.
+        case tolerateCorruptedTailRecords = 0
+        /// Any damage fails the open, a torn tail too (which a crash can leave).
+        case absoluteConsistency = 1
+        /// RocksDB's own default: replay up to the first damaged record and silently drop the
+        /// rest of the log, synced writes after the damage included. Not safe for the journal.
+        case pointInTime = 2
+        /// Skip damaged records and go on (disaster salvage only).
+        case skipAnyCorruptedRecords = 3
     }
 
     public static let journalFamily = "saga_journal"
@@ -41,9 +59,9 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
         rocksdb_options_set_create_if_missing(options, opts.createIfMissing ? 1 : 0)
         rocksdb_options_set_create_missing_column_families(options, opts.createIfMissing ? 1 : 0)
         rocksdb_options_set_paranoid_checks(options, opts.paranoidChecks ? 1 : 0)
-        // Point-in-time recovery: replay the WAL up to the first damaged record. Every synced
-        // write precedes it (a synced write is complete on disk before it is acknowledged).
-        rocksdb_options_set_wal_recovery_mode(options, 2)
+        // Tolerate a torn tail only: damage before the end of the log fails the open instead of
+        // dropping the synced writes after it (which point-in-time recovery would do).
+        rocksdb_options_set_wal_recovery_mode(options, opts.walRecovery.rawValue)
         readOptions = rocksdb_readoptions_create()
         syncWrite = rocksdb_writeoptions_create()
         rocksdb_writeoptions_set_sync(syncWrite, 1)
