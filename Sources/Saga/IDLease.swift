@@ -1,4 +1,3 @@
-import Synchronization
 
 /// Hands out saga ids that are never reused, across restarts too.
 ///
@@ -11,7 +10,7 @@ final class IDLease: Sendable {
     static let blockSize: UInt64 = 1 << 16
 
     private struct State { var next: UInt64; var ceiling: UInt64 }
-    private let state: Mutex<State>
+    private let state: Locked<State>
     private let kv: any KVStore
 
     init(kv: any KVStore, atLeast floor: UInt64) throws {
@@ -26,7 +25,7 @@ final class IDLease: Sendable {
         start = max(start, 1)
         let ceiling = start + Self.blockSize
         try Self.persist(ceiling: ceiling, kv: kv)
-        state = Mutex(State(next: start, ceiling: ceiling))
+        state = Locked(State(next: start, ceiling: ceiling))
     }
 
     private static func persist(ceiling: UInt64, kv: any KVStore) throws {

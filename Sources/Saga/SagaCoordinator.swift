@@ -1,6 +1,5 @@
 import Foundation
 import Logging
-import Synchronization
 
 /// Makes one logical write atomic across a KV store and an SQL database.
 ///
@@ -58,10 +57,10 @@ public final class SagaCoordinator: Sendable {
     let logger: Logger
     private let locks = KeyLocks()
     private let pool: ConnectionPool
-    private let state = Mutex(State())
+    private let state = Locked(State())
     private let ids: IDLease
-    private let gcLock = Mutex(())
-    private let recoveryLock = Mutex(())
+    private let gcLock = Locked(())
+    private let recoveryLock = Locked(())
 
     /// Opens a coordinator on the two stores and runs recovery before returning.
     ///

@@ -62,16 +62,21 @@ static int should_fail_fd(int fd) {
 
 typedef int (*sync_fn)(int);
 
+static sync_fn real_fsync, real_fdatasync;
+static pthread_once_t resolve_once = PTHREAD_ONCE_INIT;
+static void resolve(void) {
+    real_fsync = (sync_fn)dlsym(RTLD_NEXT, "fsync");
+    real_fdatasync = (sync_fn)dlsym(RTLD_NEXT, "fdatasync");
+}
+
 int fsync(int fd) {
-    static sync_fn real;
-    if (!real) real = (sync_fn)dlsym(RTLD_NEXT, "fsync");
+    pthread_once(&resolve_once, resolve);
     if (should_fail_fd(fd)) { errno = EIO; return -1; }
-    return real(fd);
+    return real_fsync(fd);
 }
 
 int fdatasync(int fd) {
-    static sync_fn real;
-    if (!real) real = (sync_fn)dlsym(RTLD_NEXT, "fdatasync");
+    pthread_once(&resolve_once, resolve);
     if (should_fail_fd(fd)) { errno = EIO; return -1; }
-    return real(fd);
+    return real_fdatasync(fd);
 }
