@@ -109,8 +109,11 @@ public struct JournalRecord: Sendable, Equatable {
             // Every entry takes at least 6 bytes: refuse counts the record cannot hold.
             guard Int(count) <= r.remaining / 6 else { throw DecodingError(reason: "entry count \(count) exceeds the record size") }
             entries.reserveCapacity(Int(count))
+            var seen: Set<Bytes> = []
             for _ in 0..<count {
                 let key = try r.bytes(Int(try r.u32()))
+                // A saga stages each key once; two images for one key cannot be undone safely.
+                guard seen.insert(key).inserted else { throw DecodingError(reason: "duplicate key \"\(key.debugText)\" in the record") }
                 let pre = try Self.readImage(&r)
                 let post = try Self.readImage(&r)
                 entries.append(Entry(key: key, preImage: pre, afterImage: post))

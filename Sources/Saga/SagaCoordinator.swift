@@ -34,6 +34,14 @@ public final class SagaCoordinator: Sendable {
             self.gcThreshold = gcThreshold
             self.poolSize = poolSize
         }
+
+        /// What is wrong with the values, if anything.
+        var problem: String? {
+            if lockTimeout <= .zero { return "lockTimeout must be positive, not \(lockTimeout)" }
+            if gcThreshold < 1 { return "gcThreshold must be at least 1, not \(gcThreshold)" }
+            if poolSize < 0 { return "poolSize must be 0 or more, not \(poolSize)" }
+            return nil
+        }
     }
 
     private struct State {
@@ -68,6 +76,7 @@ public final class SagaCoordinator: Sendable {
     /// record is damaged (recovery refuses to guess). Sagas that recovery could not decide
     /// (database unreachable, foreign write) stay prepared and locked: see ``inDoubt``.
     public init(kv: any KVStore, sql: any SQLDatabase, configuration: Configuration = .init(), logger: Logger = Logger(label: "saga")) throws(SagaError) {
+        if let problem = configuration.problem { throw .misuse(.invalidConfiguration(problem)) }
         self.kv = kv
         self.sql = sql
         self.configuration = configuration

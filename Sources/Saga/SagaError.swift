@@ -53,6 +53,8 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         case keyTooLarge(size: Int, limit: Int)
         case valueTooLarge(size: Int, limit: Int)
         case closed
+        /// A configuration value out of range, named with the reason.
+        case invalidConfiguration(String)
 
         public var description: String {
             switch self {
@@ -63,6 +65,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             case .keyTooLarge(let size, let limit): "a key of \(size) bytes is over the limit of \(limit) bytes"
             case .valueTooLarge(let size, let limit): "a value of \(size) bytes is over the limit of \(limit) bytes"
             case .closed: "the coordinator is closed"
+            case .invalidConfiguration(let why): "invalid configuration: \(why)"
             }
         }
     }
