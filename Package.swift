@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "MySQLBackend", targets: ["MySQLBackend"]),
         .executable(name: "aa-demo", targets: ["AATrigger"]),
         .executable(name: "saga-torture", targets: ["SagaTorture"]),
+        .executable(name: "saga-bench", targets: ["SagaBench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -60,6 +61,15 @@ let package = Package(
             name: "SagaTorture",
             dependencies: [
                 "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
+        // Saga against the unsafe sequence and XA; prints figures and ratios, never asserts times.
+        .executableTarget(
+            name: "SagaBench",
+            dependencies: [
+                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit", "CFsyncFaults",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

@@ -52,6 +52,25 @@ extension MarkerTable {
             return try MarkerTable.decision(status: status, saga: id)
         }
 
+        /// Fences many ids inside the caller's transaction, in chunks of 256 bound ids: one
+        /// multi-row fencing insert, then one read of the rows that hold the ids. The decisions
+        /// hold once the caller's transaction has committed.
+        public func fence(_ ids: [SagaID], on db: any SQLExecutor) throws -> [SagaID: FenceDecision] {
+            var out: [SagaID: FenceDecision] = [:]
+            for start in stride(from: 0, to: ids.count, by: 256) {
+                let chunk = Array(ids[start..<min(start + 256, ids.count)])
+                let rows = Array(repeating: "(?, 'aborted')", count: chunk.count).joined(separator: ",")
+                try db.execute("\(insertIgnore) INTO \(table) (saga_id, status) VALUES \(rows)", chunk.map(Self.key))
+                let placeholders = Array(repeating: "?", count: chunk.count).joined(separator: ",")
+                var status: [SagaID: String] = [:]
+                for row in try db.query("SELECT saga_id, status FROM \(table) WHERE saga_id IN (\(placeholders))", chunk.map(Self.key)) {
+                    if let id = row[0].int64, let s = row[1].string { status[SagaID(UInt64(bitPattern: id))] = s }
+                }
+                for id in chunk { out[id] = try MarkerTable.decision(status: status[id], saga: id) }
+            }
+            return out
+        }
+
         public func ids(on db: any SQLExecutor) throws -> [SagaID] {
             try db.query("SELECT saga_id FROM \(table) ORDER BY saga_id", []).compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
         }

@@ -92,6 +92,14 @@ public protocol DurabilityError: Error {
     var requiresReopen: Bool { get }
 }
 
+extension SQLConnection {
+    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] {
+        var out: [SagaID: FenceDecision] = [:]
+        for id in ids { out[id] = try fence(id) }
+        return out
+    }
+}
+
 extension Error {
     /// Whether this is a ``DurabilityError`` that requires reopening the store.
     var requiresReopen: Bool { (self as? any DurabilityError)?.requiresReopen ?? false }
@@ -136,6 +144,9 @@ public protocol SQLConnection: SQLExecutor {
     /// Outside any transaction: inserts `(id, aborted)` unless a row for `id` exists, waiting
     /// for any transaction that holds it, then reports whose row holds the id.
     func fence(_ id: SagaID) throws -> FenceDecision
+    /// Fences many sagas at once (recovery): the same inserts and reads in one transaction,
+    /// committed before any decision is returned. The default fences one at a time.
+    func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision]
     /// The ids of all marker rows.
     func markerIDs() throws -> [SagaID]
     /// The largest saga id in the marker table, if any.

@@ -47,6 +47,9 @@ public final class SagaCoordinator: Sendable {
     private struct State {
         /// Finished sagas whose journal records are still to be deleted.
         var finished: [SagaID] = []
+        /// The same ids, for lookups: a committed saga's record stays `prepared` until
+        /// garbage collection deletes it, and recovery on demand must leave it alone.
+        var recentlyFinished: Set<SagaID> = []
         /// Sagas whose journal records are gone but whose marker rows are still to be deleted.
         var markersToDelete: [SagaID] = []
         /// Sagas past `prepare` and not yet finished in this process.
@@ -250,7 +253,7 @@ public final class SagaCoordinator: Sendable {
         switch outcome {
         case .committed:
             pool.giveBack(conn)
-            finishCommitted(id, hasRecord: record != nil, phase: .run, log: log)
+            finishCommitted(id, phase: .run, log: log)
             return value
 
         case .failed(let error):
@@ -283,7 +286,7 @@ public final class SagaCoordinator: Sendable {
             log.warning("COMMIT outcome unknown: \(error); fencing")
             switch fence(id, phase: .run, log: log) {
             case .committed:
-                finishCommitted(id, hasRecord: record != nil, phase: .run, log: log)
+                finishCommitted(id, phase: .run, log: log)
                 return value
             case .aborted:
                 let restored = try compensateOrHold(record, phase: .run, log: log)
@@ -325,17 +328,12 @@ public final class SagaCoordinator: Sendable {
         locks.releaseAll(id)
     }
 
-    /// Committed: record `committed` (not synced: the marker proves the outcome), release.
-    private func finishCommitted(_ id: SagaID, hasRecord: Bool, phase: SagaPhase, log: Logger) {
-        do {
-            try hook(.committed, id, phase: phase)
-            if hasRecord {
-                var batch = KVWriteBatch()
-                batch.put(JournalRecord.key(for: id), JournalRecord(saga: id, state: .committed).encoded(), in: .journal)
-                try kv.write(batch, sync: false)
-            }
-        } catch {
-            log.warning("the committed record was not written (\(error)); the marker proves the outcome")
+    /// Committed. No journal write: the marker row proves the outcome, and garbage collection
+    /// deletes the `prepared` record (a separate write here would cost a WAL append per saga
+    /// and split RocksDB's group commits of synced batches).
+    private func finishCommitted(_ id: SagaID, phase: SagaPhase, log: Logger) {
+        do { try hook(.committed, id, phase: phase) } catch {
+            log.warning("hook failure after COMMIT of \(id) ignored: \(error)")
         }
         finish(id)
     }
@@ -345,6 +343,7 @@ public final class SagaCoordinator: Sendable {
             s.active.remove(id)
             s.inDoubt.remove(id)
             s.finished.append(id)
+            s.recentlyFinished.insert(id)
             return s.finished.count >= configuration.gcThreshold
         }
         locks.releaseAll(id)
@@ -357,64 +356,105 @@ public final class SagaCoordinator: Sendable {
     /// done, the saga stays prepared, its keys stay locked, and the error says why.
     private func compensateOrHold(_ record: JournalRecord?, phase: SagaPhase, log: Logger) throws(SagaError) -> Int {
         guard let record else { return 0 }
-        do {
-            let restored = try compensate(record, phase: phase)
-            finish(record.saga)
+        switch compensate([record], phase: phase)[record.saga] {
+        case .success(let restored)?:
             return restored
-        } catch {
-            state.withLock { _ = $0.inDoubt.insert(record.saga) }
+        case .failure(let error)?:
             log.error("compensation stopped: \(error)")
             throw error
+        case nil:
+            preconditionFailure("compensate answers for every record")
         }
     }
 
-    /// Writes one synced batch restoring every pre-image, plus `compensated`. Checks each key
-    /// first: after-image → restore; pre-image → already restored; anything else → stop.
-    private func compensate(_ record: JournalRecord, phase: SagaPhase) throws(SagaError) -> Int {
-        let id = record.saga
-        let current: [Bytes?]
-        do {
-            try hook(.compensate, id, phase: phase)
-            current = try kv.multiGet(record.entries.map(\.key))
-        } catch {
-            throw .compensationFailed(saga: id, underlying: error)
-        }
-        var batch = KVWriteBatch()
-        var restored = 0
-        for (entry, now) in zip(record.entries, current) {
-            if now == entry.afterImage {
-                batch.set(entry.key, to: entry.preImage)
-                restored += 1
-            } else if now == entry.preImage {
-                continue
-            } else {
-                throw .foreignWrite(saga: id, key: entry.key, preImage: entry.preImage, afterImage: entry.afterImage, current: now)
+    /// Undoes failed sagas with one synced batch restoring every pre-image, plus a
+    /// `compensated` record for each. Checks each key first: after-image → restore; pre-image →
+    /// already restored; anything else → that saga stops (foreign write) and the others go on.
+    /// Sagas that could not be undone stay prepared and in doubt, with their keys locked.
+    /// Unfinished sagas never share a key (each holds its keys' locks until finished), so one
+    /// batch can undo many; should two records name one key anyway, the later one (records come
+    /// newest first) waits for a batch of its own.
+    private func compensate(_ records: [JournalRecord], phase: SagaPhase) -> [SagaID: Result<Int, SagaError>] {
+        var results: [SagaID: Result<Int, SagaError>] = [:]
+        var ready: [JournalRecord] = []
+        var later: [JournalRecord] = []
+        var batchKeys: Set<Bytes> = []
+        for record in records {
+            let keys = record.entries.map(\.key)
+            if keys.contains(where: batchKeys.contains) { later.append(record); continue }
+            batchKeys.formUnion(keys)
+            do { try hook(.compensate, record.saga, phase: phase); ready.append(record) } catch {
+                results[record.saga] = .failure(.compensationFailed(saga: record.saga, underlying: error))
             }
         }
-        batch.put(JournalRecord.key(for: id), JournalRecord(saga: id, state: .compensated).encoded(), in: .journal)
-        do {
-            try kv.write(batch, sync: true)
-        } catch {
-            throw .compensationFailed(saga: id, underlying: error)
+        let current: [Bytes?]
+        do { current = try kv.multiGet(ready.flatMap { $0.entries.map(\.key) }) } catch {
+            for r in ready { results[r.saga] = .failure(.compensationFailed(saga: r.saga, underlying: error)) }
+            return hold(results)
         }
-        do { try hook(.compensated, id, phase: phase) } catch {
-            logger.warning("hook failure after compensation of \(id) ignored: \(error)")
+        var batch = KVWriteBatch()
+        var undone: [(SagaID, Int)] = []
+        var offset = 0
+        for record in ready {
+            let now = current[offset..<(offset + record.entries.count)]
+            offset += record.entries.count
+            var restores: [(Bytes, Bytes?)] = []
+            var foreign: SagaError?
+            for (entry, value) in zip(record.entries, now) {
+                if value == entry.afterImage {
+                    restores.append((entry.key, entry.preImage))
+                } else if value != entry.preImage {
+                    foreign = .foreignWrite(saga: record.saga, key: entry.key, preImage: entry.preImage, afterImage: entry.afterImage, current: value)
+                    break
+                }
+            }
+            if let foreign { results[record.saga] = .failure(foreign); continue }
+            for (key, image) in restores { batch.set(key, to: image) }
+            batch.put(JournalRecord.key(for: record.saga), JournalRecord(saga: record.saga, state: .compensated).encoded(), in: .journal)
+            undone.append((record.saga, restores.count))
         }
-        return restored
+        if !undone.isEmpty {
+            do { try kv.write(batch, sync: true) } catch {
+                for (id, _) in undone { results[id] = .failure(.compensationFailed(saga: id, underlying: error)) }
+                return hold(results)
+            }
+        }
+        for (id, restored) in undone {
+            do { try hook(.compensated, id, phase: phase) } catch {
+                logger.warning("hook failure after compensation of \(id) ignored: \(error)")
+            }
+            finish(id)
+            results[id] = .success(restored)
+        }
+        if !later.isEmpty { results.merge(compensate(later, phase: phase)) { $1 } }
+        return hold(results)
+    }
+
+    /// Keeps every saga that failed to compensate in doubt (its keys stay locked).
+    private func hold(_ results: [SagaID: Result<Int, SagaError>]) -> [SagaID: Result<Int, SagaError>] {
+        let failed = results.compactMap { id, r -> SagaID? in if case .failure = r { id } else { nil } }
+        if !failed.isEmpty { state.withLock { s in for id in failed { s.inDoubt.insert(id) } } }
+        return results
     }
 
     /// Decides an unknown outcome with a fencing insert on a fresh connection. nil when the
     /// database cannot be reached.
     private func fence(_ id: SagaID, phase: SagaPhase, log: Logger) -> FenceDecision? {
+        fence([id], phase: phase)?[id]
+    }
+
+    /// Fences many sagas in one transaction on a fresh connection. nil when the database
+    /// cannot be reached (or a hook refused): none of them is decided.
+    private func fence(_ ids: [SagaID], phase: SagaPhase) -> [SagaID: FenceDecision]? {
         do {
-            try hook(.resolve, id, phase: phase)
+            for id in ids { try hook(.resolve, id, phase: phase) }
             let conn = try sql.connect()
             defer { conn.close() }
-            let decision = try conn.fence(id)
-            log.notice("\(id) resolved by fencing: \(decision)")
-            return decision
+            let decisions = try conn.fence(ids)
+            logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"))")
+            return decisions
         } catch {
-            log.warning("cannot resolve \(id): \(error)")
+            logger.warning("cannot resolve \(ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"): \(error)")
             return nil
         }
     }
@@ -448,6 +488,7 @@ public final class SagaCoordinator: Sendable {
             }
         }
         var journaled: Set<SagaID> = []
+        var pending: [JournalRecord] = []
         for (key, value) in entries {
             guard let id = JournalRecord.saga(fromKey: key) else { continue }
             journaled.insert(id)
@@ -463,53 +504,77 @@ public final class SagaCoordinator: Sendable {
             }
             switch record.state {
             case .committed, .compensated:
-                if atOpen { state.withLock { $0.finished.append(id) } }
+                if atOpen { state.withLock { $0.finished.append(id); $0.recentlyFinished.insert(id) } }
             case .prepared:
-                let running = state.withLock { $0.active.contains(id) && !$0.inDoubt.contains(id) }
-                if running { continue }
-                // On demand, a saga may have finished since the scan: it writes its final
-                // record before it stops being active, so a fresh read tells.
-                if !atOpen, let fresh = try? kv.journalGet(key), let now = try? JournalRecord(decoding: fresh), now.state != .prepared {
-                    continue
+                if !atOpen {
+                    // Running or finished in this process: not recovery's to decide.
+                    let mine = state.withLock { s in (s.active.contains(id) && !s.inDoubt.contains(id)) || s.recentlyFinished.contains(id) }
+                    if mine { continue }
+                    // It may have finished since the scan: a fresh read tells.
+                    guard let fresh = try? kv.journalGet(key), let now = try? JournalRecord(decoding: fresh), now.state == .prepared else { continue }
                 }
-                resolve(record, adoptLocks: atOpen, into: &report)
+                pending.append(record)
             }
         }
+        resolve(pending, adoptLocks: atOpen, into: &report)
         if atOpen { removeOrphanMarkers(keeping: journaled) }
         do { _ = try collectGarbage() } catch { logger.warning("garbage collection after recovery failed: \(error)") }
         return report
     }
 
-    private func resolve(_ record: JournalRecord, adoptLocks: Bool, into report: inout RecoveryReport) {
-        let id = record.saga
-        var log = logger
-        log[metadataKey: "saga"] = "\(id.rawValue)"
-        if adoptLocks {
-            let conflicts = locks.adopt(record.entries.map(\.key), for: id)
-            if let (key, holder) = conflicts.first {
-                report.problems.append(.lockTimeout(saga: id, keys: [key], heldBy: [holder]))
-                return
+    /// Decides prepared sagas in chunks: one fencing transaction per chunk, then one synced
+    /// batch compensates every aborted saga of the chunk. Committed ones need no write.
+    ///
+    /// A committed saga's record stays `prepared` until garbage collection, so an older record
+    /// can share keys with a newer one: the newer saga took those locks only after the older
+    /// one had finished, so the older one is committed and the keys are the newer one's.
+    /// Newest first, each saga adopts the locks of its keys that no newer saga holds.
+    private func resolve(_ records: [JournalRecord], adoptLocks: Bool, into report: inout RecoveryReport) {
+        var candidates: [JournalRecord] = []
+        for record in records.sorted(by: { $0.saga > $1.saga }) {
+            let id = record.saga
+            if adoptLocks {
+                let conflicts = locks.adopt(record.entries.map(\.key), for: id)
+                if let (key, holder) = conflicts.first(where: { $0.1 < id }) {
+                    report.problems.append(.lockTimeout(saga: id, keys: [key], heldBy: [holder]))
+                    continue
+                }
             }
-        }
-        state.withLock { s in
-            s.active.insert(id)
-            s.inDoubt.insert(id)
-        }
-        switch fence(id, phase: .recovery, log: log) {
-        case .committed:
-            finishCommitted(id, hasRecord: true, phase: .recovery, log: log)
-            report.committed.append(id)
-        case .aborted:
-            do {
-                _ = try compensateOrHold(record, phase: .recovery, log: log)
-                report.compensated.append(id)
-            } catch {
-                report.problems.append(error)
+            state.withLock { s in
+                s.active.insert(id)
+                s.inDoubt.insert(id)
             }
-        case nil:
-            report.inDoubt.append(id)
+            candidates.append(record)
+        }
+        for start in stride(from: 0, to: candidates.count, by: Self.recoveryChunk) {
+            let chunk = Array(candidates[start..<min(start + Self.recoveryChunk, candidates.count)])
+            guard let decisions = fence(chunk.map(\.saga), phase: .recovery) else {
+                report.inDoubt += chunk.map(\.saga)
+                continue
+            }
+            var aborted: [JournalRecord] = []
+            for record in chunk {
+                switch decisions[record.saga] {
+                case .committed?:
+                    finishCommitted(record.saga, phase: .recovery, log: logger)
+                    report.committed.append(record.saga)
+                case .aborted?:
+                    aborted.append(record)
+                case nil:
+                    report.inDoubt.append(record.saga)
+                }
+            }
+            for (id, result) in compensate(aborted, phase: .recovery).sorted(by: { $0.key < $1.key }) {
+                switch result {
+                case .success: report.compensated.append(id)
+                case .failure(let error): report.problems.append(error)
+                }
+            }
         }
     }
+
+    /// Sagas decided by one fencing transaction during recovery.
+    static let recoveryChunk = 500
 
     /// A marker may outlive its journal record (a crash between the two GC steps). At open,
     /// before any saga runs, a marker with no record belongs to a finished saga.
@@ -545,6 +610,7 @@ public final class SagaCoordinator: Sendable {
                     var batch = KVWriteBatch()
                     for id in ids { batch.delete(JournalRecord.key(for: id), in: .journal) }
                     try kv.write(batch, sync: true)
+                    state.withLock { s in for id in ids { s.recentlyFinished.remove(id) } }
                 } catch {
                     state.withLock { $0.finished.insert(contentsOf: ids, at: 0) }
                     throw .stopped(reason: "deleting finished journal records failed: \(error)")

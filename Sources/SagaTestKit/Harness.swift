@@ -79,6 +79,14 @@ extension HarnessEnvironment {
         try sqlQuery("SELECT v FROM saga_test WHERE k = ?", [.text(k)]).first?[0].int64
     }
 
+    /// Sagas the journal leaves undecided: `prepared` records without a `committed` marker.
+    /// (A committed saga needs no further journal write: its marker proves the outcome, and
+    /// garbage collection deletes its `prepared` record.)
+    public func undecided() throws -> [SagaID] {
+        let markers = try markers()
+        return try journal().filter { $0.value.state == .prepared && markers[$0.key] != "committed" }.map(\.key).sorted()
+    }
+
     /// The journal records, decoded, by saga id.
     public func journal() throws -> [SagaID: JournalRecord] {
         var out: [SagaID: JournalRecord] = [:]

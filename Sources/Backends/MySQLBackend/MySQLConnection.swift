@@ -256,6 +256,22 @@ public final class MySQLConnection: SQLConnection {
         try run(sql, arguments, wantRows: true).rows
     }
 
+    // MARK: XA
+
+    /// The statements of an XA (two-phase) transaction on this connection.
+    public enum XAStep: String, Sendable {
+        case start = "XA START", end = "XA END", prepare = "XA PREPARE", commit = "XA COMMIT", rollback = "XA ROLLBACK"
+    }
+
+    /// Runs `XA START|END|PREPARE|COMMIT|ROLLBACK 'xid'` (over the text protocol: the server
+    /// does not prepare XA statements). The xid is limited to letters, digits, `_` and `-`.
+    public func xa(_ step: XAStep, xid: String) throws {
+        guard !xid.isEmpty, xid.utf8.count <= 64, xid.utf8.allSatisfy({ $0 == 0x5F || $0 == 0x2D || (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) }) else {
+            throw MySQLUsageError(description: "invalid XA transaction id \"\(xid)\": use 1-64 letters, digits, '_' or '-'")
+        }
+        try simple("\(step.rawValue) '\(xid)'")
+    }
+
     // MARK: Transactions
 
     /// Whether a transaction is open: the server's own status flag (sent with every OK reply),
@@ -331,6 +347,20 @@ public final class MySQLConnection: SQLConnection {
     /// `INSERT IGNORE` on the primary key: InnoDB makes it wait until any transaction holding
     /// that key has finished, either way. The row found afterwards decides.
     public func fence(_ id: SagaID) throws -> FenceDecision { try markers.fence(id, on: self) }
+
+    /// Many fencing inserts in one transaction (recovery).
+    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] {
+        try begin()
+        let decisions: [SagaID: FenceDecision]
+        do { decisions = try markers.fence(ids, on: self) } catch {
+            try? rollback()
+            throw error
+        }
+        switch commit() {
+        case .committed: return decisions
+        case .failed(let e), .unknown(let e): throw e
+        }
+    }
 
     public func markerIDs() throws -> [SagaID] { try markers.ids(on: self) }
 

@@ -20,6 +20,7 @@ static atomic_int fs_countdown;
 static atomic_int fs_persistent;
 static atomic_int fs_tripped;
 static atomic_int fs_failures;
+static atomic_long fs_calls;
 
 void saga_fault_fsync_arm(const char *path_prefix, int n, int persistent) {
     pthread_mutex_lock(&prefix_lock);
@@ -33,6 +34,7 @@ void saga_fault_fsync_arm(const char *path_prefix, int n, int persistent) {
 }
 void saga_fault_fsync_disarm(void) { atomic_store(&fs_armed, 0); }
 int saga_fault_fsync_failures(void) { return atomic_load(&fs_failures); }
+long saga_fault_fsync_calls(void) { return atomic_load(&fs_calls); }
 
 static int matches(int fd) {
     char link[64], path[PATH_MAX];
@@ -71,12 +73,14 @@ static void resolve(void) {
 
 int fsync(int fd) {
     pthread_once(&resolve_once, resolve);
+    atomic_fetch_add(&fs_calls, 1);
     if (should_fail_fd(fd)) { errno = EIO; return -1; }
     return real_fsync(fd);
 }
 
 int fdatasync(int fd) {
     pthread_once(&resolve_once, resolve);
+    atomic_fetch_add(&fs_calls, 1);
     if (should_fail_fd(fd)) { errno = EIO; return -1; }
     return real_fdatasync(fd);
 }

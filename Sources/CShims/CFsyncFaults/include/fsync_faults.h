@@ -1,8 +1,9 @@
 #ifndef SAGA_FSYNC_FAULTS_H
 #define SAGA_FSYNC_FAULTS_H
-/* An fsync/fdatasync interposer for tests only: linked into a test executable, it replaces
- * the C library's functions for every dynamically linked caller (librocksdb among them).
- * Unarmed it forwards; armed, the n-th sync of a file under a path prefix fails with EIO. */
+/* An fsync/fdatasync interposer for test and benchmark programs only: linked into an
+ * executable, it replaces the C library's functions for every dynamically linked caller
+ * (librocksdb, libsqlite3 among them). Unarmed it forwards (and counts); armed, the n-th sync
+ * of a file under a path prefix fails with EIO. */
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -12,6 +13,8 @@ extern "C" {
 void saga_fault_fsync_arm(const char *path_prefix, int countdown, int persistent);
 void saga_fault_fsync_disarm(void);
 int saga_fault_fsync_failures(void);
+/* fsync + fdatasync calls made by this process so far. */
+long saga_fault_fsync_calls(void);
 
 #ifdef __cplusplus
 }

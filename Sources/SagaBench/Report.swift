@@ -1,0 +1,115 @@
+import Foundation
+
+struct ModeFigures: Codable, Sendable {
+    var mode: Mode
+    var roundsPerSecond: [Double]
+    var medianPerSecond: Double
+    var p50Millis: Double
+    var p99Millis: Double
+    var fsyncsPerSaga: Double
+    var ratioToUnsafe: Double
+    var errors: Int
+}
+
+struct CellFigures: Codable, Sendable {
+    var backend: BenchBackend
+    var workload: String
+    var threads: Int
+    var modes: [ModeFigures]
+
+    init(backend: BenchBackend, workload: String, threads: Int, modes: [Mode], results: [Mode: [RoundResult]]) {
+        self.backend = backend
+        self.workload = workload
+        self.threads = threads
+        let unsafeMedian = median((results[.unsafe] ?? []).map(\.throughput))
+        self.modes = modes.map { mode in
+            let rounds = results[mode] ?? []
+            let lat = rounds.flatMap(\.latenciesMicros).sorted()
+            let ops = rounds.map(\.ops).reduce(0, +)
+            let med = median(rounds.map(\.throughput))
+            return ModeFigures(
+                mode: mode, roundsPerSecond: rounds.map(\.throughput), medianPerSecond: med,
+                p50Millis: percentile(lat, 0.50) / 1000, p99Millis: percentile(lat, 0.99) / 1000,
+                fsyncsPerSaga: ops > 0 ? Double(rounds.map(\.fsyncs).reduce(0, +)) / Double(ops) : 0,
+                ratioToUnsafe: unsafeMedian > 0 ? med / unsafeMedian : 0,
+                errors: rounds.map(\.errors).reduce(0, +))
+        }
+    }
+
+    func lines() -> [String] {
+        modes.map { m in
+            String(format: "%-6@ %8.0f/s  x%.3f of unsafe  p50 %6.2f ms  p99 %7.2f ms  %.2f fsyncs/saga%@",
+                   m.mode.rawValue, m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga,
+                   m.errors > 0 ? "  (\(m.errors) errors)" : "")
+        }
+    }
+}
+
+struct MachineInfo: Codable, Sendable {
+    var cpu: String
+    var cores: Int
+    var memoryGiB: Int
+    var kernel: String
+    var filesystem: String
+    var date: String
+
+    var summary: String { "\(cpu), \(cores) cores, \(memoryGiB) GiB, Linux \(kernel), \(filesystem), \(date)" }
+
+    static func read(workdir: String) -> MachineInfo {
+        let cpuinfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let model = cpuinfo.split(separator: "\n").first { $0.hasPrefix("model name") }
+            .map { String($0.split(separator: ":", maxSplits: 1).last ?? "").trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
+        let kernel = ((try? String(contentsOfFile: "/proc/sys/kernel/osrelease", encoding: .utf8)) ?? "?").trimmingCharacters(in: .whitespacesAndNewlines)
+        var fs = "unknown filesystem"
+        if let mounts = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) {
+            // The longest mount point that holds the work directory.
+            var bestLength = -1
+            for line in mounts.split(separator: "\n") {
+                let fields = line.split(separator: " ").map(String.init)
+                guard fields.count > 2, workdir.hasPrefix(fields[1]), fields[1].count > bestLength else { continue }
+                bestLength = fields[1].count
+                fs = "\(fields[2]) on \(fields[1])"
+            }
+        }
+        let formatter = ISO8601DateFormatter()
+        return MachineInfo(cpu: model, cores: ProcessInfo.processInfo.activeProcessorCount,
+                           memoryGiB: Int(ProcessInfo.processInfo.physicalMemory >> 30), kernel: kernel,
+                           filesystem: fs, date: formatter.string(from: Date()))
+    }
+}
+
+struct BenchReport: Codable, Sendable {
+    var machine: MachineInfo
+    var rounds: Int
+    var secondsPerRound: Double
+    var cells: [CellFigures] = []
+    var recovery: [String: RecoveryBench.Result] = [:]
+    var growth: [String: [GrowthBench.Sample]] = [:]
+
+    func table() -> String {
+        var out = "backend | workload   | threads | mode   | sagas/s (median) | ratio to unsafe | p50 ms | p99 ms | fsyncs/saga\n"
+        out += "--------+------------+---------+--------+------------------+-----------------+--------+--------+------------\n"
+        for c in cells {
+            for m in c.modes {
+                out += String(format: "%-7@ | %-10@ | %7d | %-6@ | %16.0f | %15.3f | %6.2f | %6.2f | %11.2f\n",
+                              c.backend.rawValue, c.workload, c.threads, m.mode.rawValue, m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga)
+            }
+        }
+        for (b, r) in recovery.sorted(by: { $0.key < $1.key }) {
+            out += String(format: "\n%@: recovery of %d prepared sagas in %.3f s (%d kept, %d compensated, %@)", b, r.sagas, r.seconds, r.committed, r.compensated, r.correct ? "correct" : "WRONG")
+        }
+        for (b, samples) in growth.sorted(by: { $0.key < $1.key }) {
+            let maxRecords = samples.map(\.journalRecords).max() ?? 0
+            let maxMarkers = samples.map(\.markerRows).max() ?? 0
+            let maxBytes = samples.map(\.journalBytes).max() ?? 0
+            out += "\n\(b): after \(samples.last?.sagas ?? 0) sagas with GC: journal at most \(maxRecords) records (\(maxBytes) bytes), markers at most \(maxMarkers) rows, over \(samples.count) samples"
+        }
+        return out + "\n"
+    }
+
+    func json() throws -> String {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return String(decoding: try e.encode(self), as: UTF8.self)
+    }
+}
