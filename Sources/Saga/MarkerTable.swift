@@ -71,6 +71,21 @@ extension MarkerTable {
             return out
         }
 
+        /// ``fence(_:on:)-(SagaID,_)`` for many ids in one transaction of its own on `conn`,
+        /// committed before the decisions are returned.
+        public func fenceInTransaction(_ ids: [SagaID], on conn: any SQLConnection) throws -> [SagaID: FenceDecision] {
+            try conn.begin()
+            let decisions: [SagaID: FenceDecision]
+            do { decisions = try fence(ids, on: conn) } catch {
+                try? conn.rollback()
+                throw error
+            }
+            switch conn.commit() {
+            case .committed: return decisions
+            case .failed(let e), .unknown(let e): throw e
+            }
+        }
+
         public func ids(on db: any SQLExecutor) throws -> [SagaID] {
             try db.query("SELECT saga_id FROM \(table) ORDER BY saga_id", []).compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
         }

@@ -93,6 +93,14 @@ public protocol DurabilityError: Error {
 }
 
 extension SQLConnection {
+    public func commit(insertingMarker id: SagaID) -> CommitResult {
+        do { try insertMarker(id) } catch {
+            if isInTransaction { try? rollback() }
+            return .failed(error)
+        }
+        return commit()
+    }
+
     public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] {
         var out: [SagaID: FenceDecision] = [:]
         for id in ids { out[id] = try fence(id) }
@@ -141,6 +149,10 @@ public protocol SQLConnection: SQLExecutor {
     func transactionEnded(by error: any Error) -> Bool
     /// Inserts the marker row `(id, committed)` inside the open transaction.
     func insertMarker(_ id: SagaID) throws
+    /// Inserts the marker row, then commits: the saga's decision point. A backend may send both
+    /// in one round trip; the default runs ``insertMarker(_:)`` then ``commit()``. A failed
+    /// insert means COMMIT was never sent: `.failed`, with the transaction rolled back.
+    func commit(insertingMarker id: SagaID) -> CommitResult
     /// Outside any transaction: inserts `(id, aborted)` unless a row for `id` exists, waiting
     /// for any transaction that holds it, then reports whose row holds the id.
     func fence(_ id: SagaID) throws -> FenceDecision

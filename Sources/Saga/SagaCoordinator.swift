@@ -241,9 +241,8 @@ public final class SagaCoordinator: Sendable {
             // A transaction that ended under us must never be "continued": in autocommit mode
             // the marker would commit on its own.
             guard conn.isInTransaction else { throw TransactionEnded() }
-            try conn.insertMarker(id)
             try hook(.commit, id)
-            outcome = conn.commit()
+            outcome = conn.commit(insertingMarker: id)
         } catch {
             // COMMIT was never sent, so the transaction cannot commit.
             if conn.isInTransaction { try? conn.rollback() }
@@ -450,7 +449,8 @@ public final class SagaCoordinator: Sendable {
             for id in ids { try hook(.resolve, id, phase: phase) }
             let conn = try sql.connect()
             defer { conn.close() }
-            let decisions = try conn.fence(ids)
+            // One saga: the fencing insert autocommits on its own; many: one transaction.
+            let decisions = ids.count == 1 ? [ids[0]: try conn.fence(ids[0])] : try conn.fence(ids)
             logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"))")
             return decisions
         } catch {

@@ -9,9 +9,10 @@ public enum SagaStep: String, CaseIterable, Sendable, CustomStringConvertible {
     case prepare
     /// The forward batch is durable; the marker row is not inserted yet.
     case prepared
-    /// Marker row about to be inserted into the open SQL transaction.
+    /// The KV side is prepared; the marker row is about to be added to the open SQL transaction.
     case marker
-    /// `COMMIT` about to be sent (the marker is in the transaction).
+    /// The marker insert and `COMMIT` are about to be sent (one round trip where the backend
+    /// can): the decision point.
     case commit
     /// `COMMIT` succeeded; the `committed` record is not written yet.
     case committed

@@ -1,8 +1,8 @@
 import Foundation
 
 /// A loopback TCP proxy in front of a MySQL server that can lose a COMMIT's reply: it forwards
-/// the client's `COMMIT` packet, lets the server execute it, then drops the server's OK and
-/// closes both sides. The client sees error 2013 while the transaction **is committed**.
+/// the client's `COMMIT` packet (alone, or ending a multi-statement query), lets the server
+/// execute it, then drops the server's reply and closes both sides. The client sees error 2013 while the transaction **is committed**.
 ///
 /// MySQL packets are a 3-byte little-endian length, a sequence byte and the payload; a query is
 /// payload `0x03` followed by the SQL text.
@@ -86,6 +86,11 @@ public final class MySQLProxy: @unchecked Sendable {
             addr.sin_addr.s_addr = inet_addr(to.host)
             let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
             if ok != 0 { close(client); close(server); continue }
+            // No Nagle: small packets (a multi-statement reply is two) go out at once instead
+            // of waiting for a delayed ACK.
+            var one: Int32 = 1
+            setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            setsockopt(server, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             let pair = Pair(client: client, server: server)
             Thread.detachNewThread { [self] in clientToServer(pair) }
             Thread.detachNewThread { [self] in serverToClient(pair) }
@@ -138,7 +143,9 @@ public final class MySQLProxy: @unchecked Sendable {
                 guard pending.count >= 4 + len else { break }
                 let packet = Array(pending[0..<(4 + len)])
                 pending.removeFirst(4 + len)
-                let isCommit = len == 7 && packet[4] == 0x03 && String(decoding: packet[5...], as: UTF8.self).uppercased() == "COMMIT"
+                // A plain COMMIT, or the coordinator's "INSERT marker; COMMIT" in one query.
+                let text = packet[4] == 0x03 && len < 512 ? String(decoding: packet[5...], as: UTF8.self).uppercased() : ""
+                let isCommit = text == "COMMIT" || text.hasSuffix("; COMMIT")
                 let action: Action? = isCommit ? lock.withLock { nextAction() } : nil
                 // Either way the client must not hear the reply.
                 if action != nil { pair.lock.withLock { pair.dropNextReply = true } }

@@ -98,7 +98,7 @@ struct Worker: ParsableCommand {
                     case .failure(let e):
                         switch e {
                         case .inDoubt:
-                            outcomes.record(.unknown, txid)
+                            outcomes.record(.unknown, txid, String("\(e)".prefix(200)))
                         default:
                             outcomes.record(.failed, txid, String("\(e)".prefix(120)))
                         }
@@ -180,7 +180,12 @@ final class WorkerNode: @unchecked Sendable {
         try site.prepareSchema(sql, accounts: accounts)
         kv = try RocksDBStore(path: site.kvPath)
         coordinator = try SagaCoordinator(kv: kv, sql: sql, configuration: .init(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery), logger: logger)
-        pthread_rwlock_init(&lock, nil)
+        // Writer first: a reopen must not wait behind threads that keep starting sagas.
+        var attributes = pthread_rwlockattr_t()
+        pthread_rwlockattr_init(&attributes)
+        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        pthread_rwlock_init(&lock, &attributes)
+        pthread_rwlockattr_destroy(&attributes)
     }
 
     func withCoordinator<T>(_ body: (SagaCoordinator, Int) -> T) -> T {

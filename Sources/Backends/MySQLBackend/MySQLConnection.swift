@@ -39,7 +39,7 @@ public final class MySQLConnection: SQLConnection {
         mysql_options(mysql, MYSQL_OPT_WRITE_TIMEOUT, &readTimeout)
         let connected = mysql_real_connect(
             mysql, url.socket == nil ? url.host : nil, url.user, url.password, url.database,
-            url.socket == nil ? url.port : 0, url.socket, 0)
+            url.socket == nil ? url.port : 0, url.socket, UInt(CLIENT_MULTI_STATEMENTS))
         guard connected != nil else {
             let error = MySQLError(connection: mysql, context: "connect")
             mysql_close(mysql)
@@ -313,6 +313,40 @@ public final class MySQLConnection: SQLConnection {
         }
     }
 
+    /// The marker insert and `COMMIT` in one round trip (a multi-statement text query, the
+    /// saga id a literal integer). The server runs `COMMIT` only if the insert succeeded; a
+    /// failed insert (a fencing row holds the id) leaves the transaction open, and it is rolled
+    /// back: failed. A lost connection: unknown.
+    public func commit(insertingMarker id: SagaID) -> CommitResult {
+        let sql = "INSERT INTO \(markerTable) (saga_id, status) VALUES (\(Int64(bitPattern: id.rawValue)), 'committed'); COMMIT"
+        guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
+        if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
+            // The insert failed, so COMMIT never ran.
+            let error = record(MySQLError(connection: db, context: sql))
+            if error.isConnectionLost { return .unknown(error) }
+            if serverSaysInTransaction() == true {
+                do { try simple("ROLLBACK") } catch { return .unknown(error) }
+            }
+            return .failed(error)
+        }
+        // The insert's result, then COMMIT's.
+        switch mysql_next_result(db) {
+        case 0:
+            while mysql_next_result(db) == 0 {}  // nothing else was sent; drain defensively
+            return .committed
+        case let status where status > 0:
+            let error = record(MySQLError(connection: db, context: "COMMIT"))
+            if error.isConnectionLost { return .unknown(error) }
+            if serverSaysInTransaction() == true {
+                do { try simple("ROLLBACK") } catch { return .unknown(error) }
+                return .failed(error)
+            }
+            return .unknown(error)
+        default:
+            return .unknown(MySQLUsageError(description: "no reply to COMMIT after the marker insert"))
+        }
+    }
+
     /// Asks the server whether this connection has a transaction open; nil if it cannot tell.
     private func serverSaysInTransaction() -> Bool? {
         guard !lost, let rows = try? query("SELECT @@in_transaction", []), let v = rows.first?[0].int64 else { return nil }
@@ -349,18 +383,7 @@ public final class MySQLConnection: SQLConnection {
     public func fence(_ id: SagaID) throws -> FenceDecision { try markers.fence(id, on: self) }
 
     /// Many fencing inserts in one transaction (recovery).
-    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] {
-        try begin()
-        let decisions: [SagaID: FenceDecision]
-        do { decisions = try markers.fence(ids, on: self) } catch {
-            try? rollback()
-            throw error
-        }
-        switch commit() {
-        case .committed: return decisions
-        case .failed(let e), .unknown(let e): throw e
-        }
-    }
+    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] { try markers.fenceInTransaction(ids, on: self) }
 
     public func markerIDs() throws -> [SagaID] { try markers.ids(on: self) }
 

@@ -193,18 +193,7 @@ public final class SQLiteConnection: SQLConnection {
     public func fence(_ id: SagaID) throws -> FenceDecision { try markers.fence(id, on: self) }
 
     /// Many fencing inserts in one transaction (recovery).
-    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] {
-        try begin()
-        let decisions: [SagaID: FenceDecision]
-        do { decisions = try markers.fence(ids, on: self) } catch {
-            try? rollback()
-            throw error
-        }
-        switch commit() {
-        case .committed: return decisions
-        case .failed(let e), .unknown(let e): throw e
-        }
-    }
+    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] { try markers.fenceInTransaction(ids, on: self) }
 
     public func markerIDs() throws -> [SagaID] { try markers.ids(on: self) }
 
