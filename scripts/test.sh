@@ -31,3 +31,6 @@ timeout 1800 swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\
 echo "==> saga-torture --short (crash points, random kills, I/O errors, power loss, server kills, replicas)"
 # It starts and stops its own MariaDB server: it kills it on purpose.
 timeout 1200 .build/debug/saga-torture --short --json .build/saga-torture.json
+
+echo "==> the test suite again under ThreadSanitizer"
+bash scripts/tsan.sh

@@ -20,6 +20,7 @@ public enum MarkerTable {
     public struct MissingMarker: Error, CustomStringConvertible {
         public let saga: SagaID
         public let status: String?
+        public init(saga: SagaID, status: String?) { self.saga = saga; self.status = status }
         public var description: String { "marker for \(saga) missing right after the fencing insert (status \(status ?? "none"))" }
     }
 }

@@ -10,9 +10,14 @@ public final class SQLiteConnection: SQLConnection {
     private let markerTable: String
     private let markers: MarkerTable.Statements
     public let path: String
+    private let gate: WriterGate?
+    private var holdsGate = false
+    private let busyTimeout: Duration
 
-    init(path: String, configuration: SQLiteDatabase.Configuration) throws {
+    init(path: String, configuration: SQLiteDatabase.Configuration, gate: WriterGate? = nil) throws {
         self.path = path
+        self.gate = gate
+        self.busyTimeout = configuration.busyTimeout
         self.markerTable = configuration.markerTable
         self.markers = MarkerTable.Statements(table: configuration.markerTable, insertIgnore: "INSERT OR IGNORE")
         var db: OpaquePointer?
@@ -45,6 +50,7 @@ public final class SQLiteConnection: SQLConnection {
     public var sqliteHandle: OpaquePointer? { handle }
 
     public func close() {
+        defer { releaseGate() }
         for (_, stmt) in statements { sqlite3_finalize(stmt) }
         statements.removeAll()
         if let handle { sqlite3_close_v2(handle) }
@@ -95,6 +101,9 @@ public final class SQLiteConnection: SQLConnection {
 
     /// Runs a statement to completion, calling `row` for each result row.
     private func run(_ sql: String, _ arguments: [SQLValue], row: ((OpaquePointer) -> Void)? = nil) throws {
+        // However the transaction ended (COMMIT, ROLLBACK, or SQLite rolling back by itself
+        // after an error), the next writer may go.
+        defer { if holdsGate, !isInTransaction { releaseGate() } }
         let stmt = try statement(sql)
         defer {
             sqlite3_reset(stmt)
@@ -151,7 +160,21 @@ public final class SQLiteConnection: SQLConnection {
 
     /// `BEGIN IMMEDIATE`: takes the write lock up front, so two sagas never both read and then
     /// fail to upgrade (SQLite has one writer at a time anyway).
-    public func begin() throws { try execute("BEGIN IMMEDIATE", []) }
+    public func begin() throws {
+        if let gate, !holdsGate {
+            guard gate.acquire(timeout: busyTimeout) else {
+                throw SQLiteError(code: SQLITE_BUSY, message: "database is locked: another connection of this process held the write transaction for longer than the busy timeout (\(busyTimeout))", sql: "BEGIN IMMEDIATE")
+            }
+            holdsGate = true
+        }
+        try execute("BEGIN IMMEDIATE", [])
+    }
+
+    private func releaseGate() {
+        guard holdsGate else { return }
+        holdsGate = false
+        gate?.release()
+    }
 
     public func rollback() throws {
         guard isInTransaction else { return }
@@ -190,7 +213,14 @@ public final class SQLiteConnection: SQLConnection {
 
     public func insertMarker(_ id: SagaID) throws { try markers.insertCommitted(id, on: self) }
 
-    public func fence(_ id: SagaID) throws -> FenceDecision { try markers.fence(id, on: self) }
+    /// In a transaction of its own, so that it queues at the writer gate like every writer of
+    /// this process instead of sleeping in SQLite's busy handler.
+    public func fence(_ id: SagaID) throws -> FenceDecision {
+        guard let decision = try markers.fenceInTransaction([id], on: self)[id] else {
+            throw MarkerTable.MissingMarker(saga: id, status: nil)
+        }
+        return decision
+    }
 
     /// Many fencing inserts in one transaction (recovery).
     public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] { try markers.fenceInTransaction(ids, on: self) }

@@ -24,6 +24,8 @@ public final class SQLiteDatabase: SQLDatabase {
 
     public let path: String
     public let configuration: Configuration
+    /// Write transactions of this database's connections queue here (see ``WriterGate``).
+    let gate = WriterGate()
 
     /// Opens (creating if needed) the database and its marker table; throws ``SQLiteError``
     /// naming the file if it cannot be opened or is not a database.
@@ -42,6 +44,6 @@ public final class SQLiteDatabase: SQLDatabase {
 
     /// A connection of the concrete type, for work outside sagas (schema set-up, reads).
     public func openConnection() throws -> SQLiteConnection {
-        try SQLiteConnection(path: path, configuration: configuration)
+        try SQLiteConnection(path: path, configuration: configuration, gate: gate)
     }
 }
