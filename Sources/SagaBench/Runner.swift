@@ -83,7 +83,8 @@ final class CellRunner {
         try conn.begin()
         for (s, args) in workload.seedStatements(threads: threads, mysql: stores.backend == .mysql) { try conn.execute(s, args) }
         if case .failed(let e) = conn.commit() { throw e }
-        for mode in [Mode.unsafe, .xa] where mode != .xa || stores.backend == .mysql {
+        try conn.execute("CREATE TABLE IF NOT EXISTS bench_extra_rows (id BIGINT PRIMARY KEY)", [])
+        for mode in [Mode.unsafe, .xa, .unsafeWithRow] where mode != .xa || stores.backend == .mysql {
             connections[mode] = try (0..<threads).map { _ in try stores.sql.connect() }
         }
     }
@@ -116,6 +117,9 @@ final class CellRunner {
                         case .unsafe:
                             guard let conn else { throw BenchError("no connection for the unsafe mode") }
                             try op.runUnsafe(kv: stores.kv, conn: conn)
+                        case .unsafeWithRow:
+                            guard let conn else { throw BenchError("no connection for the unsafe+row mode") }
+                            try op.runUnsafe(kv: stores.kv, conn: conn, extraRow: Int64(xidCounter.next()))
                         case .saga:
                             try op.runSaga(stores.coordinator)
                         case .xa:

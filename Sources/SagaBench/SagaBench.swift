@@ -19,7 +19,7 @@ struct SagaBench: ParsableCommand {
     @Option(help: "SQL backends: sqlite, mysql, or both.") var backend: String = "both"
     @Option(help: "Workloads: aa-trigger, transfer, or both.") var workload: String = "both"
     @Option(help: "Thread counts, comma-separated (disjoint keys per thread).") var concurrency: String = "1,8"
-    @Option(help: "Modes to run, comma-separated (unsafe, saga, xa); xa runs on MySQL only.") var modes: String = "unsafe,saga,xa"
+    @Option(help: "Modes to run, comma-separated (unsafe, saga, xa, unsafe+row); xa runs on MySQL only. unsafe+row adds one row insert to the unsafe sequence: what the marker alone costs.") var modes: String = "unsafe,saga,xa"
     @Option(help: "Measured rounds per mode (after one warm-up round).") var rounds: Int = 5
     @Option(help: "Seconds each mode runs in a round.") var seconds: Double = 2
     @Option(name: .customLong("recovery-sagas"), help: "Prepared sagas to recover (0: skip).") var recoverySagas: Int = 10_000
@@ -37,7 +37,7 @@ struct SagaBench: ParsableCommand {
             throw ValidationError("--concurrency takes thread counts from 1 to 64, comma-separated, not \(concurrency)")
         }
         guard !selectedModes.isEmpty, modes.split(separator: ",").allSatisfy({ Mode(rawValue: String($0)) != nil }) else {
-            throw ValidationError("--modes takes unsafe, saga and xa, comma-separated, not \(modes)")
+            throw ValidationError("--modes takes unsafe, saga, xa and unsafe+row, comma-separated, not \(modes)")
         }
         guard recoverySagas >= 0, growthSagas >= 0 else { throw ValidationError("saga counts must be 0 or more") }
     }

@@ -99,13 +99,17 @@ enum Mode: String, CaseIterable, Codable, Sendable {
     /// XA COMMIT, then the decision record dropped (unsynced). Recovery would XA COMMIT every
     /// prepared xid whose decision is in the KV store and XA ROLLBACK the others.
     case xa
+    /// The unsafe sequence plus one more row inserted in the transaction, like Saga's marker:
+    /// measures what the marker row alone costs (not a safe mode; run it by name).
+    case unsafeWithRow = "unsafe+row"
 }
 
 extension Operation {
-    func runUnsafe(kv: RocksDBStore, conn: any SQLConnection) throws {
+    func runUnsafe(kv: RocksDBStore, conn: any SQLConnection, extraRow: Int64? = nil) throws {
         try conn.begin()
         do {
             for (sql, args) in statements { try conn.execute(sql, args) }
+            if let extraRow { try conn.execute("INSERT INTO bench_extra_rows (id) VALUES (?)", [.integer(extraRow)]) }
             let values = try kv.multiGet(reads)
             var batch = KVWriteBatch()
             for (k, v) in writes(values) { batch.put(k, v) }
