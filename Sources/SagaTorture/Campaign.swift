@@ -27,6 +27,8 @@ final class Campaign {
     let seed: UInt64
     let intensity: Intensity
     let server: MariaDBServer?
+    /// Print each site's outcome counts.
+    var verbose = false
     var figures: BackendFigures
     var rng: SplitMix64
     private var siteCount = 0
@@ -116,7 +118,7 @@ final class Campaign {
     /// Adds a site's outcome log to the saga counts (once, when the site is done).
     func countOutcomes(_ site: NodeSite) {
         guard let log = try? OutcomeLog.read(site.dir + "/outcomes.log") else { return }
-        if ProcessInfo.processInfo.environment["TORTURE_DEBUG"] != nil { say("    \(site.dir): C \(log.committed.count) F \(log.failed.count) U \(log.unknown.count)") }
+        if verbose { say("    \(site.dir): committed \(log.committed.count), failed \(log.failed.count), unknown \(log.unknown.count)") }
         figures.sagasCommitted += log.committed.count
         figures.sagasFailed += log.failed.count
         figures.sagasUnknown += log.unknown.count

@@ -42,6 +42,9 @@ struct Torture: ParsableCommand {
     @Option(help: "Work in this directory (default: a new one under the temporary directory).")
     var workdir: String?
 
+    @Flag(help: "Print the outcome counts of every site.")
+    var verbose = false
+
     func validate() throws {
         if short && long { throw ValidationError("--short and --long exclude each other") }
         guard ["sqlite", "mysql", "both"].contains(backend) else { throw ValidationError("--backend must be sqlite, mysql or both, not \(backend)") }
@@ -65,6 +68,7 @@ struct Torture: ParsableCommand {
             }
             defer { server?.stop() }
             let campaign = Campaign(backend: b, root: root, seed: seed, intensity: intensity, server: server, say: say)
+            campaign.verbose = verbose
             do { try campaign.runAll() } catch {
                 campaign.fail("aborted: \(error)")
             }
