@@ -288,6 +288,7 @@ final class Campaign {
             case let t: fail("power-loss worker: \(t): \(child.lastOutput)")
             }
             if !check(site, "after power loss #\(i + 1) (\(child.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))") { break }
+            if (i + 1) % 25 == 0 { say("  \(i + 1) power losses") }
         }
         countOutcomes(site)
         removeSite(site)
@@ -309,6 +310,7 @@ final class Campaign {
             child.killNow()
             try server.start()
             if !check(site, "after server kill #\(i + 1)") { break }
+            if (i + 1) % 10 == 0 { say("  \(i + 1) server kills") }
         }
         countOutcomes(site)
         removeSite(site)
