@@ -118,7 +118,10 @@ final class Campaign {
     /// Adds a site's outcome log to the saga counts (once, when the site is done).
     func countOutcomes(_ site: NodeSite) {
         guard let log = try? OutcomeLog.read(site.dir + "/outcomes.log") else { return }
-        if verbose { say("    \(site.dir): committed \(log.committed.count), failed \(log.failed.count), unknown \(log.unknown.count)") }
+        if verbose {
+            say("    \(site.dir): committed \(log.committed.count), failed \(log.failed.count), unknown \(log.unknown.count)")
+            for (reason, n) in log.failureReasons.sorted(by: { $0.value > $1.value }).prefix(3) { say("      \(n) x \(reason)") }
+        }
         figures.sagasCommitted += log.committed.count
         figures.sagasFailed += log.failed.count
         figures.sagasUnknown += log.unknown.count

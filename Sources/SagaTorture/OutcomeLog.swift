@@ -33,6 +33,8 @@ final class OutcomeLog: @unchecked Sendable {
         var unknown: Set<Int64> = []
         var maxTxid: Int64 = 0
         var fenced = 0
+        /// Failure notes, digits blanked, counted.
+        var failureReasons: [String: Int] = [:]
         /// Begun and never answered (the process died first): either way is fine.
         var unanswered: Set<Int64> { begun.subtracting(committed).subtracting(failed).subtracting(unknown) }
     }
@@ -48,7 +50,12 @@ final class OutcomeLog: @unchecked Sendable {
             switch line.first {
             case "B": s.begun.insert(txid); s.maxTxid = max(s.maxTxid, txid)
             case "C": s.committed.insert(txid)
-            case "F": s.failed.insert(txid)
+            case "F":
+                s.failed.insert(txid)
+                if fields.count > 2 {
+                    let reason = String(fields[2].prefix(90).map { $0.isNumber ? "N" : $0 })
+                    s.failureReasons[reason, default: 0] += 1
+                }
             case "U": s.unknown.insert(txid)
             case "R": s.fenced += 1
             default: continue

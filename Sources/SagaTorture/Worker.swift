@@ -201,9 +201,28 @@ final class WorkerNode: @unchecked Sendable {
         guard seen == generation else { return }
         coordinator.close()
         kv.close()
-        sql = try site.openSQL(proxyPort: proxyPort)
-        kv = try RocksDBStore(path: site.kvPath)
-        coordinator = try SagaCoordinator(kv: kv, sql: sql, configuration: .init(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery), logger: logger)
+        // The database may be away (a killed server): retry, as a node would, while every
+        // other thread waits here instead of running into the closed coordinator.
+        var attempt = 0
+        while true {
+            do {
+                let newSQL = try site.openSQL(proxyPort: proxyPort)
+                let newKV = try RocksDBStore(path: site.kvPath)
+                do {
+                    coordinator = try SagaCoordinator(kv: newKV, sql: newSQL, configuration: .init(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery), logger: logger)
+                } catch {
+                    newKV.close()  // the next attempt opens it again
+                    throw error
+                }
+                sql = newSQL
+                kv = newKV
+                break
+            } catch {
+                attempt += 1
+                if attempt >= 300 { throw error }
+                usleep(200_000)
+            }
+        }
         generation += 1
     }
 
