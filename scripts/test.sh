@@ -26,7 +26,7 @@ grep -q "Build complete" "$log" || { echo "build failed" >&2; tail -30 "$log" >&
 
 echo "==> swift test"
 # The library's own log lines (expected warnings from injected failures) are left out.
-timeout 1800 swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\|warning\|info\) "
+timeout 1800 swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\|warning\|info\|error\) "
 
 echo "==> saga-torture --short (crash points, random kills, I/O errors, power loss, server kills, replicas)"
 # It starts and stops its own MariaDB server: it kills it on purpose.
