@@ -283,7 +283,7 @@ public final class SagaCoordinator: Sendable {
             // journal), then decide with a fencing insert on a fresh connection.
             conn.close()
             log.warning("COMMIT outcome unknown: \(error); fencing")
-            switch fence(id, phase: .run, log: log) {
+            switch fence(id, phase: .run) {
             case .committed:
                 finishCommitted(id, phase: .run, log: log)
                 return value
@@ -438,7 +438,7 @@ public final class SagaCoordinator: Sendable {
 
     /// Decides an unknown outcome with a fencing insert on a fresh connection. nil when the
     /// database cannot be reached.
-    private func fence(_ id: SagaID, phase: SagaPhase, log: Logger) -> FenceDecision? {
+    private func fence(_ id: SagaID, phase: SagaPhase) -> FenceDecision? {
         fence([id], phase: phase)?[id]
     }
 

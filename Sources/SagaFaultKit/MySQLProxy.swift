@@ -49,21 +49,17 @@ public final class MySQLProxy: @unchecked Sendable {
     /// From now on, lose the reply of about one COMMIT in `oneIn` (seeded, so a run replays);
     /// nil stops it.
     public func loseRepliesAtRandom(oneIn: Int?, seed: UInt64 = 1) {
-        lock.withLock { randomLoss = oneIn.map { (max(1, $0), seed) } }
+        lock.withLock { randomLoss = oneIn.map { (max(1, $0), SplitMix64(seed: seed)) } }
     }
-    private var randomLoss: (oneIn: Int, state: UInt64)?
+    private var randomLoss: (oneIn: Int, rng: SplitMix64)?
 
     /// Called with `lock` held, for every COMMIT.
     private func nextAction() -> Action? {
         if let a = armed { armed = nil; fired += 1; return a }
         guard var r = randomLoss else { return nil }
-        r.state &+= 0x9E37_79B9_7F4A_7C15
-        var z = r.state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        z ^= z >> 31
+        let lose = r.rng.below(r.oneIn) == 0
         randomLoss = r
-        guard z % UInt64(r.oneIn) == 0 else { return nil }
+        guard lose else { return nil }
         fired += 1
         return .loseReply
     }

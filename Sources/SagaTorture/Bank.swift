@@ -2,6 +2,7 @@ import Foundation
 import MySQLBackend
 import RocksDBBackend
 import Saga
+import SagaFaultKit
 import SQLiteBackend
 
 /// The torture workload: transfers that move amounts between accounts kept twice, once as KV
@@ -50,21 +51,6 @@ struct BankSpec: Sendable {
         guard let v = Int64(String(decoding: b, as: UTF8.self)) else { throw TortureError("KV value \"\(b.debugText)\" is not a balance") }
         return v
     }
-}
-
-/// SplitMix64: small, seeded, good enough to pick keys and moments.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(max(1, n))) }
-    mutating func between(_ lo: Int, _ hi: Int) -> Int { lo + below(hi - lo + 1) }
 }
 
 struct TortureError: Error, CustomStringConvertible {

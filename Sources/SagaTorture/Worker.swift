@@ -50,8 +50,8 @@ struct Worker: ParsableCommand {
         // MySQL: a proxy of our own that can lose COMMIT replies.
         var proxy: MySQLProxy?
         if backend == .mysql, outcome == .unknown || loseRepliesOneIn != nil {
-            let url = try MySQLURLParts(mysqlURL)
-            proxy = try MySQLProxy(targetHost: url.host, targetPort: url.port)
+            let url = try MySQLURL(mysqlURL ?? "")
+            proxy = try MySQLProxy(targetHost: url.host == "localhost" ? "127.0.0.1" : url.host, targetPort: UInt16(url.port))
             if let n = loseRepliesOneIn { proxy?.loseRepliesAtRandom(oneIn: n, seed: seed) }
         }
         var hooks: [any SagaHooks] = []
@@ -143,17 +143,6 @@ struct FenceCounter: SagaHooks {
     let log: OutcomeLog
     func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
         if step == .resolve, phase == .run { log.record(.fenced, Int64(saga?.rawValue ?? 0)) }
-    }
-}
-
-struct MySQLURLParts {
-    let host: String
-    let port: UInt16
-    init(_ url: String?) throws {
-        guard let url else { throw TortureError("no MySQL URL") }
-        let u = try MySQLURL(url)
-        host = u.host == "localhost" ? "127.0.0.1" : u.host
-        port = UInt16(u.port)
     }
 }
 
