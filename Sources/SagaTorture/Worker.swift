@@ -148,7 +148,8 @@ struct FenceCounter: SagaHooks {
 
 /// The node's stores and coordinator; replaced as a whole when the worker reopens them.
 final class WorkerNode: @unchecked Sendable {
-    private var lock = pthread_rwlock_t()
+    // Writer first: a reopen must not wait behind threads that keep starting sagas.
+    private let lock = ReadWriteLock(preferWriters: true)
     private var kv: RocksDBStore
     private var sql: any SQLDatabase
     private var coordinator: SagaCoordinator
@@ -169,24 +170,18 @@ final class WorkerNode: @unchecked Sendable {
         try site.prepareSchema(sql, accounts: accounts)
         kv = try RocksDBStore(path: site.kvPath)
         coordinator = try SagaCoordinator(kv: kv, sql: sql, configuration: .init(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery), logger: logger)
-        // Writer first: a reopen must not wait behind threads that keep starting sagas.
-        var attributes = pthread_rwlockattr_t()
-        pthread_rwlockattr_init(&attributes)
-        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
-        pthread_rwlock_init(&lock, &attributes)
-        pthread_rwlockattr_destroy(&attributes)
     }
 
     func withCoordinator<T>(_ body: (SagaCoordinator, Int) -> T) -> T {
-        pthread_rwlock_rdlock(&lock)
-        defer { pthread_rwlock_unlock(&lock) }
-        return body(coordinator, generation)
+        lock.withReadLock { body(coordinator, generation) }
     }
 
     /// Closes and reopens both stores unless another thread already did since `generation`.
     func reopen(ifGeneration seen: Int) throws {
-        pthread_rwlock_wrlock(&lock)
-        defer { pthread_rwlock_unlock(&lock) }
+        try lock.withWriteLock { () throws in try reopenLocked(ifGeneration: seen) }
+    }
+
+    private func reopenLocked(ifGeneration seen: Int) throws {
         guard seen == generation else { return }
         coordinator.close()
         kv.close()
@@ -216,10 +211,10 @@ final class WorkerNode: @unchecked Sendable {
     }
 
     func finish() throws {
-        pthread_rwlock_wrlock(&lock)
-        defer { pthread_rwlock_unlock(&lock) }
-        _ = try? coordinator.collectGarbage()
-        coordinator.close()
-        kv.close()
+        lock.withWriteLock {
+            _ = try? coordinator.collectGarbage()
+            coordinator.close()
+            kv.close()
+        }
     }
 }

@@ -47,7 +47,8 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
     private let readOptions: OpaquePointer
     private let syncWrite: OpaquePointer
     private let asyncWrite: OpaquePointer
-    private var rwlock = pthread_rwlock_t()
+    /// Keeps ``close()`` from freeing the handles under a running call.
+    private let closeLock = ReadWriteLock()
 
     /// Opens (or creates) the database at `path`.
     ///
@@ -66,7 +67,6 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
         syncWrite = rocksdb_writeoptions_create()
         rocksdb_writeoptions_set_sync(syncWrite, 1)
         asyncWrite = rocksdb_writeoptions_create()
-        pthread_rwlock_init(&rwlock, nil)
 
         let names = ["default", Self.journalFamily]
         var handles = [OpaquePointer?](repeating: nil, count: names.count)
@@ -100,13 +100,14 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
     deinit {
         close()
         Self.freeOptions(options, readOptions, syncWrite, asyncWrite)
-        pthread_rwlock_destroy(&rwlock)
     }
 
     /// Closes the database; later calls throw ``RocksDBError/closed``. Idempotent.
     public func close() {
-        pthread_rwlock_wrlock(&rwlock)
-        defer { pthread_rwlock_unlock(&rwlock) }
+        closeLock.withWriteLock { closeLocked() }
+    }
+
+    private func closeLocked() {
         guard let db else { return }
         if let dataFamily { rocksdb_column_family_handle_destroy(dataFamily) }
         if let journalFamily { rocksdb_column_family_handle_destroy(journalFamily) }
@@ -118,10 +119,10 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
 
     /// Runs `body` with the open handles, holding the read side of the close lock.
     private func withHandles<T>(_ body: (OpaquePointer, OpaquePointer, OpaquePointer) throws -> T) throws -> T {
-        pthread_rwlock_rdlock(&rwlock)
-        defer { pthread_rwlock_unlock(&rwlock) }
-        guard let db, let dataFamily, let journalFamily else { throw RocksDBError.closed(path: path) }
-        return try body(db, dataFamily, journalFamily)
+        try closeLock.withReadLock { () throws -> T in
+            guard let db, let dataFamily, let journalFamily else { throw RocksDBError.closed(path: path) }
+            return try body(db, dataFamily, journalFamily)
+        }
     }
 
     // MARK: KVStore

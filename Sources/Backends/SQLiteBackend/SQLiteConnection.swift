@@ -68,10 +68,15 @@ public final class SQLiteConnection: SQLConnection {
         if let stmt = statements[sql] { return stmt }
         let db = try db()
         var stmt: OpaquePointer?
-        var tail: UnsafePointer<CChar>?
-        let rc = sqlite3_prepare_v3(db, sql, -1, UInt32(SQLITE_PREPARE_PERSISTENT), &stmt, &tail)
+        // `tail` points into the C string, which lives only inside this closure: read it here.
+        let (rc, trailing) = sql.withCString { text -> (Int32, Bool) in
+            var tail: UnsafePointer<CChar>?
+            let rc = sqlite3_prepare_v3(db, text, -1, UInt32(SQLITE_PREPARE_PERSISTENT), &stmt, &tail)
+            guard rc == SQLITE_OK, let tail, tail.pointee != 0 else { return (rc, false) }
+            return (rc, !String(cString: tail).allSatisfy { $0.isWhitespace || $0 == ";" })
+        }
         guard rc == SQLITE_OK, let stmt else { throw SQLiteError(code: rc, connection: db, sql: sql) }
-        if let tail, tail.pointee != 0, !String(cString: tail).allSatisfy({ $0.isWhitespace || $0 == ";" }) {
+        if trailing {
             sqlite3_finalize(stmt)
             throw SQLiteUsageError(description: "only one statement at a time: `\(sql)`")
         }
