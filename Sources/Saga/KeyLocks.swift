@@ -1,5 +1,3 @@
-import Foundation
-
 /// Per-key exclusive locks, held from a saga's first touch of a key until the saga has
 /// completed (strict two-phase locking).
 ///
@@ -9,7 +7,7 @@ import Foundation
 /// wait for each other.
 final class KeyLocks: @unchecked Sendable {
     // All state below is guarded by `condition`.
-    private let condition = NSCondition()
+    private let condition = MonotonicCondition()
     private var owner: [Bytes: SagaID] = [:]
     private var held: [SagaID: [Bytes]] = [:]
     private var waitingFor: [SagaID: Bytes] = [:]
@@ -18,7 +16,7 @@ final class KeyLocks: @unchecked Sendable {
     func lock(_ key: Bytes, for saga: SagaID, timeout: Duration) throws(SagaError) {
         condition.lock()
         defer { condition.unlock() }
-        let deadline = Date(timeIntervalSinceNow: timeout.seconds)
+        let deadline = MonotonicCondition.Deadline(after: timeout)
         while true {
             guard let current = owner[key] else {
                 owner[key] = saga

@@ -70,3 +70,59 @@ package final class ReadWriteLock: @unchecked Sendable {
         return try body()
     }
 }
+
+/// A pthread mutex with a condition variable that times out on the monotonic clock: a wait is
+/// bounded by elapsed time, whatever happens to the wall clock (`NSCondition.wait(until:)`
+/// takes a wall-clock `Date`, and crashes on one far in the future).
+package final class MonotonicCondition: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let cond: UnsafeMutablePointer<pthread_cond_t>
+
+    /// A point on the monotonic clock.
+    package struct Deadline: Sendable {
+        fileprivate let time: timespec
+
+        /// `timeout` from now (negative counts as zero).
+        package init(after timeout: Duration) {
+            var now = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            let (seconds, attoseconds) = max(timeout, .zero).components
+            var sec = Int(now.tv_sec) + Int(seconds)
+            var nsec = Int(now.tv_nsec) + Int(attoseconds / 1_000_000_000)
+            if nsec >= 1_000_000_000 { sec += 1; nsec -= 1_000_000_000 }
+            time = timespec(tv_sec: sec, tv_nsec: nsec)
+        }
+    }
+
+    package init() {
+        mutex = .allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+        cond = .allocate(capacity: 1)
+        cond.initialize(to: pthread_cond_t())
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(cond, &attributes)
+        pthread_condattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond)
+        cond.deallocate()
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    package func lock() { pthread_mutex_lock(mutex) }
+    package func unlock() { pthread_mutex_unlock(mutex) }
+
+    /// With the lock held: waits for a signal or the deadline. False once the deadline passed.
+    package func wait(until deadline: Deadline) -> Bool {
+        var time = deadline.time
+        return pthread_cond_timedwait(cond, mutex, &time) != ETIMEDOUT
+    }
+
+    package func signal() { pthread_cond_signal(cond) }
+    package func broadcast() { pthread_cond_broadcast(cond) }
+}

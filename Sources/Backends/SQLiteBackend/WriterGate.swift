@@ -1,4 +1,4 @@
-import Foundation
+import Saga
 
 /// SQLite runs one write transaction at a time. Connections of one ``SQLiteDatabase`` queue for
 /// it here, in the process, instead of in SQLite's busy handler, which sleeps and retries with
@@ -6,13 +6,12 @@ import Foundation
 /// lock was free. A waiter here wakes as soon as the holder commits or rolls back. Other
 /// processes are still kept out by SQLite's own locks and busy timeout.
 final class WriterGate: @unchecked Sendable {
-    private let condition = NSCondition()
+    private let condition = MonotonicCondition()
     private var held = false
 
     /// Waits at most `timeout`; false when the gate stayed closed that long.
     func acquire(timeout: Duration) -> Bool {
-        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
-        let deadline = Date(timeIntervalSinceNow: seconds)
+        let deadline = MonotonicCondition.Deadline(after: timeout)
         condition.lock()
         defer { condition.unlock() }
         while held {
