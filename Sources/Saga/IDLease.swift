@@ -17,29 +17,52 @@ final class IDLease: Sendable {
         self.kv = kv
         var start = floor
         if let raw = try kv.journalGet(Self.ceilingKey) {
-            guard raw.count == 8 else {
-                throw SagaError.journalCorrupt(saga: nil, key: Self.ceilingKey, reason: "id ceiling has \(raw.count) bytes, expected 8")
-            }
-            start = max(start, raw.reduce(0) { $0 << 8 | UInt64($1) })
+            start = max(start, try Self.decode(raw))
         }
         start = max(start, 1)
-        let ceiling = start + Self.blockSize
+        let ceiling = min(start + Self.blockSize, SagaID.maxValid.rawValue + 1)
+        guard start < ceiling else { throw Exhausted() }
         try Self.persist(ceiling: ceiling, kv: kv)
         state = Locked(State(next: start, ceiling: ceiling))
     }
 
-    private static func persist(ceiling: UInt64, kv: any KVStore) throws {
-        var batch = KVWriteBatch()
+    /// The ceiling record: the ceiling, big-endian, then its CRC-32C (12 bytes). Records of 8
+    /// bytes, without a checksum, were written by earlier versions and are still read.
+    static func encode(_ ceiling: UInt64) -> Bytes {
         var value: Bytes = []
         value.appendBigEndian(ceiling)
-        batch.put(ceilingKey, value, in: .journal)
+        value.appendBigEndian(CRC32C.checksum(value))
+        return value
+    }
+
+    static func decode(_ raw: Bytes) throws(SagaError) -> UInt64 {
+        func damaged(_ why: String) -> SagaError { .journalCorrupt(saga: nil, key: ceilingKey, reason: "id ceiling \(why)") }
+        guard raw.count == 12 || raw.count == 8 else { throw damaged("has \(raw.count) bytes, expected 12") }
+        let ceiling = raw[0..<8].reduce(0) { $0 << 8 | UInt64($1) }
+        if raw.count == 12 {
+            let stored = raw[8..<12].reduce(0) { $0 << 8 | UInt32($1) }
+            guard stored == CRC32C.checksum(raw[0..<8]) else { throw damaged("fails its checksum") }
+        }
+        guard ceiling <= SagaID.maxValid.rawValue + 1 else { throw damaged("\(ceiling) is past the largest saga id") }
+        return ceiling
+    }
+
+    private static func persist(ceiling: UInt64, kv: any KVStore) throws {
+        var batch = KVWriteBatch()
+        batch.put(ceilingKey, encode(ceiling), in: .journal)
         try kv.write(batch, sync: true)
+    }
+
+    /// Every id up to ``SagaID/maxValid`` has been handed out.
+    struct Exhausted: Error, CustomStringConvertible {
+        var description: String { "saga ids are exhausted (every id up to \(SagaID.maxValid.rawValue) has been used)" }
     }
 
     func next() throws -> SagaID {
         try state.withLock { s in
             if s.next >= s.ceiling {
-                let ceiling = s.ceiling + Self.blockSize
+                let ceiling = min(s.ceiling + Self.blockSize, SagaID.maxValid.rawValue + 1)
+                guard s.next < ceiling else { throw Exhausted() }
                 try Self.persist(ceiling: ceiling, kv: kv)
                 s.ceiling = ceiling
             }

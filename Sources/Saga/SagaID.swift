@@ -6,6 +6,21 @@ public struct SagaID: RawRepresentable, Hashable, Comparable, Sendable, CustomSt
     public init(_ rawValue: UInt64) { self.rawValue = rawValue }
     public static func < (lhs: SagaID, rhs: SagaID) -> Bool { lhs.rawValue < rhs.rawValue }
     public var description: String { "saga#\(rawValue)" }
+
+    /// The largest id a saga may have: ids stay below 2^63, so that they fit a signed 64-bit
+    /// column as they are (SQLite's INTEGER, and every binding of MySQL's BIGINT).
+    public static let maxValid = SagaID(UInt64(Int64.max))
+    /// Whether the id is in 1...``maxValid``; anything else found in a store is damage.
+    public var isValid: Bool { rawValue >= 1 && rawValue <= Self.maxValid.rawValue }
+
+    /// An id outside 1...``maxValid`` found in one of the stores.
+    struct OutOfRange: Error, CustomStringConvertible {
+        let id: SagaID
+        let place: String
+        var description: String {
+            "\(place) holds saga id \(Int64(bitPattern: id.rawValue)), outside 1...\(SagaID.maxValid.rawValue): damaged, or written by something other than Saga"
+        }
+    }
 }
 
 /// Raw bytes, as read from and written to the KV store. Images are never decoded.
