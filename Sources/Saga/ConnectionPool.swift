@@ -13,6 +13,9 @@ final class ConnectionPool: @unchecked Sendable {
         self.limit = limit
     }
 
+    /// Idle connections are closed with the pool (also when the coordinator failed to open).
+    deinit { closeAll() }
+
     func take() throws -> any SQLConnection {
         if let conn = lock.withLock({ idle.popLast() }) { return conn }
         return try database.connect()

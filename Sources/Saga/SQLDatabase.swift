@@ -126,6 +126,39 @@ public enum FenceDecision: Sendable, Equatable {
 public protocol SQLDatabase: AnyObject, Sendable {
     /// Opens a new connection (never a pooled one: the coordinator pools).
     func connect() throws -> any SQLConnection
+    /// Closes `failed`, whose COMMIT outcome is unknown, and opens a fresh connection in its
+    /// place for the fencing insert. A backend whose writers queue in the process (SQLite)
+    /// hands `failed`'s place in the queue to the new connection: the saga still holds its
+    /// keys, and a writer queued behind it may be waiting for one of them. The default closes
+    /// and connects.
+    func connect(replacing failed: any SQLConnection) throws -> any SQLConnection
+}
+
+extension SQLDatabase {
+    public func connect(replacing failed: any SQLConnection) throws -> any SQLConnection {
+        failed.close()
+        return try connect()
+    }
+}
+
+extension TransactionState {
+    /// Whether a statement could end a transaction by committing it: anything but plain
+    /// reads and DML (`COMMIT`, `END`, `SET autocommit`, DDL with an implicit commit...).
+    /// Used to judge a statement that failed in a way that hides what it did.
+    public static func statementMayCommit(_ sql: String) -> Bool {
+        let head = sql.drop { $0.isWhitespace || $0 == "(" }.prefix { $0.isLetter }.uppercased()
+        return !["SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES"].contains(head)
+    }
+}
+
+/// Where a transaction stands after one of its statements failed.
+public enum TransactionState: Sendable, Equatable {
+    /// Still open: the statement failed alone.
+    case open
+    /// Rolled back by the database: nothing of it is committed.
+    case rolledBack
+    /// Ended, and possibly committed (a failed `COMMIT`, DDL with an implicit commit).
+    case mayBeCommitted
 }
 
 /// One connection to an SQL database. Used by one saga at a time, never concurrently.
@@ -143,10 +176,12 @@ public protocol SQLConnection: SQLExecutor {
     var isInTransaction: Bool { get }
     /// Whether the connection is known to be unusable (lost, closed): it is not pooled.
     var isBroken: Bool { get }
-    /// After a statement failed with `error`: whether the database ended the transaction
-    /// because of it (deadlock victim, lost connection, an error SQLite rolls back on).
-    /// A saga whose transaction ended under it must not run another statement.
-    func transactionEnded(by error: any Error) -> Bool
+    /// After a statement failed with `error`: whether the transaction is still open, was
+    /// rolled back by the database (deadlock victim, lost connection, an error SQLite rolls
+    /// back on), or ended in a way that may have committed it (a failed `COMMIT`, DDL whose
+    /// implicit commit ran before it failed). A saga whose transaction ended under it must not
+    /// run another statement.
+    func transactionState(after error: any Error) -> TransactionState
     /// Inserts the marker row `(id, committed)` inside the open transaction.
     func insertMarker(_ id: SagaID) throws
     /// Inserts the marker row, then commits: the saga's decision point. A backend may send both

@@ -19,8 +19,24 @@ public final class Saga {
     private(set) var staged: [Bytes: Bytes?] = [:]
     private(set) var writeOrder: [Bytes] = []
     var ended = false
-    /// Set when the database ended the transaction under the saga.
-    var lostTransaction: (any Error)?
+    /// Set when the SQL transaction ended under the saga: no statement runs after it, no
+    /// marker commits, and the KV side is never written.
+    var poison: Poison?
+
+    enum Poison {
+        /// The database rolled the transaction back (deadlock victim, lost connection...).
+        case rolledBack(any Error)
+        /// A statement of the body ended the transaction (`COMMIT`, DDL with an implicit
+        /// commit): what the saga wrote in SQL before it may be committed.
+        case endedBy(statement: String, error: (any Error)?)
+
+        func error(saga: SagaID) -> SagaError {
+            switch self {
+            case .rolledBack(let e): .transactionLost(saga: saga, underlying: e)
+            case .endedBy(let statement, let e): .transactionEndedByStatement(saga: saga, statement: statement, underlying: e)
+            }
+        }
+    }
 
     init(id: SagaID, connection: any SQLConnection, context: SagaContext) {
         self.id = id
@@ -45,6 +61,7 @@ public final class Saga {
     }
 
     fileprivate func stage(_ key: Bytes, _ image: Bytes?) throws(SagaError) {
+        try checkUsable()
         if let image, image.count > SagaContext.maxValueSize {
             throw .misuse(.valueTooLarge(size: image.count, limit: SagaContext.maxValueSize))
         }
@@ -69,14 +86,24 @@ extension Saga: Sendable {}
 
 /// The KV side of a saga: reads see staged writes; writes are staged until the saga commits.
 public struct SagaKV {
-    unowned let saga: Saga
+    /// Weak: a handle that escaped the body must throw ``SagaError/Misuse/sagaEnded(_:)``
+    /// once its saga is gone, not trap.
+    private weak var saga: Saga?
+    private let id: SagaID
+
+    init(saga: Saga) { self.saga = saga; self.id = saga.id }
+
+    private func live() throws(SagaError) -> Saga {
+        guard let saga else { throw .misuse(.sagaEnded(id)) }
+        return saga
+    }
 
     /// Reads a key (locking it): the saga's own staged value if any, else the store's.
-    public func get(_ key: Bytes) throws -> Bytes? { try saga.read(key) }
+    public func get(_ key: Bytes) throws -> Bytes? { try live().read(key) }
     /// Stages a put.
-    public func put(_ key: Bytes, _ value: Bytes) throws { try saga.stage(key, value) }
+    public func put(_ key: Bytes, _ value: Bytes) throws { try live().stage(key, value) }
     /// Stages a delete.
-    public func delete(_ key: Bytes) throws { try saga.stage(key, nil) }
+    public func delete(_ key: Bytes) throws { try live().stage(key, nil) }
 
     public func get(_ key: String) throws -> Bytes? { try get(Bytes(key.utf8)) }
     public func put(_ key: String, _ value: String) throws { try put(Bytes(key.utf8), Bytes(value.utf8)) }
@@ -90,32 +117,51 @@ extension SagaKV: Sendable {}
 /// transaction under the saga (deadlock victim, lost connection), every later statement throws
 /// ``SagaError/transactionLost(saga:underlying:)`` and the saga will not commit.
 public final class SagaSQL: SQLExecutor {
-    unowned let saga: Saga
-    init(saga: Saga) { self.saga = saga }
+    /// Weak, for the same reason as ``SagaKV``'s.
+    private weak var saga: Saga?
+    private let id: SagaID
+    init(saga: Saga) { self.saga = saga; self.id = saga.id }
 
     @discardableResult
     public func execute(_ sql: String, _ arguments: [SQLValue]) throws -> Int {
-        try guarded { try saga.connection.execute(sql, arguments) }
+        try guarded(sql) { try $0.execute(sql, arguments) }
     }
 
     public func query(_ sql: String, _ arguments: [SQLValue]) throws -> [SQLRow] {
-        try guarded { try saga.connection.query(sql, arguments) }
+        try guarded(sql) { try $0.query(sql, arguments) }
     }
 
-    private func guarded<T>(_ work: () throws -> T) throws -> T {
+    /// Runs one statement of the body, and checks the transaction after it: a statement that
+    /// ended it (successfully or not) poisons the saga.
+    private func guarded<T>(_ sql: String, _ work: (any SQLConnection) throws -> T) throws -> T {
+        guard let saga else { throw SagaError.misuse(.sagaEnded(id)) }
         try saga.checkUsable()
-        if let lost = saga.lostTransaction { throw SagaError.transactionLost(saga: saga.id, underlying: lost) }
+        if let poison = saga.poison { throw poison.error(saga: id) }
+        let connection = saga.connection
         // A statement run after the transaction ended would autocommit on its own.
-        guard saga.connection.isInTransaction else {
-            saga.lostTransaction = TransactionEnded()
-            throw SagaError.transactionLost(saga: saga.id, underlying: TransactionEnded())
+        guard connection.isInTransaction else {
+            let poison = Saga.Poison.rolledBack(TransactionEnded())
+            saga.poison = poison
+            throw poison.error(saga: id)
         }
+        let result: T
         do {
-            return try work()
+            result = try work(connection)
         } catch {
-            if saga.connection.transactionEnded(by: error) { saga.lostTransaction = error }
+            switch connection.transactionState(after: error) {
+            case .open: break
+            case .rolledBack: saga.poison = .rolledBack(error)
+            case .mayBeCommitted: saga.poison = .endedBy(statement: sql, error: error)
+            }
+            if let poison = saga.poison, case .endedBy = poison { throw poison.error(saga: id) }
             throw error
         }
+        if !connection.isInTransaction {
+            let poison = Saga.Poison.endedBy(statement: sql, error: nil)
+            saga.poison = poison
+            throw poison.error(saga: id)
+        }
+        return result
     }
 }
 

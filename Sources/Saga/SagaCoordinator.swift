@@ -19,7 +19,7 @@ import Logging
 public final class SagaCoordinator: Sendable {
     public struct Configuration: Sendable {
         /// How long a saga waits for a key lock before giving up (also ends deadlocks that run
-        /// through the SQL database's own locks).
+        /// through the SQL database's own locks). At most ``maxLockTimeout``.
         public var lockTimeout: Duration
         /// Fault-injection and test hooks, called at every protocol step.
         public var hooks: (any SagaHooks)?
@@ -27,19 +27,37 @@ public final class SagaCoordinator: Sendable {
         public var gcThreshold: Int
         /// Idle SQL connections kept for reuse.
         public var poolSize: Int
+        /// The largest journal record a saga may write: its keys with their pre- and
+        /// after-images. A saga over it is refused at prepare with
+        /// ``SagaError/Misuse/sagaTooLarge(size:limit:)``, and nothing is written. RocksDB
+        /// refuses values of 4 GiB and more.
+        public var maxRecordSize: Int
 
-        public init(lockTimeout: Duration = .seconds(5), hooks: (any SagaHooks)? = nil, gcThreshold: Int = 512, poolSize: Int = 16) {
+        public static let maxLockTimeout: Duration = .seconds(24 * 3600)
+        public static let maxGCThreshold = 1 << 24
+        public static let maxPoolSize = 4096
+        public static let recordSizeLimit = Int(UInt32.max) - (1 << 20)
+
+        public init(lockTimeout: Duration = .seconds(5), hooks: (any SagaHooks)? = nil, gcThreshold: Int = 512, poolSize: Int = 16, maxRecordSize: Int = 1 << 30) {
             self.lockTimeout = lockTimeout
             self.hooks = hooks
             self.gcThreshold = gcThreshold
             self.poolSize = poolSize
+            self.maxRecordSize = maxRecordSize
         }
 
         /// What is wrong with the values, if anything.
         var problem: String? {
-            if lockTimeout <= .zero { return "lockTimeout must be positive, not \(lockTimeout)" }
-            if gcThreshold < 1 { return "gcThreshold must be at least 1, not \(gcThreshold)" }
-            if poolSize < 0 { return "poolSize must be 0 or more, not \(poolSize)" }
+            if lockTimeout <= .zero || lockTimeout > Self.maxLockTimeout {
+                return "lockTimeout must be positive and at most \(Self.maxLockTimeout), not \(lockTimeout)"
+            }
+            if gcThreshold < 1 || gcThreshold > Self.maxGCThreshold {
+                return "gcThreshold must be between 1 and \(Self.maxGCThreshold), not \(gcThreshold)"
+            }
+            if poolSize < 0 || poolSize > Self.maxPoolSize { return "poolSize must be between 0 and \(Self.maxPoolSize), not \(poolSize)" }
+            if maxRecordSize < 1024 || maxRecordSize > Self.recordSizeLimit {
+                return "maxRecordSize must be between 1024 and \(Self.recordSizeLimit) bytes, not \(maxRecordSize)"
+            }
             return nil
         }
     }
@@ -86,13 +104,24 @@ public final class SagaCoordinator: Sendable {
         self.logger = logger
         self.pool = ConnectionPool(database: sql, limit: configuration.poolSize)
         var floor: UInt64 = 0
+        let maxMarker: SagaID?
         do {
             let conn = try pool.take()
-            try conn.ensureMarkerTable()
-            if let max = try conn.maxMarkerID() { floor = max.rawValue + 1 }
+            // Closed, not pooled, when a check fails: nothing leaks.
+            do {
+                try conn.ensureMarkerTable()
+                maxMarker = try conn.maxMarkerID()
+            } catch {
+                conn.close()
+                throw error
+            }
             pool.giveBack(conn)
         } catch {
             throw .sqlFailed(saga: nil, step: .begin, underlying: error)
+        }
+        if let maxMarker {
+            guard maxMarker.isValid else { throw .sqlFailed(saga: nil, step: .begin, underlying: SagaID.OutOfRange(id: maxMarker, place: "the marker table")) }
+            floor = maxMarker.rawValue + 1
         }
         // One scan of the journal serves the id floor and recovery: nothing else writes
         // records before recovery has run.
@@ -100,7 +129,11 @@ public final class SagaCoordinator: Sendable {
         do {
             journal = try kv.journalEntries()
             for (key, _) in journal {
-                if let id = JournalRecord.saga(fromKey: key) { floor = Swift.max(floor, id.rawValue + 1) }
+                guard let id = JournalRecord.saga(fromKey: key) else { continue }
+                guard id.isValid else {
+                    throw SagaError.journalCorrupt(saga: id, key: key, reason: "saga id \(id.rawValue) is outside 1...\(SagaID.maxValid.rawValue): damaged")
+                }
+                floor = Swift.max(floor, id.rawValue + 1)
             }
             ids = try IDLease(kv: kv, atLeast: floor)
         } catch let e as SagaError {
@@ -146,6 +179,7 @@ public final class SagaCoordinator: Sendable {
         if let reason = state.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
         let id: SagaID
         do { id = try ids.next() } catch {
+            stop("cannot persist the saga id lease: \(error)")
             throw .stopped(reason: "cannot persist the saga id lease: \(error)")
         }
         do {
@@ -185,7 +219,8 @@ public final class SagaCoordinator: Sendable {
         do {
             value = try body(saga)
             saga.ended = true
-            if let lost = saga.lostTransaction { throw SagaError.transactionLost(saga: id, underlying: lost) }
+            // The body may have caught the statement's error: the saga stays poisoned.
+            if let poison = saga.poison { throw poison.error(saga: id) }
             try hook(.body, id)
         } catch {
             saga.ended = true
@@ -203,9 +238,13 @@ public final class SagaCoordinator: Sendable {
                 let pre = try kv.multiGet(keys)
                 let entries = zip(writes, pre).map { JournalRecord.Entry(key: $0.key, preImage: $1, afterImage: $0.image) }
                 let prepared = JournalRecord(saga: id, state: .prepared, entries: entries)
+                let encoded = prepared.encoded()
+                if encoded.count > configuration.maxRecordSize {
+                    throw SagaError.misuse(.sagaTooLarge(size: encoded.count, limit: configuration.maxRecordSize))
+                }
                 var batch = KVWriteBatch()
                 for w in writes { batch.set(w.key, to: w.image) }
-                batch.put(JournalRecord.key(for: id), prepared.encoded(), in: .journal)
+                batch.put(JournalRecord.key(for: id), encoded, in: .journal)
                 try hook(.prepare, id)
                 state.withLock { _ = $0.active.insert(id) }
                 record = prepared
@@ -215,6 +254,10 @@ public final class SagaCoordinator: Sendable {
                 // failed but the record is readable, it landed: compensate below. Otherwise
                 // nothing landed in this process, and if it reaches disk later, recovery on
                 // reopen fences the saga (no marker) and undoes it.
+                if let misuse = error as? SagaError {
+                    abandon(id, conn)
+                    throw misuse
+                }
                 let landed = record != nil && ((try? kv.journalGet(JournalRecord.key(for: id))) ?? nil) != nil
                 if !landed {
                     state.withLock { s in
@@ -257,11 +300,11 @@ public final class SagaCoordinator: Sendable {
 
         case .failed(let error):
             pool.giveBack(conn)
-            log.warning("COMMIT failed: \(error); compensating")
+            log.debug("COMMIT failed: \(error); compensating")
             // Proved failed, so undoing the KV side is right even after an I/O error; but
             // nothing runs on top of a store that failed a write until it is reopened.
             defer { if error.requiresReopen { stop("the SQL database failed I/O at COMMIT of \(id): \(error)") } }
-            let restored = try compensateOrHold(record, phase: .run, log: log)
+            let restored = try compensateOrHold(id, record, phase: .run, log: log)
             throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
 
         case .unknown(let error) where error.requiresReopen:
@@ -270,32 +313,25 @@ public final class SagaCoordinator: Sendable {
             // never fence or continue on top of them in this process.
             conn.close()
             stop("the SQL database failed I/O at COMMIT of \(id): \(error)")
-            if record != nil {
-                state.withLock { _ = $0.inDoubt.insert(id) }
-            } else {
-                locks.releaseAll(id)
-            }
+            end(id, record != nil ? .inDoubt : .abandoned)
             log.error("COMMIT failed with an I/O error: \(error); stopped, recovery after reopening decides")
             throw .inDoubt(saga: id, underlying: error)
 
         case .unknown(let error):
             // Never assume a rollback. Close the failed connection (SQLite recovers its
-            // journal), then decide with a fencing insert on a fresh connection.
-            conn.close()
+            // journal), then decide with a fencing insert on a fresh connection that keeps the
+            // saga's turn at the database (it still holds its keys).
             log.warning("COMMIT outcome unknown: \(error); fencing")
-            switch fence(id, phase: .run) {
+            let fenceConnection = Result { try sql.connect(replacing: conn) }
+            switch fence([id], phase: .run, on: fenceConnection)?[id] {
             case .committed:
                 finishCommitted(id, phase: .run, log: log)
                 return value
             case .aborted:
-                let restored = try compensateOrHold(record, phase: .run, log: log)
+                let restored = try compensateOrHold(id, record, phase: .run, log: log)
                 throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
             case nil:
-                if record != nil {
-                    state.withLock { _ = $0.inDoubt.insert(id) }
-                } else {
-                    locks.releaseAll(id)
-                }
+                end(id, record != nil ? .inDoubt : .abandoned)
                 throw .inDoubt(saga: id, underlying: error)
             }
         }
@@ -307,10 +343,10 @@ public final class SagaCoordinator: Sendable {
     }
 
     private func classifyBodyError(_ error: any Error, saga: Saga) -> SagaError {
-        if let lost = saga.lostTransaction { return .transactionLost(saga: saga.id, underlying: lost) }
+        if let poison = saga.poison { return poison.error(saga: saga.id) }
         if let e = error as? SagaError {
             switch e {
-            case .lockTimeout, .deadlock, .misuse, .transactionLost: return e
+            case .lockTimeout, .deadlock, .misuse, .transactionLost, .transactionEndedByStatement: return e
             default: break
             }
         }
@@ -318,13 +354,45 @@ public final class SagaCoordinator: Sendable {
     }
 
     /// Rolls back a saga that wrote nothing to the KV store, releases its locks and returns the
-    /// connection.
+    /// connection (closed instead when the rollback failed: the server then rolls back).
     private func abandon(_ id: SagaID, _ conn: any SQLConnection) {
         if conn.isInTransaction {
-            do { try conn.rollback() } catch { logger.warning("ROLLBACK of \(id) failed: \(error)") }
+            do { try conn.rollback() } catch {
+                logger.warning("ROLLBACK of \(id) failed: \(error); closing the connection")
+                conn.close()
+            }
         }
         pool.giveBack(conn)
-        locks.releaseAll(id)
+        end(id, .abandoned)
+    }
+
+    /// How a saga leaves the coordinator. Every terminal path goes through ``end(_:_:)``: the
+    /// one place that releases a saga's locks or keeps them.
+    private enum Ending {
+        /// Committed or compensated: locks released, the journal record collected later.
+        case finished
+        /// Prepared and undecided (or not undoable): keys stay locked until recovery.
+        case inDoubt
+        /// Nothing of it is in the KV store: locks released, nothing to collect.
+        case abandoned
+    }
+
+    private func end(_ id: SagaID, _ ending: Ending) {
+        switch ending {
+        case .finished:
+            finish(id)
+        case .inDoubt:
+            state.withLock { s in
+                s.active.insert(id)
+                s.inDoubt.insert(id)
+            }
+        case .abandoned:
+            state.withLock { s in
+                s.active.remove(id)
+                s.inDoubt.remove(id)
+            }
+            locks.releaseAll(id)
+        }
     }
 
     /// Committed. No journal write: the marker row proves the outcome, and garbage collection
@@ -334,7 +402,7 @@ public final class SagaCoordinator: Sendable {
         do { try hook(.committed, id, phase: phase) } catch {
             log.warning("hook failure after COMMIT of \(id) ignored: \(error)")
         }
-        finish(id)
+        end(id, .finished)
     }
 
     private func finish(_ id: SagaID) {
@@ -353,8 +421,13 @@ public final class SagaCoordinator: Sendable {
 
     /// Undoes a failed saga. On success the saga is finished; when compensation cannot be
     /// done, the saga stays prepared, its keys stay locked, and the error says why.
-    private func compensateOrHold(_ record: JournalRecord?, phase: SagaPhase, log: Logger) throws(SagaError) -> Int {
-        guard let record else { return 0 }
+    private func compensateOrHold(_ id: SagaID, _ record: JournalRecord?, phase: SagaPhase, log: Logger) throws(SagaError) -> Int {
+        // Nothing reached the KV store (a saga that only read keys): nothing to undo, but its
+        // locks must go all the same.
+        guard let record else {
+            end(id, .finished)
+            return 0
+        }
         switch compensate([record], phase: phase)[record.saga] {
         case .success(let restored)?:
             return restored
@@ -414,6 +487,9 @@ public final class SagaCoordinator: Sendable {
         }
         if !undone.isEmpty {
             do { try kv.write(batch, sync: true) } catch {
+                // The store may hold part of the batch: nothing runs on top of it until a
+                // reopen lets recovery decide.
+                if !(error is InjectedFault) { stop("the KV store failed the compensating write of \(undone.map { "\($0.0)" }.joined(separator: ", ")): \(error)") }
                 for (id, _) in undone { results[id] = .failure(.compensationFailed(saga: id, underlying: error)) }
                 return hold(results)
             }
@@ -422,7 +498,7 @@ public final class SagaCoordinator: Sendable {
             do { try hook(.compensated, id, phase: phase) } catch {
                 logger.warning("hook failure after compensation of \(id) ignored: \(error)")
             }
-            finish(id)
+            end(id, .finished)
             results[id] = .success(restored)
         }
         if !later.isEmpty { results.merge(compensate(later, phase: phase)) { $1 } }
@@ -431,30 +507,25 @@ public final class SagaCoordinator: Sendable {
 
     /// Keeps every saga that failed to compensate in doubt (its keys stay locked).
     private func hold(_ results: [SagaID: Result<Int, SagaError>]) -> [SagaID: Result<Int, SagaError>] {
-        let failed = results.compactMap { id, r -> SagaID? in if case .failure = r { id } else { nil } }
-        if !failed.isEmpty { state.withLock { s in for id in failed { s.inDoubt.insert(id) } } }
+        for (id, result) in results { if case .failure = result { end(id, .inDoubt) } }
         return results
     }
 
-    /// Decides an unknown outcome with a fencing insert on a fresh connection. nil when the
-    /// database cannot be reached.
-    private func fence(_ id: SagaID, phase: SagaPhase) -> FenceDecision? {
-        fence([id], phase: phase)?[id]
-    }
-
-    /// Fences many sagas in one transaction on a fresh connection. nil when the database
-    /// cannot be reached (or a hook refused): none of them is decided.
-    private func fence(_ ids: [SagaID], phase: SagaPhase) -> [SagaID: FenceDecision]? {
+    /// Fences sagas in one transaction on a fresh connection (or `connection`, opened for the
+    /// purpose). nil when the database cannot be reached (or a hook refused): none of them is
+    /// decided.
+    private func fence(_ ids: [SagaID], phase: SagaPhase, on connection: Result<any SQLConnection, any Error>? = nil) -> [SagaID: FenceDecision]? {
+        let what = ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"
         do {
-            for id in ids { try hook(.resolve, id, phase: phase) }
-            let conn = try sql.connect()
+            let conn = try (connection ?? Result { try sql.connect() }).get()
             defer { conn.close() }
+            for id in ids { try hook(.resolve, id, phase: phase) }
             // One saga: the fencing insert autocommits on its own; many: one transaction.
             let decisions = ids.count == 1 ? [ids[0]: try conn.fence(ids[0])] : try conn.fence(ids)
-            logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"))")
+            logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(what))")
             return decisions
         } catch {
-            logger.warning("cannot resolve \(ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"): \(error)")
+            logger.warning("cannot resolve \(what): \(error)")
             return nil
         }
     }
@@ -613,7 +684,10 @@ public final class SagaCoordinator: Sendable {
                     state.withLock { s in for id in ids { s.recentlyFinished.remove(id) } }
                 } catch {
                     state.withLock { $0.finished.insert(contentsOf: ids, at: 0) }
-                    throw .stopped(reason: "deleting finished journal records failed: \(error)")
+                    let reason = "deleting finished journal records failed: \(error)"
+                    // A failed KV write: the store may hold part of it (see `execute`).
+                    if !(error is InjectedFault) { stop(reason) }
+                    throw .stopped(reason: reason)
                 }
                 state.withLock { $0.markersToDelete.append(contentsOf: ids) }
             }

@@ -8,6 +8,11 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// lost connection...). The saga refused to run further statements or commit a marker.
     /// Nothing was written anywhere. Safe to retry.
     case transactionLost(saga: SagaID, underlying: any Error)
+    /// A statement of the body ended the SQL transaction (`COMMIT`, `ROLLBACK`, DDL with an
+    /// implicit commit): what the saga wrote in SQL before it may already be committed. The
+    /// saga ran no further statement, committed no marker and never wrote the KV side. Not
+    /// retryable: check the SQL side, and do not end the transaction inside a saga.
+    case transactionEndedByStatement(saga: SagaID, statement: String, underlying: (any Error)?)
     /// An SQL step outside the body failed before anything was written (`BEGIN`, opening a
     /// connection). Nothing was written anywhere.
     case sqlFailed(saga: SagaID?, step: SagaStep, underlying: any Error)
@@ -52,6 +57,9 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         case reservedKey(Bytes)
         case keyTooLarge(size: Int, limit: Int)
         case valueTooLarge(size: Int, limit: Int)
+        /// The saga's journal record (every written key with its pre- and after-image) would
+        /// be larger than ``SagaCoordinator/Configuration/maxRecordSize``.
+        case sagaTooLarge(size: Int, limit: Int)
         case closed
         /// A configuration value out of range, named with the reason.
         case invalidConfiguration(String)
@@ -64,6 +72,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             case .reservedKey(let key): "the key \"\(key.debugText)\" is in the reserved journal space (prefix \\x00saga\\x00)"
             case .keyTooLarge(let size, let limit): "a key of \(size) bytes is over the limit of \(limit) bytes"
             case .valueTooLarge(let size, let limit): "a value of \(size) bytes is over the limit of \(limit) bytes"
+            case .sagaTooLarge(let size, let limit): "the saga's journal record (its keys with their pre- and after-images) takes \(size) bytes, over the limit of \(limit) bytes (Configuration.maxRecordSize); split the work into smaller sagas"
             case .closed: "the coordinator is closed"
             case .invalidConfiguration(let why): "invalid configuration: \(why)"
             }
@@ -73,7 +82,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// The saga the error is about, when there is one.
     public var saga: SagaID? {
         switch self {
-        case .bodyFailed(let s, _), .transactionLost(let s, _), .kvWriteFailed(let s, _),
+        case .bodyFailed(let s, _), .transactionLost(let s, _), .kvWriteFailed(let s, _), .transactionEndedByStatement(let s, _, _),
              .commitFailed(let s, _, _), .inDoubt(let s, _), .foreignWrite(let s, _, _, _, _),
              .compensationFailed(let s, _), .lockTimeout(let s, _, _), .deadlock(let s, _, _):
             s
@@ -97,6 +106,8 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             "\(s): the body threw (\(e)); SQL rolled back, KV untouched, nothing written"
         case .transactionLost(let s, let e):
             "\(s): the SQL transaction ended under the saga (\(e)); refused to continue, nothing written"
+        case .transactionEndedByStatement(let s, let statement, let e):
+            "\(s): the statement `\(statement)` ended the SQL transaction\(e.map { " (\($0))" } ?? ""); the saga's SQL writes before it may be committed; KV untouched, no marker; not retryable: check the SQL side and never end the transaction inside a saga"
         case .sqlFailed(let s, let step, let e):
             "\(s.map(String.init(describing:)) ?? "saga"): SQL failed at step '\(step)' (\(e)); nothing written"
         case .kvWriteFailed(let s, let e):

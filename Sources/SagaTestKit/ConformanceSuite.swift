@@ -22,14 +22,23 @@ public enum ConformanceSuite {
         ConformanceCase(name: "recovery compensates an uncommitted prepared saga", run: recoveryCompensatesUncommitted),
         ConformanceCase(name: "recovery is idempotent", run: recoveryIsIdempotent),
         ConformanceCase(name: "an unresolvable outcome stays in doubt until recovery", run: unresolvableOutcomeStaysInDoubt),
-        ConformanceCase(name: "a lost transaction poisons the saga", run: lostTransactionPoisonsSaga),
+        ConformanceCase(name: "a transaction ended under the saga poisons it", run: lostTransactionPoisonsSaga),
         ConformanceCase(name: "saga ids are never reused", run: idsAreNeverReused),
         ConformanceCase(name: "garbage collection deletes journal first, then markers", run: garbageCollectionOrder),
         ConformanceCase(name: "misuse is refused and writes nothing", run: misuseIsRefused),
         ConformanceCase(name: "deadlocks and lock timeouts roll back", run: deadlocksRollBack),
         ConformanceCase(name: "concurrent sagas match a model", run: concurrentSagasMatchModel),
         ConformanceCase(name: "a failure injected at every step leaves the stores agreeing", run: failureAtEveryStep),
-    ]
+        ConformanceCase(name: "a saga that only reads releases its locks when COMMIT fails", run: readOnlyFailedCommitReleasesLocks),
+        ConformanceCase(name: "a statement that ends the transaction poisons the saga", run: statementEndingTransactionPoisons),
+        ConformanceCase(name: "handles that escape the body throw sagaEnded", run: escapedHandlesThrow),
+    ] + pendingCounts.map { n in
+        ConformanceCase(name: "recovery decides \(n) pending saga(s)") { try recoveryDecidesPending($0, count: n) }
+    }
+
+    /// Pending sagas at open, around the chunk sizes of recovery (256 ids a statement, 500 a
+    /// fencing transaction) and at a scale a node reaches with rare garbage collection.
+    public static let pendingCounts = [1, 2, 91, 255, 256, 257, 500, 501, 10_000]
 
     // MARK: Cases
 
@@ -335,7 +344,8 @@ public enum ConformanceSuite {
                 _ = try? saga.sql.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("l2"), .integer(2)])
             }
         }
-        guard case .transactionLost = error else { throw ConformanceFailure(description: "expected transactionLost, got \(error)") }
+        // A statement ended the transaction: the saga cannot know it was a rollback.
+        guard case .transactionEndedByStatement(_, "ROLLBACK", _) = error else { throw ConformanceFailure(description: "expected transactionEndedByStatement, got \(error)") }
         try check(try env.row("l") == nil && env.row("l2") == nil, "no SQL row, not even an autocommitted one")
         try check(try env.kvGet("l") == "l0", "KV untouched")
         try check(try env.markers().isEmpty, "no marker committed")
@@ -527,6 +537,130 @@ public enum ConformanceSuite {
                       "step \(step): committed only where the failure comes after COMMIT (outcome: \(outcome))")
             recovered.close()
         }
+    }
+
+    static func readOnlyFailedCommitReleasesLocks(_ env: any HarnessEnvironment) throws {
+        try env.kvSet([("ro", "r0")])
+        let c = try env.coordinator(.init(lockTimeout: .milliseconds(300)))
+        let error = try expectSagaError {
+            try c.run { saga in
+                _ = try saga.kv.get("ro")  // locks the key, writes nothing
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ro', 1)", [])
+                try env.arrangeCommitFailure(in: saga)
+            }
+        }
+        guard case .commitFailed(_, _, let restored) = error else { throw ConformanceFailure(description: "expected commitFailed, got \(error)") }
+        try check(restored == 0, "nothing to restore")
+        // The retry the error invites must get the lock at once.
+        try c.run { saga in
+            try saga.kv.put("ro", "r1")
+            try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ro', 2)", [])
+        }
+        try check(try env.kvGet("ro") == "r1" && env.row("ro") == 2, "the retry committed")
+        try check(c.inDoubt.isEmpty, "nothing in doubt")
+    }
+
+    static func statementEndingTransactionPoisons(_ env: any HarnessEnvironment) throws {
+        try env.kvSet([("ec", "e0")])
+        let c = try env.coordinator(.init(lockTimeout: .milliseconds(300)))
+        var after: Result<Int, any Error>?
+        let error = try expectSagaError {
+            try c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ec', 1)", [])
+                try saga.kv.put("ec", "e1")
+                _ = try? saga.sql.execute("COMMIT", [])  // the body swallows the error
+                // Would autocommit on its own if it ran:
+                after = Result { try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ec2', 2)", []) }
+            }
+        }
+        guard case .transactionEndedByStatement(_, let statement, _) = error else {
+            throw ConformanceFailure(description: "expected transactionEndedByStatement, got \(error)")
+        }
+        try check(statement == "COMMIT", "names the statement: \(statement)")
+        try check(!error.isRetryable, "not retryable: the SQL part may be committed")
+        try check("\(error)".contains("may be committed"), "says the SQL part may be committed: \(error)")
+        if case .success = after { throw ConformanceFailure(description: "a statement ran after the transaction ended") }
+        try check(try env.row("ec2") == nil, "nothing autocommitted after it")
+        try check(try env.kvGet("ec") == "e0", "KV side never written")
+        try check(try env.markers().isEmpty, "no marker")
+        try check(try env.journal().isEmpty, "no journal record")
+        try c.run { saga in try saga.kv.put("ec", "e2") }  // the lock was released
+        try check(try env.kvGet("ec") == "e2", "the key is free")
+    }
+
+    static func escapedHandlesThrow(_ env: any HarnessEnvironment) throws {
+        let c = try env.coordinator()
+        var kv: SagaKV?
+        var sql: SagaSQL?
+        try c.run { saga in
+            kv = saga.kv
+            sql = saga.sql
+        }
+        for (what, attempt) in [
+            ("kv.put", { () throws in try kv?.put("late", "x") }),
+            ("kv.get", { () throws in _ = try kv?.get("late") }),
+            ("sql.execute", { () throws in _ = try sql?.execute("INSERT INTO saga_test (k, v) VALUES ('late', 1)", []) }),
+        ] {
+            do {
+                try attempt()
+                throw ConformanceFailure(description: "\(what) after the saga ended must throw")
+            } catch SagaError.misuse(.sagaEnded) {}
+        }
+        try check(try env.kvGet("late") == nil && env.row("late") == nil, "nothing written")
+    }
+
+    /// Leaves `count` sagas prepared, as a node killed with garbage collection far off would:
+    /// each wrote key `pN` (pre-image `aN`) and `qN` (absent before); the even ones committed in
+    /// SQL (a row and the marker), the odd ones did not.
+    static func recoveryDecidesPending(_ env: any HarnessEnvironment, count: Int) throws {
+        func key(_ p: String, _ i: Int) -> Bytes { Bytes("\(p)\(i)".utf8) }
+        var before = KVWriteBatch()
+        for i in 0..<count { before.put(key("p", i), key("a", i)) }
+        try env.kv.write(before, sync: true)
+        var batch = KVWriteBatch()
+        for i in 0..<count {
+            let id = SagaID(UInt64(1_000 + i))
+            batch.put(key("p", i), key("b", i))
+            batch.put(key("q", i), key("c", i))
+            let record = JournalRecord(saga: id, state: .prepared, entries: [
+                .init(key: key("p", i), preImage: key("a", i), afterImage: key("b", i)),
+                .init(key: key("q", i), preImage: nil, afterImage: key("c", i)),
+            ])
+            batch.put(JournalRecord.key(for: id), record.encoded(), in: .journal)
+        }
+        try env.kv.write(batch, sync: true)
+        let conn = try env.sql.connect()
+        defer { conn.close() }
+        try conn.begin()
+        for i in stride(from: 0, to: count, by: 2) {
+            try conn.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("p\(i)"), .integer(Int64(i))])
+            try conn.insertMarker(SagaID(UInt64(1_000 + i)))
+        }
+        guard case .committed = conn.commit() else { throw ConformanceFailure(description: "set-up commit failed") }
+
+        let c = try env.coordinator()
+        try check(c.inDoubt.isEmpty, "\(count) pending: nothing left in doubt (\(c.inDoubt.count))")
+        try check(try env.undecided().isEmpty, "\(count) pending: nothing undecided")
+        func state() throws -> [String] {
+            let p = try env.kv.multiGet((0..<count).map { key("p", $0) })
+            let q = try env.kv.multiGet((0..<count).map { key("q", $0) })
+            return zip(p, q).map { "\($0.map { String(decoding: $0, as: UTF8.self) } ?? "-")/\($1.map { String(decoding: $0, as: UTF8.self) } ?? "-")" }
+        }
+        let first = try state()
+        let rows = Set(try env.sqlQuery("SELECT k FROM saga_test").compactMap { $0[0].string })
+        for i in 0..<count {
+            let committed = i % 2 == 0
+            try check(rows.contains("p\(i)") == committed, "saga \(i): SQL row \(committed ? "kept" : "absent")")
+            let expected = committed ? "b\(i)/c\(i)" : "a\(i)/-"
+            try check(first[i] == expected, "saga \(i) of \(count): KV \(first[i]), expected \(expected)")
+        }
+        let again = try c.recover()
+        try check(again.committed.isEmpty && again.compensated.isEmpty && again.isClean, "a second recovery finds nothing: \(again)")
+        c.close()
+        try env.reopen()
+        let reopened = try env.coordinator()
+        try check(reopened.inDoubt.isEmpty && (try state()) == first, "reopening changes nothing")
+        reopened.close()
     }
 
     final class Results: @unchecked Sendable {

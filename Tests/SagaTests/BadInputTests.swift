@@ -108,9 +108,13 @@ struct BadInputTests {
         let env = try SQLiteEnvironment()
         defer { env.destroy() }
         for (config, words) in [
-            (SagaCoordinator.Configuration(gcThreshold: 0), "gcThreshold must be at least 1"),
+            (SagaCoordinator.Configuration(gcThreshold: 0), "gcThreshold must be between 1 and"),
+            (SagaCoordinator.Configuration(gcThreshold: Int.max), "gcThreshold must be between 1 and"),
             (SagaCoordinator.Configuration(lockTimeout: .zero), "lockTimeout must be positive"),
-            (SagaCoordinator.Configuration(poolSize: -1), "poolSize must be 0 or more"),
+            // Accepted before, and the first lock wait crashed inside NSCondition.wait(until:).
+            (SagaCoordinator.Configuration(lockTimeout: .seconds(10_000_000_000)), "lockTimeout must be positive and at most"),
+            (SagaCoordinator.Configuration(poolSize: -1), "poolSize must be between 0 and"),
+            (SagaCoordinator.Configuration(maxRecordSize: 5 << 30), "maxRecordSize must be between"),
         ] {
             let error = try expectSagaError { try env.coordinator(config) }
             guard case .misuse(.invalidConfiguration) = error else { Issue.record("got \(error)"); continue }
@@ -163,5 +167,195 @@ struct BadInputTests {
             #expect(error.map { "\($0)" }?.contains(words) == true, "\(url): \(String(describing: error))")
             #expect(error.map { "\($0)" }?.contains(":p@") == false, "the password is not echoed")
         }
+    }
+
+    /// synchronous=NORMAL in WAL mode skips the fsync at COMMIT: a power cut can take back an
+    /// acknowledged COMMIT, and recovery would then undo a saga reported committed.
+    @Test func sqliteSynchronousNormalIsRefused() throws {
+        let dir = try SQLiteEnvironment.makeTempDir("sync")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var config = SQLiteDatabase.Configuration()
+        config.synchronous = .normal
+        let error = #expect(throws: SQLiteUsageError.self) { try SQLiteDatabase(path: dir + "/db.sqlite", configuration: config) }
+        #expect(error.map { "\($0)" }?.contains("synchronous NORMAL can lose an acknowledged COMMIT") == true, "\(String(describing: error))")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/db.sqlite"), "created nothing")
+    }
+
+    /// A busy timeout SQLite cannot take (over Int32.max ms, about 24.8 days) crashed at connect.
+    @Test func backendTimeoutsOutOfRangeAreNamed() throws {
+        let dir = try SQLiteEnvironment.makeTempDir("busy")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for timeout in [Duration.seconds(30 * 24 * 3600), .milliseconds(-1)] {
+            var config = SQLiteDatabase.Configuration()
+            config.busyTimeout = timeout
+            let error = #expect(throws: SQLiteUsageError.self) { try SQLiteDatabase(path: dir + "/db.sqlite", configuration: config) }
+            #expect(error.map { "\($0)" }?.contains("busyTimeout must be between 0 and") == true, "\(String(describing: error))")
+        }
+        for (connect, read) in [(Duration.milliseconds(500), Duration.seconds(5)), (.seconds(5), .seconds(Int64(UInt32.max) + 10))] {
+            var config = MySQLDatabase.Configuration()
+            config.connectTimeout = connect
+            config.readTimeout = read
+            let error = #expect(throws: MySQLUsageError.self) { try MySQLDatabase(url: "mysql://u:p@127.0.0.1:1/db", configuration: config) }
+            #expect(error.map { "\($0)" }?.contains("must be between 1 s and 24 h") == true, "\(String(describing: error))")
+        }
+    }
+
+    /// A saga whose journal record would be over the limit is refused at prepare: nothing is
+    /// written, not even its valid writes. (RocksDB drops a record of 4 GiB or more from the
+    /// batch without an error: the forward writes would land without their undo record.)
+    @Test func aSagaOverTheRecordLimitWritesNothing() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        try env.kvSet([("old0", "x")])
+        let c = try env.coordinator(.init(lockTimeout: .milliseconds(200), maxRecordSize: 64 << 10))
+        let value = String(repeating: "v", count: 20 << 10)
+        let error = try expectSagaError {
+            try c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('big', 1)", [])
+                try saga.kv.delete("old0")
+                for i in 0..<4 { try saga.kv.put("big\(i)", value) }
+            }
+        }
+        guard case .misuse(.sagaTooLarge(let size, 65_536)) = error, size > 80 << 10 else { Issue.record("expected sagaTooLarge, got \(error)"); return }
+        #expect("\(error)".contains("over the limit of 65536 bytes"), "\(error)")
+        #expect(try env.row("big") == nil && env.kvGet("big0") == nil && env.kvGet("old0") == "x", "nothing written")
+        #expect(try env.journal().isEmpty && env.markers().isEmpty)
+        try c.run { saga in try saga.kv.put("big0", "small") }  // locks released
+        #expect(try env.kvGet("big0") == "small")
+    }
+
+    /// The RocksDB C API throws away the status of a refused put (a value of 4 GiB or more):
+    /// the store must refuse the whole batch rather than write it without that operation.
+    @Test func aRocksDBBatchMissingAnOperationIsNotWritten() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        let size = Int(UInt32.max) + 1
+        // Never touched: RocksDB checks the length before it copies anything, so the pages of
+        // this allocation are never faulted in.
+        let huge = Bytes(unsafeUninitializedCapacity: size) { _, count in count = size }
+        var batch = KVWriteBatch()
+        batch.put(Bytes("before".utf8), Bytes("1".utf8))
+        batch.put(Bytes("huge".utf8), huge)
+        batch.put(Bytes("record".utf8), Bytes("2".utf8), in: .journal)
+        let error = #expect(throws: RocksDBError.self) { try env.kv.write(batch, sync: true) }
+        #expect(error.map { "\($0)" }?.contains("holds 2 of its 3 operations") == true, "\(String(describing: error))")
+        #expect(try env.kvGet("before") == nil && env.kv.journalGet(Bytes("record".utf8)) == nil, "nothing written")
+    }
+
+    /// Ids at the edge of the range are damage, reported as such, never a crash at open.
+    @Test func sagaIDsOutOfRangeAreReportedAsDamage() throws {
+        do {
+            let env = try SQLiteEnvironment()
+            defer { env.destroy() }
+            var batch = KVWriteBatch()
+            batch.put(JournalRecord.key(for: SagaID(UInt64.max)), JournalRecord(saga: SagaID(UInt64.max), state: .compensated).encoded(), in: .journal)
+            try env.kv.write(batch, sync: true)
+            let error = try expectSagaError { try env.coordinator() }
+            guard case .journalCorrupt = error else { Issue.record("expected journalCorrupt, got \(error)"); return }
+            #expect("\(error)".contains("18446744073709551615"), "\(error)")
+        }
+        do {
+            let env = try SQLiteEnvironment()
+            defer { env.destroy() }
+            try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (-1, 'committed')")
+            let error = try expectSagaError { try env.coordinator() }
+            #expect("\(error)".contains("holds saga id -1, outside 1...9223372036854775807"), "\(error)")
+        }
+        do {
+            // The last id a marker can name leaves no id to hand out: refused, not wrapped.
+            let env = try SQLiteEnvironment()
+            defer { env.destroy() }
+            try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (?, 'committed')", [.integer(Int64.max)])
+            let error = try expectSagaError { try env.coordinator() }
+            #expect("\(error)".contains("exhausted"), "\(error)")
+        }
+    }
+
+    /// The id ceiling carries a checksum: a flipped bit is damage, not a new ceiling.
+    @Test func aDamagedIDCeilingIsReported() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        _ = try env.coordinator()
+        var raw = try #require(try env.kv.journalGet(IDLease.ceilingKey))
+        #expect(raw.count == 12, "ceiling and CRC-32C")
+        raw[3] ^= 0x10
+        var batch = KVWriteBatch()
+        batch.put(IDLease.ceilingKey, raw, in: .journal)
+        try env.kv.write(batch, sync: true)
+        let error = try expectSagaError { try env.coordinator() }
+        guard case .journalCorrupt(_, _, let reason) = error else { Issue.record("expected journalCorrupt, got \(error)"); return }
+        #expect(reason.contains("checksum"), "\(reason)")
+        // The 8-byte form of earlier versions is still read.
+        var legacy = KVWriteBatch()
+        legacy.put(IDLease.ceilingKey, [0, 0, 0, 0, 0, 1, 0, 0], in: .journal)
+        try env.kv.write(legacy, sync: true)
+        let c = try env.coordinator()
+        #expect(try c.run { $0.id }.rawValue >= 65_536)
+    }
+
+    /// When the marker-table check fails at open, the connection taken for it is closed, not
+    /// leaked.
+    @Test func aFailedOpenClosesItsConnection() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        // A marker table that is not Saga's: reading the largest id fails.
+        try env.sqlExecute("DROP TABLE saga_markers")
+        try env.sqlExecute("CREATE TABLE saga_markers (something_else INTEGER)")
+        let counting = CountingDatabase(env.sqlite)
+        let error = try expectSagaError { try SagaCoordinator(kv: env.kv, sql: counting) }
+        #expect("\(error)".contains("saga_id"), "\(error)")
+        #expect(counting.opened >= 1 && counting.open == 0, "every connection closed: \(counting.open) of \(counting.opened) left open")
+        // A check that fails after the connection went back to the pool: the pool is closed.
+        try env.sqlExecute("DROP TABLE saga_markers")
+        try env.sqlExecute("CREATE TABLE saga_markers (saga_id INTEGER PRIMARY KEY, status TEXT)")
+        try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (-1, 'committed')")
+        _ = try expectSagaError { try SagaCoordinator(kv: env.kv, sql: counting) }
+        #expect(counting.open == 0, "every connection closed: \(counting.open) of \(counting.opened) left open")
+    }
+}
+
+/// A real SQLite database whose connections are counted while open.
+final class CountingDatabase: SQLDatabase, @unchecked Sendable {
+    private let base: SQLiteDatabase
+    private let lock = NSLock()
+    private var openCount = 0
+    private var openedCount = 0
+    init(_ base: SQLiteDatabase) { self.base = base }
+    var open: Int { lock.withLock { openCount } }
+    var opened: Int { lock.withLock { openedCount } }
+
+    func connect() throws -> any SQLConnection {
+        let conn = try base.openConnection()
+        lock.withLock { openCount += 1; openedCount += 1 }
+        return CountedConnection(conn) { [weak self] in self?.lock.withLock { self?.openCount -= 1 } }
+    }
+}
+
+/// Forwards every call to a real connection and reports its close, once.
+final class CountedConnection: SQLConnection {
+    private let base: any SQLConnection
+    private var onClose: (() -> Void)?
+    init(_ base: any SQLConnection, onClose: @escaping () -> Void) { self.base = base; self.onClose = onClose }
+
+    func execute(_ sql: String, _ arguments: [SQLValue]) throws -> Int { try base.execute(sql, arguments) }
+    func query(_ sql: String, _ arguments: [SQLValue]) throws -> [SQLRow] { try base.query(sql, arguments) }
+    func ensureMarkerTable() throws { try base.ensureMarkerTable() }
+    func begin() throws { try base.begin() }
+    func rollback() throws { try base.rollback() }
+    func commit() -> CommitResult { base.commit() }
+    var isInTransaction: Bool { base.isInTransaction }
+    var isBroken: Bool { base.isBroken }
+    func transactionState(after error: any Error) -> TransactionState { base.transactionState(after: error) }
+    func insertMarker(_ id: SagaID) throws { try base.insertMarker(id) }
+    func commit(insertingMarker id: SagaID) -> CommitResult { base.commit(insertingMarker: id) }
+    func fence(_ id: SagaID) throws -> FenceDecision { try base.fence(id) }
+    func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] { try base.fence(ids) }
+    func markerIDs() throws -> [SagaID] { try base.markerIDs() }
+    func maxMarkerID() throws -> SagaID? { try base.maxMarkerID() }
+    func deleteMarkers(_ ids: [SagaID]) throws { try base.deleteMarkers(ids) }
+    func close() {
+        base.close()
+        onClose?()
+        onClose = nil
     }
 }

@@ -98,6 +98,131 @@ struct RealFailureTests {
         #expect(try env.row("f") == nil && env.kvGet("f") == "f0", "both stores as before")
     }
 
+    /// An unknown outcome on SQLite while another saga is queued for the database: the failed
+    /// connection is closed, the queued saga gets the database and waits for one of the first
+    /// saga's keys. The fence must not queue behind it (it used to: both waited until a timeout,
+    /// and the first saga was left in doubt with the database reachable).
+    @Test func aFenceKeepsTheSagasTurnAtTheDatabase() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        try env.kvSet([("g", "g0")])
+        let second = SecondSagaAtCommit(pathPrefix: env.sqlitePath)
+        let c = try env.coordinator(.init(lockTimeout: .seconds(5), hooks: second))
+        second.coordinator = c
+        let start = ContinuousClock.now
+        let error = try expectSagaError {
+            try c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('g', 1)", [])
+                try saga.kv.put("g", "g1")
+            }
+        }
+        let elapsed = ContinuousClock.now - start
+        SQLiteFaults.disarm()
+        second.done.wait()
+        guard case .commitFailed(_, let underlying, 1) = error else { Issue.record("expected commitFailed with one key restored, got \(error)"); return }
+        #expect((underlying as? SQLiteError)?.primaryCode == 13, "SQLITE_FULL at COMMIT: \(underlying)")
+        #expect(elapsed < .seconds(3), "decided at once, not after a timeout: \(elapsed)")
+        #expect(second.result == "ok", "the queued saga then committed: \(second.result ?? "nil")")
+        #expect(try env.kvGet("g") == "g2" && env.row("g") == 2)
+        #expect(c.inDoubt.isEmpty)
+    }
+
+    /// At the first saga's COMMIT: starts a second saga (it queues for the database, then
+    /// wants key `g`), then makes the COMMIT fail with SQLITE_FULL (SQLite ends the
+    /// transaction itself: unknown outcome, fenced).
+    final class SecondSagaAtCommit: SagaHooks, @unchecked Sendable {
+        let pathPrefix: String
+        let done = DispatchSemaphore(value: 0)
+        private let lock = NSLock()
+        private var started = false
+        private var outcome: String?
+        nonisolated(unsafe) weak var coordinator: SagaCoordinator?
+        init(pathPrefix: String) { self.pathPrefix = pathPrefix }
+        var result: String? { lock.withLock { outcome } }
+
+        func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
+            if step == .resolve { SQLiteFaults.disarm() }
+            guard step == .commit, let c = coordinator, lock.withLock({ () -> Bool in defer { started = true }; return !started }) else { return }
+            Thread.detachNewThread { [self] in
+                let r: String
+                do {
+                    try c.run { saga in
+                        _ = try saga.kv.get("g")
+                        try saga.kv.put("g", "g2")
+                        try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('g', 2)", [])
+                    }
+                    r = "ok"
+                } catch {
+                    r = "\(error)"
+                }
+                lock.withLock { outcome = r }
+                done.signal()
+            }
+            Thread.sleep(forTimeInterval: 0.3)  // the second saga is queued for the database
+            SQLiteFaults.arm(.diskFull, persistent: true, pathPrefix: pathPrefix)
+        }
+    }
+
+    /// The compensating batch fails to sync: the store may hold part of it, so the coordinator
+    /// stops (it went on before), and recovery after reopening finishes the compensation.
+    @Test func aFailedCompensationWriteStopsTheCoordinator() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        try env.kvSet([("cw", "c0")])
+        var c: SagaCoordinator? = try env.coordinator(.init(hooks: FailKVSyncAt(step: .compensate, kvDir: env.dir + "/kv/")))
+        let error = try expectSagaError {
+            try c?.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('cw', 1)", [])
+                try saga.kv.put("cw", "c1")
+                try env.arrangeCommitFailure(in: saga)
+            }
+        }
+        saga_fault_fsync_disarm()
+        guard case .compensationFailed = error else { Issue.record("expected compensationFailed, got \(error)"); return }
+        let next = try expectSagaError { try c?.run { saga in try saga.kv.put("other", "x") } }
+        guard case .stopped(let reason) = next else { Issue.record("expected stopped, got \(next)"); return }
+        #expect(reason.contains("compensating write"), "\(reason)")
+        c = nil
+        try env.reopen()
+        c = try env.coordinator()
+        #expect(try env.kvGet("cw") == "c0" && env.row("cw") == nil, "recovery finished the compensation")
+        #expect(c?.inDoubt.isEmpty == true)
+    }
+
+    /// Deleting finished journal records fails to sync: the coordinator stops, as for any
+    /// failed KV write.
+    @Test func aFailedGCJournalWriteStopsTheCoordinator() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        var c: SagaCoordinator? = try env.coordinator(.init(hooks: FailKVSyncAt(step: .gcJournal, kvDir: env.dir + "/kv/"), gcThreshold: 1))
+        try c?.run { saga in
+            try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('gc', 1)", [])
+            try saga.kv.put("gc", "g1")
+        }
+        saga_fault_fsync_disarm()
+        let next = try expectSagaError { try c?.run { saga in try saga.kv.put("other", "x") } }
+        guard case .stopped(let reason) = next else { Issue.record("expected stopped, got \(next)"); return }
+        #expect(reason.contains("journal records"), "\(reason)")
+        c = nil
+        try env.reopen()
+        c = try env.coordinator()
+        #expect(try env.kvGet("gc") == "g1" && env.row("gc") == 1, "the committed saga stays")
+        #expect(try env.undecided().isEmpty)
+    }
+
+    /// Arms the fsync interposer for the RocksDB directory when a step is reached (once).
+    final class FailKVSyncAt: SagaHooks, @unchecked Sendable {
+        let step: SagaStep
+        let kvDir: String
+        private let lock = NSLock()
+        private var fired = false
+        init(step: SagaStep, kvDir: String) { self.step = step; self.kvDir = kvDir }
+        func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
+            guard step == self.step, lock.withLock({ () -> Bool in defer { fired = true }; return !fired }) else { return }
+            saga_fault_fsync_arm(kvDir, 1, 1)
+        }
+    }
+
     struct FullDiskAtCommit: SagaHooks {
         let pathPrefix: String
         func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {

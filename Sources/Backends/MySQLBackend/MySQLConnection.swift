@@ -21,6 +21,8 @@ public final class MySQLConnection: SQLConnection {
     private var lost = false
     /// The server ended our transaction (deadlock victim, rollback on timeout).
     private var transactionGone = false
+    /// The server could not say whether a transaction is open: never reuse the connection.
+    private var stateUnknown = false
 
     init(url: MySQLURL, configuration: MySQLDatabase.Configuration) throws {
         guard MySQLLibrary.initialized else {
@@ -281,7 +283,7 @@ public final class MySQLConnection: SQLConnection {
         return (handle.pointee.server_status & UInt32(SERVER_STATUS_IN_TRANS)) != 0
     }
 
-    public var isBroken: Bool { handle == nil || lost }
+    public var isBroken: Bool { handle == nil || lost || stateUnknown }
 
     public func begin() throws {
         transactionGone = false
@@ -353,16 +355,27 @@ public final class MySQLConnection: SQLConnection {
         return v != 0
     }
 
-    /// After a failed statement: did the server end the transaction? A lost connection or a
-    /// deadlock always does; for anything else (a lock wait timeout with
-    /// `innodb_rollback_on_timeout`...), the server is asked. When it cannot tell: ended.
-    public func transactionEnded(by error: any Error) -> Bool {
-        if lost || transactionGone { return true }
-        guard let e = error as? MySQLError else { return !isInTransaction }
-        if e.isConnectionLost || e.code == MySQLError.deadlock { return true }
-        let open = serverSaysInTransaction()
-        if open != true { transactionGone = true }
-        return open != true
+    /// After a failed statement: is the transaction still open? A deadlock or a lock wait
+    /// timeout that ended it rolled it back; a lost connection did too, unless the statement
+    /// could commit (`COMMIT`, DDL). Anything else that ended the transaction is DDL whose
+    /// implicit commit ran before it failed: maybe committed. When the server cannot say,
+    /// the connection is marked broken, so it is closed (the server then rolls back), never
+    /// pooled with a transaction open.
+    public func transactionState(after error: any Error) -> TransactionState {
+        // Refused before it reached the server (wrong number of arguments...): nothing changed.
+        guard let statement = (error as? MySQLError)?.context else { return isInTransaction ? .open : .rolledBack }
+        if lost {
+            return TransactionState.statementMayCommit(statement) ? .mayBeCommitted : .rolledBack
+        }
+        if transactionGone { return .rolledBack }
+        guard let open = serverSaysInTransaction() else {
+            stateUnknown = true
+            return TransactionState.statementMayCommit(statement) ? .mayBeCommitted : .rolledBack
+        }
+        if open { return .open }
+        transactionGone = true
+        let code = (error as? MySQLError)?.code
+        return code == MySQLError.deadlock || code == MySQLError.lockWaitTimeout ? .rolledBack : .mayBeCommitted
     }
 
     // MARK: Markers

@@ -13,6 +13,20 @@ public final class MySQLDatabase: SQLDatabase {
         /// The marker table's name: letters, digits and underscores.
         public var markerTable = "saga_markers"
         public init() {}
+
+        /// The client library takes whole seconds, as a 32-bit count.
+        static let timeoutRange: ClosedRange<Duration> = .seconds(1) ... .seconds(24 * 3600)
+
+        /// What is wrong with the values, if anything.
+        var problem: String? {
+            if !MarkerTable.isValidName(markerTable) {
+                return "invalid marker table name \"\(markerTable)\": use letters, digits and underscores"
+            }
+            for (name, value) in [("connectTimeout", connectTimeout), ("readTimeout", readTimeout)] where !Self.timeoutRange.contains(value) {
+                return "\(name) must be between 1 s and 24 h (whole seconds), not \(value)"
+            }
+            return nil
+        }
     }
 
     public let url: MySQLURL
@@ -23,9 +37,7 @@ public final class MySQLDatabase: SQLDatabase {
     }
 
     public init(url: MySQLURL, configuration: Configuration = Configuration()) throws {
-        guard MarkerTable.isValidName(configuration.markerTable) else {
-            throw MySQLUsageError(description: "invalid marker table name \"\(configuration.markerTable)\": use letters, digits and underscores")
-        }
+        if let problem = configuration.problem { throw MySQLUsageError(description: problem) }
         self.url = url
         self.configuration = configuration
         let conn = try MySQLConnection(url: url, configuration: configuration)

@@ -202,6 +202,12 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
                     }
                 }
             }
+            // The C API drops the status of a refused put or delete (a key or value of 4 GiB or
+            // more): a batch missing an operation must never be written.
+            let held = Int(rocksdb_writebatch_count(wb))
+            guard held == batch.operations.count else {
+                throw RocksDBError.write(path: path, message: "the write batch holds \(held) of its \(batch.operations.count) operations (RocksDB refused one: a key or value of 4 GiB or more?); nothing was written")
+            }
             var err: UnsafeMutablePointer<CChar>?
             rocksdb_write(db, sync ? syncWrite : asyncWrite, wb, &err)
             if let err {

@@ -30,7 +30,7 @@ public final class SQLiteConnection: SQLConnection {
         }
         handle = db
         sqlite3_extended_result_codes(db, 1)
-        sqlite3_busy_timeout(db, Int32(configuration.busyTimeout.components.seconds * 1000 + configuration.busyTimeout.components.attoseconds / 1_000_000_000_000_000))
+        sqlite3_busy_timeout(db, configuration.busyTimeoutMilliseconds)
         do {
             let mode = try query("PRAGMA journal_mode=\(configuration.journalMode.rawValue)", []).first?[0].string ?? ""
             if mode.lowercased() != configuration.journalMode.rawValue.lowercased() {
@@ -105,10 +105,25 @@ public final class SQLiteConnection: SQLConnection {
     }
 
     /// Runs a statement to completion, calling `row` for each result row.
-    private func run(_ sql: String, _ arguments: [SQLValue], row: ((OpaquePointer) -> Void)? = nil) throws {
-        // However the transaction ended (COMMIT, ROLLBACK, or SQLite rolling back by itself
-        // after an error), the next writer may go.
-        defer { if holdsGate, !isInTransaction { releaseGate() } }
+    /// - Parameter keepGateOnError: after a failed statement that ended the transaction, keep
+    ///   the writer gate (see ``commit()``).
+    private func run(_ sql: String, _ arguments: [SQLValue], keepGateOnError: Bool = false, row: ((OpaquePointer) -> Void)? = nil) throws {
+        do {
+            try step(sql, arguments, row: row)
+        } catch {
+            if !keepGateOnError { releaseGateAfterTransaction() }
+            throw error
+        }
+        releaseGateAfterTransaction()
+    }
+
+    /// However the transaction ended (COMMIT, ROLLBACK, or SQLite rolling back by itself after
+    /// an error), the next writer may go.
+    private func releaseGateAfterTransaction() {
+        if holdsGate, !isInTransaction { releaseGate() }
+    }
+
+    private func step(_ sql: String, _ arguments: [SQLValue], row: ((OpaquePointer) -> Void)?) throws {
         let stmt = try statement(sql)
         defer {
             sqlite3_reset(stmt)
@@ -186,9 +201,13 @@ public final class SQLiteConnection: SQLConnection {
         try execute("ROLLBACK", [])
     }
 
+    /// When COMMIT fails and SQLite has ended the transaction (an unknown outcome), the
+    /// connection keeps the writer gate: the saga still holds its keys, and the fence that
+    /// decides it must not queue behind a writer that waits for them. The gate goes with
+    /// ``close()`` or to the fencing connection (``SQLiteDatabase/connect(replacing:)``).
     public func commit() -> CommitResult {
         do {
-            try execute("COMMIT", [])
+            try run("COMMIT", [], keepGateOnError: true)
             return .committed
         } catch {
             // Still open (deferred constraint, SQLITE_BUSY): the database proves it did not
@@ -202,8 +221,20 @@ public final class SQLiteConnection: SQLConnection {
         }
     }
 
-    public func transactionEnded(by error: any Error) -> Bool {
-        !isInTransaction
+    /// SQLite ends a transaction after an error only by rolling it back, unless the failed
+    /// statement was itself the one that commits.
+    public func transactionState(after error: any Error) -> TransactionState {
+        if isInTransaction { return .open }
+        if let e = error as? SQLiteError, let sql = e.sql, TransactionState.statementMayCommit(sql) { return .mayBeCommitted }
+        return .rolledBack
+    }
+
+    /// Hands this connection's place at the writer gate to `successor` (see
+    /// ``SQLiteDatabase/connect(replacing:)``).
+    func handGate(to successor: SQLiteConnection) {
+        guard holdsGate, successor.gate === gate else { return }
+        holdsGate = false
+        successor.holdsGate = true
     }
 
     // MARK: Markers

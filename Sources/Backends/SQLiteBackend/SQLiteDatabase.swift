@@ -20,6 +20,29 @@ public final class SQLiteDatabase: SQLDatabase {
         /// The marker table's name: letters, digits and underscores.
         public var markerTable = "saga_markers"
         public init() {}
+
+        /// What is wrong with the values, if anything.
+        var problem: String? {
+            if !MarkerTable.isValidName(markerTable) {
+                return "invalid marker table name \"\(markerTable)\": use letters, digits and underscores"
+            }
+            // synchronous=NORMAL skips the fsync at COMMIT in WAL mode: a power loss can take
+            // back a COMMIT that was acknowledged, and recovery would then undo a saga its
+            // caller was told had committed.
+            if synchronous == .normal {
+                return "synchronous NORMAL can lose an acknowledged COMMIT at power loss; use FULL or EXTRA"
+            }
+            let milliseconds = busyTimeout.components.seconds * 1000 + busyTimeout.components.attoseconds / 1_000_000_000_000_000
+            if busyTimeout < .zero || milliseconds > Int64(Int32.max) {
+                return "busyTimeout must be between 0 and \(Int32.max) ms (SQLite takes a 32-bit count), not \(busyTimeout)"
+            }
+            return nil
+        }
+
+        /// The busy timeout in SQLite's unit, once ``problem`` is nil.
+        var busyTimeoutMilliseconds: Int32 {
+            Int32(busyTimeout.components.seconds * 1000 + busyTimeout.components.attoseconds / 1_000_000_000_000_000)
+        }
     }
 
     public let path: String
@@ -30,9 +53,7 @@ public final class SQLiteDatabase: SQLDatabase {
     /// Opens (creating if needed) the database and its marker table; throws ``SQLiteError``
     /// naming the file if it cannot be opened or is not a database.
     public init(path: String, configuration: Configuration = Configuration()) throws {
-        guard MarkerTable.isValidName(configuration.markerTable) else {
-            throw SQLiteUsageError(description: "invalid marker table name \"\(configuration.markerTable)\": use letters, digits and underscores")
-        }
+        if let problem = configuration.problem { throw SQLiteUsageError(description: "\(path): \(problem)") }
         self.path = path
         self.configuration = configuration
         let conn = try SQLiteConnection(path: path, configuration: configuration)
@@ -41,6 +62,26 @@ public final class SQLiteDatabase: SQLDatabase {
     }
 
     public func connect() throws -> any SQLConnection { try openConnection() }
+
+    /// Closes `failed` (so that SQLite recovers what it left in the WAL or journal) and opens
+    /// a new connection that keeps `failed`'s place at the writer gate: a writer queued behind
+    /// the saga may be waiting for one of its keys, so the fence must not queue behind it.
+    public func connect(replacing failed: any SQLConnection) throws -> any SQLConnection {
+        guard let old = failed as? SQLiteConnection else {
+            failed.close()
+            return try connect()
+        }
+        let successor: SQLiteConnection
+        do {
+            successor = try SQLiteConnection(path: path, configuration: configuration, gate: gate)
+        } catch {
+            old.close()
+            throw error
+        }
+        old.handGate(to: successor)
+        old.close()
+        return successor
+    }
 
     /// A connection of the concrete type, for work outside sagas (schema set-up, reads).
     public func openConnection() throws -> SQLiteConnection {
