@@ -81,10 +81,3 @@ final class KeyLocks: @unchecked Sendable {
         return held[saga] ?? []
     }
 }
-
-extension Duration {
-    var seconds: Double {
-        let (s, atto) = components
-        return Double(s) + Double(atto) / 1e18
-    }
-}

@@ -10,6 +10,31 @@ import Testing
 struct MySQLFailureTests {
     /// `KILL CONNECTION` from another session right before COMMIT: COMMIT fails (2013/2006),
     /// the fencing insert finds the transaction rolled back, the KV writes are undone.
+    /// DDL commits the open transaction implicitly (even when the DDL itself then fails): what
+    /// the saga wrote before may be committed. The saga is poisoned with an error that says so,
+    /// never reported "nothing written", and its KV side is never written.
+    @Test(arguments: ["CREATE TABLE ddl_probe (x INT)", "CREATE TABLE saga_test (x INT)"])
+    func ddlInTheBodyPoisonsTheSaga(_ ddl: String) throws {
+        let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        try env.kvSet([("ddl", "d0")])
+        let c = try env.coordinator(.init(lockTimeout: .milliseconds(300)))
+        let error = try expectSagaError {
+            try c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ddl', 1)", [])
+                try saga.kv.put("ddl", "d1")
+                _ = try? saga.sql.execute(ddl, [])
+            }
+        }
+        guard case .transactionEndedByStatement(_, let statement, _) = error else { Issue.record("expected transactionEndedByStatement, got \(error)"); return }
+        #expect(statement == ddl)
+        #expect(!error.isRetryable)
+        // The implicit commit took the saga's SQL write with it; the KV side must not follow it.
+        #expect(try env.row("ddl") == 1, "the implicit commit committed the row")
+        #expect(try env.kvGet("ddl") == "d0", "KV never written")
+        #expect(try env.markers().isEmpty && env.journal().isEmpty)
+    }
+
     @Test func killedConnectionAtCommitIsCompensated() throws {
         let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())
         defer { env.destroy() }

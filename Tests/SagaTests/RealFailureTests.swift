@@ -141,7 +141,12 @@ struct RealFailureTests {
         var result: String? { lock.withLock { outcome } }
 
         func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
-            if step == .resolve { SQLiteFaults.disarm() }
+            if step == .resolve {
+                SQLiteFaults.disarm()
+                // The writer queued behind the failed COMMIT gets every chance to take the
+                // database before the fence (it did, before the fence kept the saga's turn).
+                Thread.sleep(forTimeInterval: 0.3)
+            }
             guard step == .commit, let c = coordinator, lock.withLock({ () -> Bool in defer { started = true }; return !started }) else { return }
             Thread.detachNewThread { [self] in
                 let r: String
