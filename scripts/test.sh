@@ -34,3 +34,6 @@ timeout 1200 .build/debug/saga-torture --short --json .build/saga-torture.json
 
 echo "==> the test suite again under ThreadSanitizer"
 bash scripts/tsan.sh
+
+echo "==> the test suite again under AddressSanitizer"
+bash scripts/asan.sh

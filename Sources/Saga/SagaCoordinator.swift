@@ -300,7 +300,7 @@ public final class SagaCoordinator: Sendable {
 
         case .failed(let error):
             pool.giveBack(conn)
-            log.debug("COMMIT failed: \(error); compensating")
+            log.warning("COMMIT failed: \(error); compensating")
             // Proved failed, so undoing the KV side is right even after an I/O error; but
             // nothing runs on top of a store that failed a write until it is reopened.
             defer { if error.requiresReopen { stop("the SQL database failed I/O at COMMIT of \(id): \(error)") } }
