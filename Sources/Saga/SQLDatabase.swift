@@ -146,8 +146,25 @@ extension TransactionState {
     /// reads and DML (`COMMIT`, `END`, `SET autocommit`, DDL with an implicit commit...).
     /// Used to judge a statement that failed in a way that hides what it did.
     public static func statementMayCommit(_ sql: String) -> Bool {
-        let head = sql.drop { $0.isWhitespace || $0 == "(" }.prefix { $0.isLetter }.uppercased()
-        return !["SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES"].contains(head)
+        !["SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES"].contains(keywords(sql, 1).first ?? "")
+    }
+
+    /// Whether a statement plainly starts or ends a transaction (`BEGIN`, `START TRANSACTION`,
+    /// `COMMIT`, `END`, `ROLLBACK` but not `ROLLBACK TO`): a saga refuses it before it runs.
+    /// (On MySQL a `BEGIN` inside a transaction commits it and opens another, which no check
+    /// afterwards could see.)
+    public static func statementControlsTransaction(_ sql: String) -> Bool {
+        let words = keywords(sql, 2)
+        switch words.first {
+        case "BEGIN", "START", "COMMIT", "END": return true
+        case "ROLLBACK": return words.count < 2 || words[1] != "TO"
+        default: return false
+        }
+    }
+
+    /// The first `count` words of a statement, upper-cased.
+    private static func keywords(_ sql: String, _ count: Int) -> [String] {
+        sql.split(whereSeparator: { !$0.isLetter && $0 != "_" }).prefix(count).map { $0.uppercased() }
     }
 }
 

@@ -113,9 +113,13 @@ public struct SagaKV {
 @available(*, unavailable)
 extension SagaKV: Sendable {}
 
-/// The SQL side of a saga: statements run in the saga's transaction. If the database ends the
-/// transaction under the saga (deadlock victim, lost connection), every later statement throws
-/// ``SagaError/transactionLost(saga:underlying:)`` and the saga will not commit.
+/// The SQL side of a saga: statements run in the saga's transaction, which the saga owns:
+/// `BEGIN`, `COMMIT`, `ROLLBACK` and the like are refused before they run
+/// (``SagaError/Misuse/transactionControl(_:)``). If the database rolls the transaction back
+/// under the saga (deadlock victim, lost connection), every later statement throws
+/// ``SagaError/transactionLost(saga:underlying:)``; if a statement ends it otherwise (DDL with
+/// an implicit commit), ``SagaError/transactionEndedByStatement(saga:statement:underlying:)``.
+/// Either way the saga will not commit a marker or write the KV side.
 public final class SagaSQL: SQLExecutor {
     /// Weak, for the same reason as ``SagaKV``'s.
     private weak var saga: Saga?
@@ -137,6 +141,7 @@ public final class SagaSQL: SQLExecutor {
         guard let saga else { throw SagaError.misuse(.sagaEnded(id)) }
         try saga.checkUsable()
         if let poison = saga.poison { throw poison.error(saga: id) }
+        if TransactionState.statementControlsTransaction(sql) { throw SagaError.misuse(.transactionControl(sql)) }
         let connection = saga.connection
         // A statement run after the transaction ended would autocommit on its own.
         guard connection.isInTransaction else {

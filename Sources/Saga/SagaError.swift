@@ -57,6 +57,9 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         case reservedKey(Bytes)
         case keyTooLarge(size: Int, limit: Int)
         case valueTooLarge(size: Int, limit: Int)
+        /// A statement that starts or ends a transaction (`BEGIN`, `COMMIT`, `ROLLBACK`...)
+        /// inside a saga, whose transaction the coordinator owns. It was not run.
+        case transactionControl(String)
         /// The saga's journal record (every written key with its pre- and after-image) would
         /// be larger than ``SagaCoordinator/Configuration/maxRecordSize``.
         case sagaTooLarge(size: Int, limit: Int)
@@ -72,6 +75,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             case .reservedKey(let key): "the key \"\(key.debugText)\" is in the reserved journal space (prefix \\x00saga\\x00)"
             case .keyTooLarge(let size, let limit): "a key of \(size) bytes is over the limit of \(limit) bytes"
             case .valueTooLarge(let size, let limit): "a value of \(size) bytes is over the limit of \(limit) bytes"
+            case .transactionControl(let sql): "`\(sql)` starts or ends a transaction, which the saga owns (it commits or rolls back when the body returns or throws); not run"
             case .sagaTooLarge(let size, let limit): "the saga's journal record (its keys with their pre- and after-images) takes \(size) bytes, over the limit of \(limit) bytes (Configuration.maxRecordSize); split the work into smaller sagas"
             case .closed: "the coordinator is closed"
             case .invalidConfiguration(let why): "invalid configuration: \(why)"

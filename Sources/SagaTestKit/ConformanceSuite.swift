@@ -339,13 +339,15 @@ public enum ConformanceSuite {
             try c.run { saga in
                 try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("l"), .integer(1)])
                 try saga.kv.put("l", "l1")
-                try saga.sql.execute("ROLLBACK", [])  // the transaction ends under the saga
+                // The transaction ends under the saga (the comment hides the verb from the
+                // saga's refusal of transaction control: only the check afterwards sees it).
+                try saga.sql.execute("/* hidden */ ROLLBACK", [])
                 // Would autocommit on its own if it ran:
                 _ = try? saga.sql.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("l2"), .integer(2)])
             }
         }
         // A statement ended the transaction: the saga cannot know it was a rollback.
-        guard case .transactionEndedByStatement(_, "ROLLBACK", _) = error else { throw ConformanceFailure(description: "expected transactionEndedByStatement, got \(error)") }
+        guard case .transactionEndedByStatement(_, "/* hidden */ ROLLBACK", _) = error else { throw ConformanceFailure(description: "expected transactionEndedByStatement, got \(error)") }
         try check(try env.row("l") == nil && env.row("l2") == nil, "no SQL row, not even an autocommitted one")
         try check(try env.kvGet("l") == "l0", "KV untouched")
         try check(try env.markers().isEmpty, "no marker committed")
@@ -563,29 +565,43 @@ public enum ConformanceSuite {
     static func statementEndingTransactionPoisons(_ env: any HarnessEnvironment) throws {
         try env.kvSet([("ec", "e0")])
         let c = try env.coordinator(.init(lockTimeout: .milliseconds(300)))
+        // Plain transaction control is refused before it runs: the saga goes on unharmed.
+        try c.run { saga in
+            try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ec', 1)", [])
+            try saga.kv.put("ec", "e1")
+            for statement in ["COMMIT", "commit;", "ROLLBACK", "BEGIN", "START TRANSACTION", "END"] {
+                do {
+                    try saga.sql.execute(statement, [])
+                    throw ConformanceFailure(description: "`\(statement)` ran inside a saga")
+                } catch SagaError.misuse(.transactionControl(statement)) {}
+            }
+        }
+        try check(try env.row("ec") == 1 && env.kvGet("ec") == "e1", "the saga committed normally")
+        // A statement that ends the transaction in a way no text check sees: poisoned.
         var after: Result<Int, any Error>?
+        let hidden = "/* the body commits */ COMMIT"
         let error = try expectSagaError {
             try c.run { saga in
-                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ec', 1)", [])
-                try saga.kv.put("ec", "e1")
-                _ = try? saga.sql.execute("COMMIT", [])  // the body swallows the error
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ec2', 2)", [])
+                try saga.kv.put("ec", "e2")
+                _ = try? saga.sql.execute(hidden, [])  // the body swallows the error
                 // Would autocommit on its own if it ran:
-                after = Result { try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ec2', 2)", []) }
+                after = Result { try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('ec3', 3)", []) }
             }
         }
         guard case .transactionEndedByStatement(_, let statement, _) = error else {
             throw ConformanceFailure(description: "expected transactionEndedByStatement, got \(error)")
         }
-        try check(statement == "COMMIT", "names the statement: \(statement)")
+        try check(statement == hidden, "names the statement: \(statement)")
         try check(!error.isRetryable, "not retryable: the SQL part may be committed")
         try check("\(error)".contains("may be committed"), "says the SQL part may be committed: \(error)")
         if case .success = after { throw ConformanceFailure(description: "a statement ran after the transaction ended") }
-        try check(try env.row("ec2") == nil, "nothing autocommitted after it")
-        try check(try env.kvGet("ec") == "e0", "KV side never written")
-        try check(try env.markers().isEmpty, "no marker")
-        try check(try env.journal().isEmpty, "no journal record")
-        try c.run { saga in try saga.kv.put("ec", "e2") }  // the lock was released
-        try check(try env.kvGet("ec") == "e2", "the key is free")
+        try check(try env.row("ec3") == nil, "nothing autocommitted after it")
+        try check(try env.row("ec2") == 2, "the statement did commit the saga's SQL write")
+        try check(try env.kvGet("ec") == "e1", "KV side never written")
+        try check(try env.markers().count == 1, "no marker for the poisoned saga")
+        try c.run { saga in try saga.kv.put("ec", "e4") }  // the lock was released
+        try check(try env.kvGet("ec") == "e4", "the key is free")
     }
 
     static func escapedHandlesThrow(_ env: any HarnessEnvironment) throws {
