@@ -301,7 +301,7 @@ struct BadInputTests {
         // A marker table that is not Saga's: reading the largest id fails.
         try env.sqlExecute("DROP TABLE saga_markers")
         try env.sqlExecute("CREATE TABLE saga_markers (something_else INTEGER)")
-        let counting = CountingDatabase(env.sqlite)
+        let counting = OpenConnectionCounter(env.sqlite)
         let error = try expectSagaError { try SagaCoordinator(kv: env.kv, sql: counting) }
         #expect("\(error)".contains("saga_id"), "\(error)")
         #expect(counting.opened >= 1 && counting.open == 0, "every connection closed: \(counting.open) of \(counting.opened) left open")
@@ -315,7 +315,7 @@ struct BadInputTests {
 }
 
 /// A real SQLite database whose connections are counted while open.
-final class CountingDatabase: SQLDatabase, @unchecked Sendable {
+final class OpenConnectionCounter: SQLDatabase, @unchecked Sendable {
     private let base: SQLiteDatabase
     private let lock = NSLock()
     private var openCount = 0
@@ -327,12 +327,12 @@ final class CountingDatabase: SQLDatabase, @unchecked Sendable {
     func connect() throws -> any SQLConnection {
         let conn = try base.openConnection()
         lock.withLock { openCount += 1; openedCount += 1 }
-        return CountedConnection(conn) { [weak self] in self?.lock.withLock { self?.openCount -= 1 } }
+        return ReportingConnection(conn) { [weak self] in self?.lock.withLock { self?.openCount -= 1 } }
     }
 }
 
 /// Forwards every call to a real connection and reports its close, once.
-final class CountedConnection: SQLConnection {
+final class ReportingConnection: SQLConnection {
     private let base: any SQLConnection
     private var onClose: (() -> Void)?
     init(_ base: any SQLConnection, onClose: @escaping () -> Void) { self.base = base; self.onClose = onClose }
