@@ -32,6 +32,29 @@ final class Locked<Value: Sendable>: @unchecked Sendable {
     }
 }
 
+/// A pthread mutex that guards no value of its own (a `Locked<()>` has a zero-size value
+/// whose address ThreadSanitizer may take for the mutex pointer's, and reports races on it).
+package final class Lock: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    package init() {
+        mutex = .allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    package func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}
+
 /// A pthread read-write lock at an address of its own.
 ///
 /// A `pthread_rwlock_t` stored inline in a class and passed as `&field` has no stable address

@@ -93,6 +93,9 @@ public protocol DurabilityError: Error {
 }
 
 extension SQLConnection {
+    public func markTransaction() throws {}
+    public func transactionSurvived() -> Bool { isInTransaction }
+
     public func commit(insertingMarker id: SagaID) -> CommitResult {
         do { try insertMarker(id) } catch {
             if isInTransaction { try? rollback() }
@@ -143,28 +146,68 @@ extension SQLDatabase {
 
 extension TransactionState {
     /// Whether a statement could end a transaction by committing it: anything but plain
-    /// reads and DML (`COMMIT`, `END`, `SET autocommit`, DDL with an implicit commit...).
-    /// Used to judge a statement that failed in a way that hides what it did.
+    /// reads and DML and savepoints (`COMMIT`, `END`, `SET autocommit`, `CALL`, DDL with an
+    /// implicit commit...). Neither SQLite nor MySQL lets a plain `SELECT`, `INSERT`,
+    /// `UPDATE`, `DELETE` or `REPLACE` commit (MySQL refuses COMMIT in stored functions and
+    /// triggers).
     public static func statementMayCommit(_ sql: String) -> Bool {
-        !["SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES"].contains(keywords(sql, 1).first ?? "")
+        let words = keywords(sql, 3)
+        switch words.first {
+        case "SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES", "SAVEPOINT", "RELEASE": return false
+        case "ROLLBACK": return !words.contains("TO")
+        default: return true
+        }
     }
 
     /// Whether a statement plainly starts or ends a transaction (`BEGIN`, `START TRANSACTION`,
-    /// `COMMIT`, `END`, `ROLLBACK` but not `ROLLBACK TO`): a saga refuses it before it runs.
-    /// (On MySQL a `BEGIN` inside a transaction commits it and opens another, which no check
-    /// afterwards could see.)
+    /// `COMMIT`, `END`, `ROLLBACK` but not `ROLLBACK [WORK|TRANSACTION] TO`): a saga refuses
+    /// it before it runs. Comments before it are skipped; MySQL's executable comments
+    /// (`/*! ... */`, `/*M! ... */`) count as the code they hold.
     public static func statementControlsTransaction(_ sql: String) -> Bool {
-        let words = keywords(sql, 2)
+        var words = keywords(sql, 3)
         switch words.first {
         case "BEGIN", "START", "COMMIT", "END": return true
-        case "ROLLBACK": return words.count < 2 || words[1] != "TO"
+        case "ROLLBACK":
+            words.removeFirst()
+            if words.first == "WORK" || words.first == "TRANSACTION" { words.removeFirst() }
+            return words.first != "TO"
         default: return false
         }
     }
 
-    /// The first `count` words of a statement, upper-cased.
-    private static func keywords(_ sql: String, _ count: Int) -> [String] {
-        sql.split(whereSeparator: { !$0.isLetter && $0 != "_" }).prefix(count).map { $0.uppercased() }
+    /// The first `count` words of a statement's code, upper-cased, comments skipped.
+    static func keywords(_ sql: String, _ count: Int) -> [String] {
+        var words: [String] = []
+        var word = ""
+        var rest = Substring(sql)
+        func endWord() {
+            if !word.isEmpty { words.append(word.uppercased()) }
+            word = ""
+        }
+        while let c = rest.first, words.count < count {
+            if rest.hasPrefix("/*!") || rest.hasPrefix("/*M!") {
+                // Executable comment: its code runs; skip the marker and a version number.
+                endWord()
+                rest = rest.dropFirst(rest.hasPrefix("/*!") ? 3 : 4).drop { $0.isNumber }
+            } else if rest.hasPrefix("/*") {
+                endWord()
+                if let close = rest.dropFirst(2).range(of: "*/") { rest = rest[close.upperBound...] } else { rest = "" }
+            } else if rest.hasPrefix("*/") {
+                endWord()
+                rest = rest.dropFirst(2)
+            } else if rest.hasPrefix("--") || c == "#" {
+                endWord()
+                rest = rest.drop { $0 != "\n" }
+            } else if c.isLetter || c == "_" || (c.isNumber && !word.isEmpty) {
+                word.append(c)
+                rest = rest.dropFirst()
+            } else {
+                endWord()
+                rest = rest.dropFirst()
+            }
+        }
+        endWord()
+        return Array(words.prefix(count))
     }
 }
 
@@ -199,6 +242,14 @@ public protocol SQLConnection: SQLExecutor {
     /// implicit commit ran before it failed). A saga whose transaction ended under it must not
     /// run another statement.
     func transactionState(after error: any Error) -> TransactionState
+    /// Before a body statement that might end the transaction (anything but plain DML): marks
+    /// the open transaction, so that ``transactionSurvived()`` can tell afterwards whether the
+    /// same transaction is still open. (On MySQL a `CALL` or a `BEGIN` can commit it and open
+    /// another: being in *a* transaction proves nothing.) The default does nothing.
+    func markTransaction() throws
+    /// After such a statement: whether the transaction marked before it is still the open one.
+    /// The default answers ``isInTransaction``.
+    func transactionSurvived() -> Bool
     /// Inserts the marker row `(id, committed)` inside the open transaction.
     func insertMarker(_ id: SagaID) throws
     /// Inserts the marker row, then commits: the saga's decision point. A backend may send both

@@ -19,6 +19,10 @@ public final class Saga {
     private(set) var staged: [Bytes: Bytes?] = [:]
     private(set) var writeOrder: [Bytes] = []
     var ended = false
+    /// The body ran a statement other than plain DML: it may have left session state on the
+    /// connection (table locks, `SET autocommit`, SQLite pragmas), which is then closed
+    /// instead of pooled.
+    var ranSessionStatement = false
     /// Set when the SQL transaction ended under the saga: no statement runs after it, no
     /// marker commits, and the KV side is never written.
     var poison: Poison?
@@ -144,16 +148,28 @@ public final class SagaSQL: SQLExecutor {
         if TransactionState.statementControlsTransaction(sql) { throw SagaError.misuse(.transactionControl(sql)) }
         let connection = saga.connection
         // A statement run after the transaction ended would autocommit on its own.
+        // It can only have ended unseen (through the raw handle...): how is unknown, so it
+        // may have committed.
         guard connection.isInTransaction else {
-            let poison = Saga.Poison.rolledBack(TransactionEnded())
+            let poison = Saga.Poison.endedBy(statement: "(before `\(sql)`: the transaction was found ended)", error: TransactionEnded())
             saga.poison = poison
             throw poison.error(saga: id)
+        }
+        // A statement that is not plain DML may end the transaction (and, on MySQL, open
+        // another), or leave session state behind: mark the transaction to check it after,
+        // and never pool the connection again.
+        let mayCommit = TransactionState.statementMayCommit(sql)
+        if mayCommit {
+            saga.ranSessionStatement = true
+            try connection.markTransaction()
         }
         let result: T
         do {
             result = try work(connection)
         } catch {
-            switch connection.transactionState(after: error) {
+            var state = connection.transactionState(after: error)
+            if mayCommit, state == .open, !connection.transactionSurvived() { state = .mayBeCommitted }
+            switch state {
             case .open: break
             case .rolledBack: saga.poison = .rolledBack(error)
             case .mayBeCommitted: saga.poison = .endedBy(statement: sql, error: error)
@@ -161,7 +177,7 @@ public final class SagaSQL: SQLExecutor {
             if let poison = saga.poison, case .endedBy = poison { throw poison.error(saga: id) }
             throw error
         }
-        if !connection.isInTransaction {
+        if !(mayCommit ? connection.transactionSurvived() : connection.isInTransaction) {
             let poison = Saga.Poison.endedBy(statement: sql, error: nil)
             saga.poison = poison
             throw poison.error(saga: id)

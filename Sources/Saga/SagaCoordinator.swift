@@ -88,8 +88,8 @@ public final class SagaCoordinator: Sendable {
     private let pool: ConnectionPool
     private let state = Locked(State())
     private let ids: IDLease
-    private let gcLock = Locked(())
-    private let recoveryLock = Locked(())
+    private let gcLock = Lock()
+    private let recoveryLock = Lock()
 
     /// Opens a coordinator on the two stores and runs recovery before returning.
     ///
@@ -224,7 +224,7 @@ public final class SagaCoordinator: Sendable {
             try hook(.body, id)
         } catch {
             saga.ended = true
-            abandon(id, conn)
+            abandon(saga, conn)
             throw classifyBodyError(error, saga: saga)
         }
 
@@ -255,7 +255,7 @@ public final class SagaCoordinator: Sendable {
                 // nothing landed in this process, and if it reaches disk later, recovery on
                 // reopen fences the saga (no marker) and undoes it.
                 if let misuse = error as? SagaError {
-                    abandon(id, conn)
+                    abandon(saga, conn)
                     throw misuse
                 }
                 let landed = record != nil && ((try? kv.journalGet(JournalRecord.key(for: id))) ?? nil) != nil
@@ -266,11 +266,14 @@ public final class SagaCoordinator: Sendable {
                         // left the batch on disk (RocksDB replays an unsynced WAL record).
                         if !(error is InjectedFault), s.stopped == nil { s.stopped = "the KV store failed a write of \(id): \(error)" }
                     }
-                    abandon(id, conn)
+                    abandon(saga, conn)
                     log.warning("KV write failed, SQL rolled back: \(error)")
                     throw .kvWriteFailed(saga: id, underlying: error)
                 }
                 log.warning("KV write reported failure but the batch is durable; compensating: \(error)")
+                // The store failed a write all the same: nothing more runs on top of it until a
+                // reopen (the compensation below is the last write of this saga).
+                if !(error is InjectedFault) { stop("the KV store failed a write of \(id): \(error)") }
                 kvFailure = error
             }
         }
@@ -294,12 +297,12 @@ public final class SagaCoordinator: Sendable {
 
         switch outcome {
         case .committed:
-            pool.giveBack(conn)
+            giveBack(conn, after: saga)
             finishCommitted(id, phase: .run, log: log)
             return value
 
         case .failed(let error):
-            pool.giveBack(conn)
+            giveBack(conn, after: saga)
             log.warning("COMMIT failed: \(error); compensating")
             // Proved failed, so undoing the KV side is right even after an I/O error; but
             // nothing runs on top of a store that failed a write until it is reopened.
@@ -355,15 +358,22 @@ public final class SagaCoordinator: Sendable {
 
     /// Rolls back a saga that wrote nothing to the KV store, releases its locks and returns the
     /// connection (closed instead when the rollback failed: the server then rolls back).
-    private func abandon(_ id: SagaID, _ conn: any SQLConnection) {
+    private func abandon(_ saga: Saga, _ conn: any SQLConnection) {
         if conn.isInTransaction {
             do { try conn.rollback() } catch {
-                logger.warning("ROLLBACK of \(id) failed: \(error); closing the connection")
+                logger.warning("ROLLBACK of \(saga.id) failed: \(error); closing the connection")
                 conn.close()
             }
         }
-        pool.giveBack(conn)
-        end(id, .abandoned)
+        giveBack(conn, after: saga)
+        end(saga.id, .abandoned)
+    }
+
+    /// Returns a saga's connection to the pool, unless its body ran a statement that may have
+    /// left session state behind (table locks, `SET autocommit`, pragmas): that one is closed,
+    /// and the next saga gets a clean connection.
+    private func giveBack(_ conn: any SQLConnection, after saga: Saga) {
+        if saga.ranSessionStatement { conn.close() } else { pool.giveBack(conn) }
     }
 
     /// How a saga leaves the coordinator. Every terminal path goes through ``end(_:_:)``: the
@@ -545,7 +555,7 @@ public final class SagaCoordinator: Sendable {
 
     /// - Parameter journal: the journal as already read at open; nil reads it now.
     private func recover(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]? = nil) throws(SagaError) -> RecoveryReport {
-        try recoveryLock.withLock { _ throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen, journal: journal) }
+        try recoveryLock.withLock { () throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen, journal: journal) }
     }
 
     private func recoverLocked(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]?) throws(SagaError) -> RecoveryReport {
@@ -670,7 +680,7 @@ public final class SagaCoordinator: Sendable {
     /// collected. Runs by itself every ``Configuration/gcThreshold`` finished sagas.
     @discardableResult
     public func collectGarbage() throws(SagaError) -> Int {
-        try gcLock.withLock { _ throws(SagaError) -> Int in
+        try gcLock.withLock { () throws(SagaError) -> Int in
             let ids = state.withLock { s -> [SagaID] in
                 defer { s.finished.removeAll() }
                 return s.finished

@@ -19,6 +19,11 @@ public protocol HarnessEnvironment: AnyObject, Sendable {
     /// Stages something in `saga` that makes its COMMIT fail for real, in a way the database
     /// proves (the outcome is "failed", not "unknown").
     func arrangeCommitFailure(in saga: Saga) throws
+    /// Ends the saga's SQL transaction by committing it in a way no check of the statement's
+    /// text can see coming (MySQL: DDL, whose implicit commit the statement check afterwards
+    /// catches; SQLite, which has no such statement: `COMMIT` through the raw handle, which the
+    /// check before the next statement catches). What the saga wrote in SQL is committed.
+    func endTransactionUnseen(in saga: Saga) throws
     /// Hooks that make the next COMMIT's outcome unknown for real (an I/O error while
     /// committing, a lost reply): the coordinator must resolve it by fencing.
     func unknownCommitHooks() -> any SagaHooks

@@ -77,6 +77,11 @@ final class MySQLEnvironment: HarnessEnvironment, @unchecked Sendable {
     /// the transaction is committed.
     func unknownCommitHooks() -> any SagaHooks { LoseCommitReply(proxy: proxy) }
 
+    /// DDL commits the open transaction before it runs.
+    func endTransactionUnseen(in saga: Saga) throws {
+        try saga.sql.execute("CREATE TABLE IF NOT EXISTS implicit_commit_probe (x INT)", [])
+    }
+
     func destroy() {
         rocks.close()
         if let admin = try? MySQLDatabase(url: server).openConnection() {

@@ -1,6 +1,7 @@
 import Foundation
 import RocksDBBackend
-import Saga
+import CSQLite
+@testable import Saga
 import SagaTestKit
 import SQLiteBackend
 
@@ -54,6 +55,14 @@ final class SQLiteEnvironment: HarnessEnvironment, @unchecked Sendable {
     /// open, which proves it did not commit.
     func arrangeCommitFailure(in saga: Saga) throws {
         try saga.sql.execute("INSERT INTO fault_probe (ref) VALUES ('no-such-parent')", [])
+    }
+
+    func endTransactionUnseen(in saga: Saga) throws {
+        guard let conn = saga.connection as? SQLiteConnection, let handle = conn.sqliteHandle else {
+            throw SQLiteError(code: SQLITE_MISUSE, message: "not an open SQLite connection")
+        }
+        let rc = sqlite3_exec(handle, "COMMIT", nil, nil, nil)
+        guard rc == SQLITE_OK else { throw SQLiteError(code: rc, message: "raw COMMIT failed") }
     }
 
     /// An fsync failure of this database, injected through the fault VFS right before COMMIT:

@@ -285,6 +285,28 @@ public final class MySQLConnection: SQLConnection {
 
     public var isBroken: Bool { handle == nil || lost || stateUnknown }
 
+    /// A savepoint belongs to its transaction: if a statement commits the transaction (a
+    /// `CALL` of a procedure that commits, an implicit commit) and another one opens, the
+    /// savepoint is gone, and `RELEASE` says so (1305).
+    private static let guardSavepoint = "saga_guard"
+
+    public func markTransaction() throws {
+        try simple("SAVEPOINT \(Self.guardSavepoint)")
+    }
+
+    public func transactionSurvived() -> Bool {
+        guard isInTransaction else { return false }
+        do {
+            try simple("RELEASE SAVEPOINT \(Self.guardSavepoint)")
+            return true
+        } catch {
+            // 1305: no such savepoint, the transaction is another one. Anything else: the
+            // connection cannot be trusted with a transaction any more.
+            if (error as? MySQLError)?.code != 1305 { stateUnknown = true }
+            return false
+        }
+    }
+
     public func begin() throws {
         transactionGone = false
         try simple("START TRANSACTION")

@@ -22,8 +22,9 @@ public final class MySQLDatabase: SQLDatabase {
             if !MarkerTable.isValidName(markerTable) {
                 return "invalid marker table name \"\(markerTable)\": use letters, digits and underscores"
             }
-            for (name, value) in [("connectTimeout", connectTimeout), ("readTimeout", readTimeout)] where !Self.timeoutRange.contains(value) {
-                return "\(name) must be between 1 s and 24 h (whole seconds), not \(value)"
+            for (name, value) in [("connectTimeout", connectTimeout), ("readTimeout", readTimeout)]
+            where !Self.timeoutRange.contains(value) || value.components.attoseconds != 0 {
+                return "\(name) must be between 1 s and 24 h in whole seconds, not \(value)"
             }
             return nil
         }

@@ -197,7 +197,8 @@ public final class SQLiteConnection: SQLConnection {
     }
 
     public func rollback() throws {
-        guard isInTransaction else { return }
+        // Nothing open: whatever ended it, the next writer may go.
+        guard isInTransaction else { return releaseGate() }
         try execute("ROLLBACK", [])
     }
 

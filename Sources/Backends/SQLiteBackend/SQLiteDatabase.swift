@@ -32,8 +32,7 @@ public final class SQLiteDatabase: SQLDatabase {
             if synchronous == .normal {
                 return "synchronous NORMAL can lose an acknowledged COMMIT at power loss; use FULL or EXTRA"
             }
-            let milliseconds = busyTimeout.components.seconds * 1000 + busyTimeout.components.attoseconds / 1_000_000_000_000_000
-            if busyTimeout < .zero || milliseconds > Int64(Int32.max) {
+            if busyTimeout < .zero || busyTimeout > .milliseconds(Int32.max) {
                 return "busyTimeout must be between 0 and \(Int32.max) ms (SQLite takes a 32-bit count), not \(busyTimeout)"
             }
             return nil
