@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Synchronization
 import MySQLBackend
 import RocksDBBackend
 import Saga
@@ -19,13 +20,20 @@ final class Node {
 
     let dir: String
     let kv: RocksDBStore
-    let sql: any SQLDatabase
+    /// The SQL database, behind a counter of the connections opened to it.
+    let sql: CountingDatabase
     let admin: any SQLConnection
     let isMySQL: Bool
     let coordinator: SagaCoordinator?
     let logger: Logger
+    /// Protected nodes: the sagas that were prepared in the journal when the node opened
+    /// (recovery at open decided them, or left them in doubt).
+    let preparedAtOpen: [SagaID]
     private let commitFault: CommitFaultHook
     private var pendingKill: Int64?
+    /// Unprotected nodes: the one connection every trigger runs on, opened with the node (and
+    /// again only if the database dropped it), like the coordinator's pooled connection.
+    private var work: (any SQLConnection)?
 
     static func kvPath(_ dir: String) -> String { dir + "/kv" }
     static func sqlPath(_ dir: String) -> String { dir + "/ledger.sqlite" }
@@ -37,16 +45,15 @@ final class Node {
         self.logger = logger
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         if let sqlURL {
-            let mysql = try MySQLDatabase(url: sqlURL)
-            sql = mysql
+            sql = CountingDatabase(try MySQLDatabase(url: sqlURL))
             isMySQL = true
-            admin = try mysql.connect()
+            admin = try sql.connect()
             for statement in Schema.mysql { try admin.execute(statement, []) }
         } else {
             try SQLiteFaults.register()
             var config = SQLiteDatabase.Configuration()
             config.vfs = SQLiteFaults.vfsName  // forwards everything unless armed
-            sql = try SQLiteDatabase(path: Self.sqlPath(dir), configuration: config)
+            sql = CountingDatabase(try SQLiteDatabase(path: Self.sqlPath(dir), configuration: config))
             isMySQL = false
             admin = try sql.connect()
             for statement in Schema.sqlite { try admin.execute(statement, []) }
@@ -54,18 +61,27 @@ final class Node {
         kv = try RocksDBStore(path: Self.kvPath(dir))
         commitFault = CommitFaultHook(path: Self.sqlPath(dir), database: sql)
         if protected {
+            preparedAtOpen = try kv.journalEntries().compactMap { entry in
+                guard JournalRecord.saga(fromKey: entry.key) != nil,
+                      let record = try? JournalRecord(decoding: entry.value), record.state == .prepared else { return nil }
+                return record.saga
+            }
             let all: [any SagaHooks] = [commitFault] + (hooks.map { [$0] } ?? [])
             coordinator = try SagaCoordinator(
                 kv: kv, sql: sql,
                 configuration: .init(hooks: CombinedHooks(all), gcThreshold: gcEvery),
                 logger: logger)
         } else {
+            preparedAtOpen = []
             coordinator = nil
+            work = try sql.connect()
         }
     }
 
     func close() {
         coordinator?.close()
+        work?.close()
+        work = nil
         admin.close()
         kv.close()
     }
@@ -112,35 +128,100 @@ final class Node {
         defer { commitFault.disarm() }
         let commitFault = self.commitFault
         try coordinator.run { saga in
-            if fail == .kill { commitFault.connectionID = try saga.sql.query("SELECT CONNECTION_ID()", []).first?[0].int64 }
-            let writes = try AA.apply(t, sql: saga.sql, read: { try saga.kv.get($0) })
+            let writes = try Self.triggerBody(t, fail: fail, sql: saga.sql, read: { try saga.kv.get($0) }) {
+                commitFault.connectionID = $0
+            }
             for (key, value) in writes.kv {
                 if let value { try saga.kv.put(key, value) } else { try saga.kv.delete(key) }
-            }
-            if fail == .fk {
-                try saga.sql.execute("INSERT INTO fault_probe (ref) VALUES ('missing-parent')", [])
             }
         }
     }
 
-    /// The unsafe sequence of the motivating bug: SQL writes, the KV batch synced, then COMMIT.
-    func processUnprotected(_ t: Trigger, fail: FailMode?) throws {
-        let conn = try sql.connect()
-        defer { conn.close() }
-        try conn.begin()
-        if fail == .kill { try killLater(conn) }
-        let writes = try AA.apply(t, sql: conn, read: { try kv.get($0) })
-        if fail == .fk { try conn.execute("INSERT INTO fault_probe (ref) VALUES ('missing-parent')", []) }
-        var batch = KVWriteBatch()
-        for (key, value) in writes.kv { batch.set(key, to: value) }
-        try kv.write(batch, sync: true)
-        if fail == .io { SQLiteFaults.arm(.sync, pathPrefix: Self.sqlPath(dir)) }
-        if fail == .kill, let id = pendingKill { try Self.kill(id, on: sql) }
-        defer { SQLiteFaults.disarm() }
+    /// One trigger's statements, the same on both paths (so that a timing of the two compares
+    /// the commit sequences only): with `kill`, the connection's id first; the AA's SQL and KV
+    /// reads; with `fk`, the probe row that fails at COMMIT.
+    static func triggerBody(_ t: Trigger, fail: FailMode?, sql: any SQLExecutor, read: (Bytes) throws -> Bytes?,
+                            connectionID: (Int64?) -> Void) throws -> AA.Writes {
+        if fail == .kill { connectionID(try sql.query("SELECT CONNECTION_ID()", []).first?[0].int64) }
+        let writes = try AA.apply(t, sql: sql, read: read)
+        if fail == .fk { try sql.execute("INSERT INTO fault_probe (ref) VALUES ('missing-parent')", []) }
+        return writes
+    }
+
+    /// Where the unsafe sequence failed.
+    enum UnprotectedFailure: Error, CustomStringConvertible {
+        /// The AA itself (or one of its statements) threw: nothing written anywhere.
+        case body(any Error)
+        /// BEGIN, the KV batch or COMMIT failed; after a KV batch, it stays (the bug).
+        case commit(any Error)
+        var description: String {
+            switch self {
+            case .body(let e): "the AA body failed: \(e)"
+            case .commit(let e): "\(e)"
+            }
+        }
+    }
+
+    /// The unsafe sequence of the motivating bug: SQL writes, the KV batch synced, then COMMIT,
+    /// on the node's one connection.
+    func processUnprotected(_ t: Trigger, fail: FailMode?) throws(UnprotectedFailure) {
+        let conn: any SQLConnection
+        do {
+            if let open = work, !open.isBroken {
+                conn = open
+            } else {
+                work?.close()
+                work = nil
+                conn = try sql.connect()
+                work = conn
+            }
+            try conn.begin()
+        } catch {
+            throw .commit(error)
+        }
+        defer {
+            SQLiteFaults.disarm()
+            if conn.isBroken {
+                conn.close()
+                work = nil
+            } else if conn.isInTransaction {
+                try? conn.rollback()
+            }
+        }
+        let writes: AA.Writes
+        do {
+            writes = try Self.triggerBody(t, fail: fail, sql: conn, read: { try kv.get($0) }) { pendingKill = $0 }
+        } catch {
+            throw .body(error)
+        }
+        do {
+            var batch = KVWriteBatch()
+            for (key, value) in writes.kv { batch.set(key, to: value) }
+            try kv.write(batch, sync: true)
+            if fail == .io { SQLiteFaults.arm(.sync, pathPrefix: Self.sqlPath(dir)) }
+            if fail == .kill, let id = pendingKill { try Self.kill(id, on: sql) }
+        } catch {
+            throw .commit(error)
+        }
         switch conn.commit() {
         case .committed: return
-        case .failed(let e), .unknown(let e): throw e
+        case .failed(let e), .unknown(let e): throw .commit(e)
         }
+    }
+}
+
+/// An SQL database that counts the connections opened to it: `aa-demo run` reports the count,
+/// so that one can see both paths keep their connections (the coordinator's pool, the
+/// unprotected node's one connection) instead of opening one per trigger.
+final class CountingDatabase: SQLDatabase {
+    let base: any SQLDatabase
+    private let count = Atomic<Int>(0)
+    init(_ base: any SQLDatabase) { self.base = base }
+    var opened: Int { count.load(ordering: .relaxed) }
+    func connect() throws -> any SQLConnection {
+        let conn = try base.connect()
+        count.add(1, ordering: .relaxed)
+        return conn
     }
 }
 
@@ -185,10 +266,5 @@ extension Node {
         let side = try database.connect()
         defer { side.close() }
         try side.execute("KILL CONNECTION ?", [.integer(connectionID)])
-    }
-
-    /// Remembers the connection to kill before the unprotected COMMIT.
-    func killLater(_ conn: any SQLConnection) throws {
-        pendingKill = try conn.query("SELECT CONNECTION_ID()", []).first?[0].int64
     }
 }
