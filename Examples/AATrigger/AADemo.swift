@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import Saga
+import Synchronization
 
 @main
 struct AADemo: ParsableCommand {
@@ -19,10 +20,50 @@ func say(_ line: String) {
     fflush(nil)  // all streams; `stdout` itself is not concurrency-safe to name
 }
 
+/// Log lines go to stderr; from `notice` up (recovery's report among them) by default.
 func makeLogger(verbose: Bool) -> Logger {
-    var logger = Logger(label: "aa-demo") { StreamLogHandler.standardError(label: $0) }
-    logger.logLevel = verbose ? .debug : .warning
+    var logger = Logger(label: "aa-demo") { NotingLogHandler(inner: StreamLogHandler.standardError(label: $0)) }
+    logger.logLevel = verbose ? .debug : .notice
     return logger
+}
+
+/// Keeps the coordinator's recovery reports (it logs them at open, where no caller can get
+/// them), so that `run` and `recover` can print what recovery did.
+struct NotingLogHandler: LogHandler {
+    static let recoveryReports = Mutex<[String]>([])
+    var inner: StreamLogHandler
+    var metadata: Logger.Metadata {
+        get { inner.metadata }
+        set { inner.metadata = newValue }
+    }
+    var logLevel: Logger.Level {
+        get { inner.logLevel }
+        set { inner.logLevel = newValue }
+    }
+    var metadataProvider: Logger.MetadataProvider? {
+        get { inner.metadataProvider }
+        set { inner.metadataProvider = newValue }
+    }
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { inner[metadataKey: key] }
+        set { inner[metadataKey: key] = newValue }
+    }
+    func log(event: LogEvent) {
+        let text = event.message.description
+        if text.hasPrefix("recovery:") { Self.recoveryReports.withLock { $0.append(text) } }
+        inner.log(event: event)
+    }
+    /// The reports logged since the last call.
+    static func takeRecoveryReports() -> [String] { recoveryReports.withLock { r in defer { r.removeAll() }; return r } }
+}
+
+/// What recovery at open did, in one line.
+func recoverySummary(_ node: Node) -> String {
+    let pending = node.coordinator?.inDoubt ?? []
+    let report = NotingLogHandler.takeRecoveryReports().last
+    return "recovery at open: \(node.preparedAtOpen.count) saga(s) prepared in the journal; "
+        + (report ?? "nothing to decide")
+        + (pending.isEmpty ? "" : "; still in doubt: \(pending.map(String.init(describing:)).joined(separator: ", "))")
 }
 
 /// Where a node keeps its state: shared by every subcommand.
@@ -43,7 +84,14 @@ struct NodeLocation: ParsableArguments {
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Seed the queue on first use, recover, then process what is left of it in order.")
+        abstract: "Seed the queue on first use, recover, then process what is left of it in order.",
+        discussion: """
+            Retries only failures that can clear by themselves (lock timeout, deadlock, a transaction \
+            the database ended, a COMMIT that failed and was compensated, SQL unreachable), at most \
+            --max-attempts times per trigger, with a backoff of 10 ms doubling up to 500 ms. A lock \
+            held by a saga in doubt runs recovery instead. A failure of the AA's body is retried once. \
+            A failed fsync or KV write reopens the stores (recovery decides). \(NodeStop.exitCodes)
+            """)
 
     @OptionGroup var location: NodeLocation
 
@@ -71,10 +119,14 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("gc-every"), help: "Collect garbage after this many finished sagas.")
     var gcEvery: Int = 512
 
+    @Option(name: .customLong("max-attempts"), help: "Attempts per trigger before a transient failure (lock timeout, deadlock, lost transaction, failed COMMIT, SQL unreachable) stops the node (exit 4).")
+    var maxAttempts: Int = 8
+
     @Flag(help: "Log the protocol's steps to stderr.")
     var verbose = false
 
     func validate() throws {
+        guard maxAttempts >= 1 else { throw ValidationError("--max-attempts must be at least 1") }
         guard triggers >= 0 else { throw ValidationError("--triggers must be 0 or more") }
         guard let mode = Node.FailMode(rawValue: failMode) else { throw ValidationError("--fail-mode must be fk, io or kill, not \(failMode)") }
         if location.sql != nil, mode != .kill, failCommitAt != nil { throw ValidationError("with --sql mysql://..., use --fail-mode kill") }
@@ -106,53 +158,44 @@ struct Run: ParsableCommand {
             let (phase, step) = try parseCrashPoint(crashAt)
             hooks = StepTrigger(.crash, at: step, phase: phase, occurrence: crashOccurrence)
         }
-        var node = try Node(dir: location.data, sqlURL: location.sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
-        defer { node.close() }
+        let open = { [location, unprotected, gcEvery] in
+            try Node(dir: location.data, sqlURL: location.sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
+        }
+        let node = try open()
+        if !unprotected { say(recoverySummary(node)) }
         if try node.seed(triggers: triggers, seed: seed) {
             say("seeded \(triggers) triggers (seed \(seed)) in \(location.data)")
         }
-        let mode = Node.FailMode(rawValue: failMode) ?? .fk
-        var failedOnce = false
-        var processed = 0
-        while let t = try node.nextTrigger() {
-            let fail = (t.mci == failCommitAt && !failedOnce) ? mode : nil
-            if fail != nil { failedOnce = true }
-            if unprotected {
-                do {
-                    try node.processUnprotected(t, fail: fail)
-                    say("committed \(t.unit) mci=\(t.mci)")
-                } catch {
-                    say("COMMIT failed for trigger mci=\(t.mci): \(error); the KV batch stays (unprotected); retrying")
-                }
-                processed += 1
-                continue
-            }
-            switch Result(catching: { () throws(SagaError) in try node.process(t, fail: fail) }) {
-            case .success:
-                say("committed \(t.unit) mci=\(t.mci)")
-                processed += 1
-            case .failure(let error) where error.isRetryable:
-                say("COMMIT failed for trigger mci=\(t.mci): \(error); retrying")
-            case .failure(.inDoubt(let saga, _)):
-                // The coordinator may have stopped (an fsync failed): reopen both stores, as
-                // a node restart would; recovery at open decides the saga.
-                say("trigger mci=\(t.mci) in doubt (\(saga)); reopening the stores to recover")
-                node.close()
-                node = try Node(dir: location.data, sqlURL: location.sql, protected: true, hooks: hooks, gcEvery: gcEvery, logger: logger)
-                if let pending = node.coordinator?.inDoubt, !pending.isEmpty { throw DemoError("cannot resolve \(pending)") }
-            case .failure(let error):
-                throw error
-            }
+        let runner = QueueRunner(
+            node: node, policy: RetryPolicy(maxAttempts: maxAttempts),
+            failAt: failCommitAt.map { ($0, Node.FailMode(rawValue: failMode) ?? .fk) },
+            reopen: {
+                let node = try open()
+                say(recoverySummary(node))
+                return node
+            })
+        defer { runner.node.close() }
+        do {
+            try runner.run()
+        } catch let stop as NodeStop {
+            say("stopped: \(runner.processed) trigger(s) processed in this run, \(runner.retries) failed attempt(s); SQL connections opened: \(runner.node.sql.opened)")
+            sayError("aa-demo: \(stop)")
+            throw ExitCode(stop.reason.rawValue)
         }
-        try node.coordinator?.collectGarbage()
-        let report = try Verifier.check(kv: node.kv, sql: node.admin)
-        say("done: \(processed) trigger(s) processed in this run; queue empty; digest \(report.digest)")
+        let report = try Verifier.check(kv: runner.node.kv, sql: runner.node.admin)
+        say("done: \(runner.processed) trigger(s) processed in this run, \(runner.retries) failed attempt(s); queue empty; digest \(report.digest); SQL connections opened: \(runner.node.sql.opened)")
     }
+}
+
+/// Prints a line to stderr right away.
+func sayError(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
 }
 
 struct Recover: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Open the node's stores with the coordinator (which recovers), print what recovery did, process nothing.")
+        abstract: "Open the node's stores with the coordinator (which recovers), print what recovery did, process nothing.",
+        discussion: "Exit codes: 0 nothing is left in doubt; 2 sagas stay in doubt (named on stderr; their keys stay locked); 1 the stores cannot be opened (a damaged journal record is named).")
 
     @OptionGroup var location: NodeLocation
 
@@ -168,9 +211,13 @@ struct Recover: ParsableCommand {
         }
         let node = try Node(dir: location.data, sqlURL: location.sql, protected: true, hooks: hooks, logger: makeLogger(verbose: false))
         defer { node.close() }
+        say(recoverySummary(node))
         let pending = node.coordinator?.inDoubt ?? []
         say("recovered; in doubt: \(pending.isEmpty ? "none" : pending.map(String.init(describing:)).joined(separator: ", "))")
-        if !pending.isEmpty { throw ExitCode(2) }
+        if !pending.isEmpty {
+            sayError("aa-demo: recovery cannot decide \(names(pending)); they stay prepared with their keys locked: run `aa-demo recover` again once the SQL database can be reached")
+            throw ExitCode(NodeStop.Reason.inDoubt.rawValue)
+        }
     }
 }
 
