@@ -214,8 +214,9 @@ struct AADemoNode {
     /// Makes fencing inserts (status 'aborted') into the marker table fail to decide, as if the
     /// SQL database could not be reached for them. Markers of committing sagas are untouched.
     /// SQLite: the trigger skips the row (RAISE(IGNORE)), so the fence finds no marker; its
-    /// fence runs in a transaction that is rolled back, so `once` is a deadline 3.5 s away
-    /// (recovery at open comes well before it, the lock wait ends 5 s after the open). MariaDB:
+    /// fence runs in a transaction that is rolled back, so `once` is a deadline 4.5 s away:
+    /// recovery at open comes before it unless the node takes over 4.5 s to start, and recovery
+    /// on demand after it, since the lock wait alone lasts 5 s from after the open. MariaDB:
     /// the trigger SIGNALs; `once` counts in a non-transactional table (Aria), whose update
     /// survives the failed insert.
     func refuseFencing(_ refusal: Refusal) throws {
@@ -230,7 +231,7 @@ struct AADemoNode {
                 """, [])
             try conn.execute("DELETE FROM test_fence_refusals", [])
             switch refusal {
-            case .once: try conn.execute("INSERT INTO test_fence_refusals VALUES (julianday('now') + 3.5 / 86400.0)", [])
+            case .once: try conn.execute("INSERT INTO test_fence_refusals VALUES (julianday('now') + 4.5 / 86400.0)", [])
             case .always: try conn.execute("INSERT INTO test_fence_refusals VALUES (julianday('now') + 1000)", [])
             case .never: break
             }
