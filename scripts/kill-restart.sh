@@ -3,13 +3,18 @@
 # to the end; its state digest must equal an uninterrupted run's of the same seed.
 #
 #   scripts/kill-restart.sh [--triggers N] [--seed S] [--kills K] [--sql mysql://u:p@host:port/db]
-#                           [--max-delay-ms M] [--kill-seed R] [--dir DIR] [--keep]
+#                           [--kill-seed R] [--dir DIR] [--keep]
 #
-# 1. `aa-demo run --data D --triggers N --seed S --gc-every 100000`, SIGKILLed after a random
-#    delay (0..M ms, drawn from --kill-seed so that a schedule replays), K times in a row. With
-#    GC that rare, every restart's recovery fences every saga journaled so far.
-# 2. A clean `aa-demo run` to the end (bounded by RUN_TIMEOUT seconds, default 600), then
-#    `aa-demo verify`.
+# 1. `aa-demo run --data D --triggers N --seed S --gc-every 100000`, SIGKILLed K times in a
+#    row, each time at a random moment drawn from --kill-seed (a schedule replays, up to timing):
+#    1 run in 8 is killed 0-60 ms after it starts (inside opening and recovery); the others a
+#    random 0-5 ms after their n-th committed trigger, n random: mostly up to twice a share of
+#    what is left of the queue, 1 run in 8 four to sixteen times that share, so that the next
+#    recovery fences many sagas at once (issue 9's bug showed with 74 and with 91). Counting
+#    triggers rather than milliseconds spreads the kills over the whole queue, however fast the
+#    machine. GC that rare leaves every saga of a run for the next recovery to decide.
+# 2. A clean `aa-demo run` to the end, then `aa-demo verify`. Every run is bounded by
+#    RUN_TIMEOUT seconds (default 600): a node that spins fails the script instead of hanging it.
 # 3. An uninterrupted run of the same seed in another directory (and, with --sql, another
 #    database on the same server), then `aa-demo verify`.
 # Prints both digests. Exits 0 when they are equal and both verifies pass; 1 otherwise, also
@@ -21,18 +26,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-triggers=1500 seed=11 kills=50 sql="" max_delay_ms=100 kill_seed=1 dir="" keep=0
+triggers=1500 seed=11 kills=50 sql="" kill_seed=1 dir="" keep=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --triggers) triggers=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
     --kills) kills=$2; shift 2 ;;
     --sql) sql=$2; shift 2 ;;
-    --max-delay-ms) max_delay_ms=$2; shift 2 ;;
     --kill-seed) kill_seed=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -81,18 +85,60 @@ run_args=(run --data "$node" "${node_sql[@]}" --triggers "$triggers" --seed "$se
 digest_of() { sed -n 's/^digest //p' <<<"$1" | tail -1; }
 queued_of() { local q; q=$("$demo" verify --data "$node" "${node_sql[@]}" 2>/dev/null | sed -n 's/.*queued: \([0-9]*\).*/\1/p'); echo "${q:-?}"; }
 
-echo "==> aa-demo ${run_args[*]}: $kills SIGKILLs after 0..${max_delay_ms} ms (kill seed $kill_seed)${sql:+, SQL in MariaDB}"
+echo "==> aa-demo ${run_args[*]}: $kills SIGKILLs at random moments (kill seed $kill_seed)${sql:+, SQL in MariaDB}"
 RANDOM=$kill_seed
-killed=0 finished=0
+# r = 0 ... $1. Not in a subshell: bash reseeds RANDOM there, and the schedule would not replay.
+rand() { r=$(( (RANDOM * 32768 + RANDOM) % ($1 + 1) )); }
+fifo="$dir/out.fifo"
+mkfifo "$fifo"
+killed=0 finished=0 queued=$triggers
 for i in $(seq 1 "$kills"); do
-    delay=$(( (RANDOM * 32768 + RANDOM) % (max_delay_ms + 1) ))
-    echo "--- run $i (kill after ${delay} ms)" >>"$log"
-    "$demo" "${run_args[@]}" >>"$log" 2>&1 &
+    [[ "$queued" =~ ^[0-9]+$ ]] || queued=$triggers
+    share=$(( queued / (3 * (kills - i + 1)) )); [ "$share" -ge 1 ] || share=1
+    rand 7; pick=$r
+    rand 5; extra=$r
+    if [ "$pick" -eq 0 ]; then
+        rand 60; delay=$r n=0 plan="$r ms after the start"
+    elif [ "$pick" -eq 1 ]; then
+        rand $((12 * share)); n=$(( 4 * share + r )) plan="after committed trigger $n (+${extra} ms)"
+    else
+        rand $((2 * share)); n=$(( 1 + r )) plan="after committed trigger $n (+${extra} ms)"
+    fi
+    echo "--- run $i (kill $plan)" >>"$log"
+    "$demo" "${run_args[@]}" >"$fifo" 2>>"$log" &
     pid=$!
-    sleep "$(printf '%d.%03d' $((delay / 1000)) $((delay % 1000)))"
-    kill -KILL "$pid" 2>/dev/null || true
+    # The reader copies the run's output to the log and, in the count mode, kills the run a
+    # few milliseconds after its n-th committed trigger; it reads on to the end, so that the
+    # run never dies of a closed pipe.
+    awk -v n="$n" -v pid="$pid" -v extra="$extra" '
+        { print; fflush() }
+        n > 0 && !done && /^committed / { if (++c >= n) { done = 1; system("sleep 0.00" extra "; kill -KILL " pid " 2>/dev/null") } }
+    ' <"$fifo" >>"$log" &
+    reader=$!
+    # A run that neither reaches its kill nor ends (a node that spins) fails the script.
+    rm -f "$dir/watchdog"
+    (
+        trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+        sleep "${RUN_TIMEOUT:-600}" & nap=$!
+        wait "$nap"
+        touch "$dir/watchdog"
+        kill -KILL "$pid" 2>/dev/null
+    ) >/dev/null 2>&1 &
+    watchdog=$!
+    if [ "$n" -eq 0 ]; then
+        sleep "0.$(printf '%03d' "$delay")"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
     status=0
     wait "$pid" 2>/dev/null || status=$?
+    wait "$reader" 2>/dev/null || true
+    kill "$watchdog" 2>/dev/null || true
+    wait "$watchdog" 2>/dev/null || true
+    if [ -e "$dir/watchdog" ]; then
+        echo "FAIL: run $i neither reached its kill nor ended within ${RUN_TIMEOUT:-600} s; the end of its output:" >&2
+        sed -n "/^--- run $i /,\$p" "$log" | tail -30 >&2
+        exit 1
+    fi
     if [ "$status" -eq 137 ]; then
         killed=$((killed + 1))
         outcome="killed"
@@ -109,7 +155,8 @@ for i in $(seq 1 "$kills"); do
     if [ -z "$decided" ]; then
         if grep -q "^recovery at open: " <<<"$section"; then decided="nothing to decide"; else decided="not finished"; fi
     fi
-    echo "kill $i/$kills after ${delay} ms: $outcome; recovery at open: $decided; committed $(grep -c "^committed " <<<"$section" || true); queued $(queued_of)"
+    queued=$(queued_of)
+    echo "kill $i/$kills $plan: $outcome; recovery at open: $decided; committed $(grep -c "^committed " <<<"$section" || true); queued $queued"
 done
 echo "==> $killed SIGKILLs landed, $finished run(s) finished first"
 
