@@ -168,7 +168,9 @@ final class QueueRunner {
             try reopenNode(trigger: t)
             return .retryNow
 
-        case .foreignWrite, .journalCorrupt, .misuse:
+        case .foreignWrite, .journalCorrupt, .misuse, .transactionEndedByStatement:
+            // A body statement that ended the transaction may have committed its SQL part:
+            // retrying would apply it twice.
             throw NodeStop(.needsRepair, "trigger mci=\(t.mci) (unit \(t.unit)): \(error)")
         }
     }
