@@ -4,6 +4,10 @@
 #   scripts/mariadb.sh start DIR [PORT]   prints the mysql:// URL on its last line
 #   scripts/mariadb.sh stop DIR           SIGTERM, then waits until the process is gone
 # Restarting on an existing DIR keeps its data. MARIADBD_EXTRA adds server options.
+# Each server has its own temporary directory, DIR/tmp, for mariadb-install-db and mariadbd:
+# in the shared system one, two installs running at once on one machine were seen to clash
+# ("Unknown table 'mysql.tmp_proxies_priv'": the bootstrap's temporary tables are plain files
+# named after the process id there).
 set -euo pipefail
 cmd=${1:?usage: mariadb.sh start|stop DIR [PORT]}
 dir=${2:?usage: mariadb.sh start|stop DIR [PORT]}
@@ -30,14 +34,14 @@ start)
     fi
     port=${3:-$(( 20000 + RANDOM % 12000 ))}  # below the ephemeral range
     command -v mariadbd >/dev/null || { echo "mariadbd not found: install mariadb-server (scripts/setup.sh does)" >&2; exit 1; }
-    mkdir -p "$dir"
+    mkdir -p "$dir" "$dir/tmp"
     echo "$port" >"$dir/port"
     if [ ! -d "$dir/data/mysql" ]; then
-        mariadb-install-db --no-defaults --datadir="$dir/data" --user=root \
+        mariadb-install-db --no-defaults --datadir="$dir/data" --tmpdir="$dir/tmp" --user=root \
             --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1 \
             || { cat "$dir/install.log" >&2; exit 1; }
     fi
-    mariadbd --no-defaults --datadir="$dir/data" --socket="$dir/mysqld.sock" --port="$port" \
+    mariadbd --no-defaults --datadir="$dir/data" --tmpdir="$dir/tmp" --socket="$dir/mysqld.sock" --port="$port" \
         --bind-address=127.0.0.1 --user=root --pid-file="$dir/mariadbd.pid" \
         --log-error="$dir/error.log" --skip-name-resolve --innodb-flush-log-at-trx-commit=1 \
         --innodb-buffer-pool-size=64M --innodb-log-file-size=16M ${MARIADBD_EXTRA:-} >/dev/null 2>&1 &

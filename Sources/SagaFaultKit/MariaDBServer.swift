@@ -2,12 +2,16 @@ import Foundation
 import MySQLBackend
 
 /// A throwaway MariaDB server for tests and the torture program, which kill or restart one: its
-/// own temporary datadir, a loopback port and a socket, a real user and password. Started
-/// through `scripts/mariadb.sh`, the same script CI uses.
+/// own temporary datadir, a loopback port and a socket, a real user and password, and its own
+/// temporary directory (``tmpDir``, given to mariadb-install-db and mariadbd as `--tmpdir`: two
+/// installs sharing the system's one were seen to fail with "Unknown table
+/// 'mysql.tmp_proxies_priv'"). Started through `scripts/mariadb.sh`, the same script CI uses.
 public final class MariaDBServer: @unchecked Sendable {
     public let dir: String
     public private(set) var port: Int
     public private(set) var url: String = ""
+    /// The server's own `--tmpdir` (the script creates it and passes it to both programs).
+    public var tmpDir: String { dir + "/tmp" }
 
     /// `scripts/mariadb.sh` of this checkout (`SAGA_MARIADB_SCRIPT` overrides it).
     public static var script: String {
@@ -42,7 +46,10 @@ public final class MariaDBServer: @unchecked Sendable {
     }
 
     public func start() throws {
-        let result = try Shell.run("/bin/bash", [Self.script, "start", dir, "\(port)"] , environment: ["MARIADBD_EXTRA": extraArguments.joined(separator: " ")])
+        // TMPDIR too, for anything else the script starts (the mariadb client).
+        try FileManager.default.createDirectory(atPath: tmpDir, withIntermediateDirectories: true)
+        let result = try Shell.run("/bin/bash", [Self.script, "start", dir, "\(port)"],
+                                   environment: ["MARIADBD_EXTRA": extraArguments.joined(separator: " "), "TMPDIR": tmpDir])
         guard result.status == 0, let last = result.stdout.split(separator: "\n").last, last.hasPrefix("mysql://") else {
             throw TestSetupError("cannot start MariaDB in \(dir): \(result.stdout) \(result.stderr)")
         }
