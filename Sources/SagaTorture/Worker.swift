@@ -74,7 +74,7 @@ struct Worker: ParsableCommand {
             }
         }
 
-        let node = try WorkerNode(site: site, proxyPort: proxy?.port, hooks: CombinedHooks(hooks), gcEvery: gcEvery, accounts: accounts, logger: logger)
+        let node = try WorkerNode(site: site, proxyPort: proxy?.port, hooks: CombinedHooks(hooks), gcEvery: gcEvery, logger: logger)
         let next = Atomic<Int64>(firstTxid)
         let end = firstTxid + Int64(sagas)
         let killer = backend == .mysql ? try site.openSQL() : nil
@@ -160,16 +160,41 @@ final class WorkerNode: @unchecked Sendable {
     private let gcEvery: Int
     private let logger: Logger
 
-    init(site: NodeSite, proxyPort: UInt16?, hooks: any SagaHooks, gcEvery: Int, accounts: Int, logger: Logger) throws {
+    init(site: NodeSite, proxyPort: UInt16?, hooks: any SagaHooks, gcEvery: Int, logger: Logger) throws {
         self.site = site
         self.proxyPort = proxyPort
         self.hooks = hooks
         self.gcEvery = gcEvery
         self.logger = logger
-        sql = try site.openSQL(proxyPort: proxyPort)
-        try site.prepareSchema(sql, accounts: accounts)
-        kv = try RocksDBStore(path: site.kvPath)
-        coordinator = try SagaCoordinator(kv: kv, sql: sql, configuration: .init(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery), logger: logger)
+        // The tables and accounts exist already: the parent made them with no fault armed
+        // (`Campaign.setUp`). Everything here goes through the campaign's faults, so the first
+        // open retries like every reopen.
+        (sql, kv, coordinator) = try Self.open(site: site, proxyPort: proxyPort, hooks: hooks, gcEvery: gcEvery, logger: logger)
+    }
+
+    /// Opens both stores and the coordinator (recovery runs at open). The database may be away
+    /// (a killed server, being restarted): retry, as a node would, for up to a minute.
+    private static func open(site: NodeSite, proxyPort: UInt16?, hooks: any SagaHooks, gcEvery: Int, logger: Logger) throws
+        -> (any SQLDatabase, RocksDBStore, SagaCoordinator)
+    {
+        var attempt = 0
+        while true {
+            do {
+                let newSQL = try site.openSQL(proxyPort: proxyPort)
+                let newKV = try RocksDBStore(path: site.kvPath)
+                do {
+                    let c = try SagaCoordinator(kv: newKV, sql: newSQL, configuration: .init(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery), logger: logger)
+                    return (newSQL, newKV, c)
+                } catch {
+                    newKV.close()  // the next attempt opens it again
+                    throw error
+                }
+            } catch {
+                attempt += 1
+                if attempt >= 300 { throw error }
+                usleep(200_000)
+            }
+        }
     }
 
     func withCoordinator<T>(_ body: (SagaCoordinator, Int) -> T) -> T {
@@ -185,28 +210,8 @@ final class WorkerNode: @unchecked Sendable {
         guard seen == generation else { return }
         coordinator.close()
         kv.close()
-        // The database may be away (a killed server): retry, as a node would, while every
-        // other thread waits here instead of running into the closed coordinator.
-        var attempt = 0
-        while true {
-            do {
-                let newSQL = try site.openSQL(proxyPort: proxyPort)
-                let newKV = try RocksDBStore(path: site.kvPath)
-                do {
-                    coordinator = try SagaCoordinator(kv: newKV, sql: newSQL, configuration: .init(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery), logger: logger)
-                } catch {
-                    newKV.close()  // the next attempt opens it again
-                    throw error
-                }
-                sql = newSQL
-                kv = newKV
-                break
-            } catch {
-                attempt += 1
-                if attempt >= 300 { throw error }
-                usleep(200_000)
-            }
-        }
+        // Every other thread waits here instead of running into the closed coordinator.
+        (sql, kv, coordinator) = try Self.open(site: site, proxyPort: proxyPort, hooks: hooks, gcEvery: gcEvery, logger: logger)
         generation += 1
     }
 
