@@ -45,20 +45,36 @@ final class Campaign {
         rng = SplitMix64(seed: seed ^ (backend == .sqlite ? 0x51 : 0x3D))
     }
 
-    func runAll() throws {
-        let start = Date()
-        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
-        try crashMatrix()
-        try randomKills()
-        if backend == .sqlite {
-            try ioCountdown()
-            try powerLoss()
-        } else {
-            try serverKills()
+    /// The campaigns, in the order they run; `--campaigns` picks some.
+    enum Name: String, CaseIterable, Sendable {
+        case crashPoints = "crash-points", randomKills = "random-kills", ioCountdown = "io-countdown",
+             powerLoss = "power-loss", serverKills = "server-kills", contention, replicas
+        /// Whether it applies to this backend at all.
+        func applies(to backend: NodeSite.Backend) -> Bool {
+            switch self {
+            case .ioCountdown, .powerLoss: backend == .sqlite
+            case .serverKills: backend == .mysql
+            default: true
+            }
         }
-        try contention()
-        try replicas()
-        figures.seconds = Date().timeIntervalSince(start)
+    }
+
+    func runAll(_ selected: [Name] = Name.allCases) throws {
+        let start = Date()
+        defer { figures.seconds = Date().timeIntervalSince(start) }
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        for name in Name.allCases where selected.contains(name) && name.applies(to: backend) {
+            figures.campaigns.append(name.rawValue)
+            switch name {
+            case .crashPoints: try crashMatrix()
+            case .randomKills: try randomKills()
+            case .ioCountdown: try ioCountdown()
+            case .powerLoss: try powerLoss()
+            case .serverKills: try serverKills()
+            case .contention: try contention()
+            case .replicas: try replicas()
+            }
+        }
     }
 
     // MARK: Sites, workers, checks

@@ -42,6 +42,9 @@ struct Torture: ParsableCommand {
     @Option(help: "Work in this directory (default: a new one under the temporary directory).")
     var workdir: String?
 
+    @Option(help: "Run only these campaigns (comma-separated): \(Campaign.Name.allCases.map(\.rawValue).joined(separator: ", ")). Default: all.")
+    var campaigns: String?
+
     @Flag(help: "Print the outcome counts of every site.")
     var verbose = false
 
@@ -49,6 +52,17 @@ struct Torture: ParsableCommand {
         if short && long { throw ValidationError("--short and --long exclude each other") }
         guard ["sqlite", "mysql", "both"].contains(backend) else { throw ValidationError("--backend must be sqlite, mysql or both, not \(backend)") }
         if let randomKills, randomKills < 0 { throw ValidationError("--random-kills must be 0 or more") }
+        _ = try selectedCampaigns()
+    }
+
+    func selectedCampaigns() throws -> [Campaign.Name] {
+        guard let campaigns else { return Campaign.Name.allCases }
+        return try campaigns.split(separator: ",").map { name in
+            guard let c = Campaign.Name(rawValue: name.trimmingCharacters(in: .whitespaces)) else {
+                throw ValidationError("unknown campaign \(name); known: \(Campaign.Name.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return c
+        }
     }
 
     func run() throws {
@@ -69,7 +83,7 @@ struct Torture: ParsableCommand {
             defer { server?.stop() }
             let campaign = Campaign(backend: b, root: root, seed: seed, intensity: intensity, server: server, say: say)
             campaign.verbose = verbose
-            do { try campaign.runAll() } catch {
+            do { try campaign.runAll(try selectedCampaigns()) } catch {
                 campaign.fail("aborted: \(error)")
             }
             report.backends.append(campaign.figures)
