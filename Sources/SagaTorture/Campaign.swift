@@ -82,6 +82,9 @@ final class Campaign {
     func newSite(_ tag: String) throws -> NodeSite {
         siteCount += 1
         let dir = root + "/\(siteCount)-\(tag)"
+        // A fresh site even in a reused --workdir: old stores next to a new database would
+        // look like lost sagas.
+        try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         var url: String?
         if backend == .mysql {
