@@ -30,7 +30,8 @@ let package = Package(
             providers: [.apt(["libmariadb-dev"])]),
         // Small C helpers: the fault-injecting SQLite VFS (opt-in by VFS name) ...
         .target(name: "CSagaFaults", dependencies: ["CSQLite"], path: "Sources/CShims/CSagaFaults"),
-        // ... and an fsync interposer, linked into test programs only (it replaces fsync).
+        // ... and an fsync and write-family interposer, linked into test programs only (it
+        // replaces fsync, write, pwrite...).
         .target(name: "CFsyncFaults", path: "Sources/CShims/CFsyncFaults", linkerSettings: [.linkedLibrary("dl")]),
 
         // The core: protocols, coordinator, journal, locks, recovery. Knows no backend.
@@ -60,7 +61,7 @@ let package = Package(
         .executableTarget(
             name: "SagaTorture",
             dependencies: [
-                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit",
+                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit", "CFsyncFaults",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

@@ -4,6 +4,9 @@
  * executable, it replaces the C library's functions for every dynamically linked caller
  * (librocksdb, libsqlite3 among them). Unarmed it forwards (and counts); armed, the n-th sync
  * of a file under a path prefix fails with EIO. */
+/* The write-family companion (write, pwrite, writev, fallocate...). */
+#include "write_faults.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
