@@ -13,11 +13,13 @@ struct Intensity: Sendable {
     var serverKills: Int
     var contentionSagas: Int
     var replicaTriggers: Int
+    /// KV write faults: runs per (files, mode, errno) combination, 8 combinations.
+    var kvFaultsPerKind: Int
     /// Second crashes in recovery after every first crash (long), or once per recovery step.
     var fullSecondCrashes: Bool
 
-    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, contentionSagas: 300, replicaTriggers: 30, fullSecondCrashes: false)
-    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, contentionSagas: 3000, replicaTriggers: 200, fullSecondCrashes: true)
+    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, contentionSagas: 300, replicaTriggers: 30, kvFaultsPerKind: 2, fullSecondCrashes: false)
+    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, contentionSagas: 3000, replicaTriggers: 200, kvFaultsPerKind: 8, fullSecondCrashes: true)
 }
 
 /// Every fault campaign against one SQL backend (with RocksDB), accumulating figures.
@@ -48,7 +50,8 @@ final class Campaign {
     /// The campaigns, in the order they run; `--campaigns` picks some.
     enum Name: String, CaseIterable, Sendable {
         case crashPoints = "crash-points", randomKills = "random-kills", ioCountdown = "io-countdown",
-             powerLoss = "power-loss", serverKills = "server-kills", contention, replicas
+             powerLoss = "power-loss", serverKills = "server-kills", contention, replicas,
+             kvWriteFaults = "kv-write-faults"
         /// Whether it applies to this backend at all.
         func applies(to backend: NodeSite.Backend) -> Bool {
             switch self {
@@ -73,6 +76,7 @@ final class Campaign {
             case .serverKills: try serverKills()
             case .contention: try contention()
             case .replicas: try replicas()
+            case .kvWriteFaults: try kvWriteFaults()
             }
         }
     }

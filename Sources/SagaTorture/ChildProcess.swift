@@ -42,6 +42,16 @@ final class ChildProcess {
         return t
     }
 
+    /// Waits at most `seconds` for the child to end; nil if it is still running.
+    func wait(timeout seconds: Double) -> Termination? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while !hasEnded {
+            if Date() >= deadline { return nil }
+            usleep(20_000)
+        }
+        return status
+    }
+
     /// Whether the child has ended, without waiting.
     var hasEnded: Bool {
         if status != nil { return true }

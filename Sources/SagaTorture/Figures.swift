@@ -14,6 +14,27 @@ struct BackendFigures: Codable, Sendable {
     var powerLosses = 0
     var ioFaults = 0
     var serverKills = 0
+    /// Runs of the KV write fault campaign, failures injected into RocksDB's writes, and how
+    /// each run's worker ended: its node stopped (exit 3), RocksDB aborted the process
+    /// (SIGABRT: an assertion of Debian's build), or it ran on to the end (the fault was not
+    /// reached, or RocksDB absorbed it: `kvAbsorbed`).
+    var kvFaultRuns = 0
+    var kvFaultsInjected = 0
+    var kvStopped = 0
+    var kvAborted = 0
+    var kvRanOn = 0
+    var kvAbsorbed = 0
+    /// Ran on: every KV failure was a compensation (the saga stays prepared and locked), and
+    /// the node accepted the next saga (RocksDB had resumed by itself after ENOSPC).
+    var kvWentOnAfterCompensation = 0
+    /// The first error a stopped node's worker saw, by kind, and how often the probe saga
+    /// after it was refused by RocksDB rather than by the coordinator (which had not stopped).
+    var kvFirstErrors: [String: Int] = [:]
+    var kvProbeRefusedByRocksDB = 0
+    /// Failed calls by file (WAL, SST, MANIFEST, info LOG...; the call when not write()).
+    var kvFaultFiles: [String: Int] = [:]
+    /// The assertion messages of the aborts, counted.
+    var kvAbortAssertions: [String: Int] = [:]
     var lostReplies = 0
     var forcedCommitFailures = 0
     var sagasCommitted = 0
@@ -57,6 +78,8 @@ struct TortureReport: Codable, Sendable {
             ("simulated power losses", { "\($0.powerLosses)" }),
             ("injected I/O errors", { "\($0.ioFaults)" }),
             ("server kills / lost COMMIT replies", { "\($0.serverKills) / \($0.lostReplies)" }),
+            ("KV write faults injected / runs", { "\($0.kvFaultsInjected) / \($0.kvFaultRuns)" }),
+            ("KV fault runs: stopped / aborted / ran on", { "\($0.kvStopped) / \($0.kvAborted) / \($0.kvRanOn)" }),
             ("sagas committed / failed / unknown", { "\($0.sagasCommitted) / \($0.sagasFailed) / \($0.sagasUnknown)" }),
             ("sagas cut off unanswered", { "\($0.sagasUnanswered)" }),
             ("contention sagas, model exact", { "\($0.contentionSagas)" }),

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CFsyncFaults
 import Foundation
 import Logging
 import MySQLBackend
@@ -37,6 +38,8 @@ struct Worker: ParsableCommand {
     @Option(name: .customLong("gc-every")) var gcEvery: Int = 64
     @Option(name: .customLong("power-loss-after-ms")) var powerLossAfterMs: Int?
     @Option(name: .customLong("lose-replies-one-in")) var loseRepliesOneIn: Int?
+    @Option(name: .customLong("kv-write-fault"), help: "N:once|persistent|full:ENOSPC|EIO; once the node is open, the N-th write to a file of its RocksDB directory fails (full: persistent ENOSPC after a short write).")
+    var kvWriteFault: KVWriteFault?
     @Option var log: String
 
     func run() throws {
@@ -75,6 +78,11 @@ struct Worker: ParsableCommand {
         }
 
         let node = try WorkerNode(site: site, proxyPort: proxy?.port, hooks: CombinedHooks(hooks), gcEvery: gcEvery, logger: logger)
+        // Armed only now that the node is open: the fault hits the workload, not the set-up.
+        if let kvWriteFault { try kvWriteFault.arm(site: site) }
+        // Set by the first error that stops a node (KV write failures): the threads then stop
+        // too, and the worker checks that the coordinator refuses new sagas.
+        let stopErrors = Mutex<[SagaError]>([])
         let next = Atomic<Int64>(firstTxid)
         let end = firstTxid + Int64(sagas)
         let killer = backend == .mysql ? try site.openSQL() : nil
@@ -85,6 +93,7 @@ struct Worker: ParsableCommand {
             Thread.detachNewThread {
                 defer { group.leave() }
                 while true {
+                    if kvWriteFault != nil, stopErrors.withLock({ !$0.isEmpty }) { return }
                     let txid = next.add(1, ordering: .relaxed).oldValue
                     if txid >= end { return }
                     let t = spec.transfer(txid)
@@ -101,6 +110,12 @@ struct Worker: ParsableCommand {
                             outcomes.record(.unknown, txid, String("\(e)".prefix(200)))
                         default:
                             outcomes.record(.failed, txid, String("\(e)".prefix(120)))
+                        }
+                        if kvWriteFault != nil, e.stopsTheNode {
+                            // With the disk still failing, a reopen would only fail too: stop
+                            // here as the node would, and let the parent restart it.
+                            stopErrors.withLock { $0.append(e) }
+                            return
                         }
                         switch e {
                         case .inDoubt, .stopped, .compensationFailed, .foreignWrite, .kvWriteFailed:
@@ -119,8 +134,128 @@ struct Worker: ParsableCommand {
         }
         group.wait()
         if let problem = failures.withLock({ $0.first }) { throw TortureError(problem) }
+        let stops = stopErrors.withLock { $0 }
+        if let first = stops.first {
+            // Nothing may be written on top of a store that failed a saga's forward write until
+            // a reopen has let recovery decide: the coordinator stops itself then. The probe is
+            // a KV-only saga on a key of its own (outside the bank, so no lock of a held saga
+            // is in its way); it must be refused. Only when every error was a failed
+            // compensation may it go on: PROTOCOL.md keeps that saga prepared with its keys
+            // locked and does not stop the node, and RocksDB resumes by itself after ENOSPC.
+            let onlyCompensations = stops.allSatisfy { if case .compensationFailed = $0 { true } else { false } }
+            let probeKey = Bytes("probe/\(firstTxid)".utf8)
+            let probe = node.withCoordinator { c, _ in
+                Result { () throws(SagaError) in try c.run { saga in try saga.kv.put(probeKey, Bytes("1".utf8)) } }
+            }
+            let verdict: String
+            let exit: Int32
+            switch probe {
+            case .failure(.stopped): verdict = "refused by the coordinator (stopped)"; exit = Self.stoppedExit
+            case .failure(.kvWriteFailed): verdict = "refused by RocksDB (kvWriteFailed), the coordinator had not stopped"; exit = Self.stoppedExit
+            case .success where onlyCompensations: verdict = "committed: the node went on after a failed compensation"; exit = Self.wentOnExit
+            case .success: verdict = "COMMITTED on top of a store that failed a saga's write"; exit = Self.notStoppedExit
+            case .failure(let e): verdict = "unexpected: \(e)"; exit = Self.notStoppedExit
+            }
+            let kinds = Dictionary(stops.map { ($0.kind, 1) }, uniquingKeysWith: +).sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
+            print("kv write fault: \(saga_fault_write_failures()) injected; first error: \(first.kind): \(String("\(first)".prefix(300)))")
+            print("errors that stopped the threads: \(kinds.joined(separator: ", "))")
+            print("probe saga after it: \(verdict)")
+            fflush(nil)
+            node.closeWithoutGC()
+            print("closed")
+            fflush(nil)
+            Foundation.exit(exit)
+        }
+        if kvWriteFault != nil { print("kv write fault: \(saga_fault_write_failures()) injected, \(saga_fault_write_matched()) writes to the KV directory; no saga was stopped") }
         try node.finish()
         print("worker done: txids \(firstTxid)..<\(end)")
+    }
+}
+
+extension Worker {
+    /// Exit status of a worker whose node stopped after a KV write fault and refused the probe.
+    static let stoppedExit: Int32 = 3
+    /// ... and of one whose coordinator went on accepting sagas after it.
+    static let notStoppedExit: Int32 = 4
+    /// ... and of one whose only KV failures were compensations, after which the node may go
+    /// on (the probe committed).
+    static let wentOnExit: Int32 = 5
+}
+
+/// A KV write fault for the worker: `N:once|persistent|full:ENOSPC|EIO[:all|data]`.
+struct KVWriteFault: ExpressibleByArgument, CustomStringConvertible, Sendable {
+    /// once: only the N-th write fails; persistent: it and every later one; full: a disk that
+    /// fills up, persistent ENOSPC after a short write (and fallocate fails too).
+    enum Mode: String, CaseIterable, Sendable { case once, persistent, full }
+    /// all: every file of the RocksDB directory (a real full disk); data: the numbered files
+    /// only (WAL and SST), not RocksDB's own info LOG or MANIFEST.
+    enum Files: String, CaseIterable, Sendable { case all, data }
+    var n: Int
+    var mode: Mode
+    /// ENOSPC or EIO.
+    var errorNumber: Int32
+    var files: Files
+
+    init(n: Int, mode: Mode, errorNumber: Int32, files: Files) {
+        self.n = n
+        self.mode = mode
+        self.errorNumber = mode == .full ? ENOSPC : errorNumber
+        self.files = files
+    }
+
+    init?(argument: String) {
+        let parts = argument.split(separator: ":").map(String.init)
+        guard parts.count == 3 || parts.count == 4, let n = Int(parts[0]), n >= 1, let mode = Mode(rawValue: parts[1]) else { return nil }
+        switch parts[2].uppercased() {
+        case "ENOSPC": errorNumber = ENOSPC
+        case "EIO": errorNumber = EIO
+        default: return nil
+        }
+        guard let files = parts.count == 4 ? Files(rawValue: parts[3]) : .all else { return nil }
+        self.n = n
+        self.mode = mode
+        self.files = files
+    }
+
+    var errnoName: String { errorNumber == ENOSPC ? "ENOSPC" : "EIO" }
+    var description: String { "\(n):\(mode.rawValue):\(errnoName):\(files.rawValue)" }
+
+    /// Arms the interposer on the site's RocksDB directory; every injected failure is logged
+    /// to `kvfaults.log` there (one write each, so the lines survive an abort).
+    func arm(site: NodeSite) throws {
+        let fd = open(site.dir + "/kvfaults.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw TortureError("cannot open \(site.dir)/kvfaults.log: errno \(errno)") }
+        saga_fault_write_log_to(fd)
+        saga_fault_write_arm(site.kvPath + "/" + (files == .data ? "0" : ""), n, mode == .once ? 0 : 1, errorNumber, mode == .full ? 1 : 0)
+    }
+}
+
+extension SagaError {
+    /// Errors after which a node cannot go on without reopening its stores.
+    var stopsTheNode: Bool {
+        switch self {
+        case .inDoubt, .stopped, .compensationFailed, .foreignWrite, .kvWriteFailed: true
+        default: false
+        }
+    }
+    var isInDoubt: Bool { if case .inDoubt = self { true } else { false } }
+    /// The case name, for counting.
+    var kind: String {
+        switch self {
+        case .bodyFailed: "bodyFailed"
+        case .transactionLost: "transactionLost"
+        case .sqlFailed: "sqlFailed"
+        case .kvWriteFailed: "kvWriteFailed"
+        case .commitFailed: "commitFailed"
+        case .inDoubt: "inDoubt"
+        case .foreignWrite: "foreignWrite"
+        case .compensationFailed: "compensationFailed"
+        case .lockTimeout: "lockTimeout"
+        case .deadlock: "deadlock"
+        case .journalCorrupt: "journalCorrupt"
+        case .misuse: "misuse"
+        case .stopped: "stopped"
+        }
     }
 }
 
@@ -213,6 +348,15 @@ final class WorkerNode: @unchecked Sendable {
         // Every other thread waits here instead of running into the closed coordinator.
         (sql, kv, coordinator) = try Self.open(site: site, proxyPort: proxyPort, hooks: hooks, gcEvery: gcEvery, logger: logger)
         generation += 1
+    }
+
+    /// Closes without collecting garbage (which writes to the KV store): for a node whose
+    /// disk has failed.
+    func closeWithoutGC() {
+        lock.withWriteLock {
+            coordinator.close()
+            kv.close()
+        }
     }
 
     func finish() throws {
