@@ -15,11 +15,13 @@ struct Intensity: Sendable {
     var replicaTriggers: Int
     /// KV write faults: runs per (files, mode, errno) combination, 8 combinations.
     var kvFaultsPerKind: Int
+    /// SIGKILLs of a node with hundreds of sagas pending in its journal.
+    var backlogKills: Int
     /// Second crashes in recovery after every first crash (long), or once per recovery step.
     var fullSecondCrashes: Bool
 
-    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, contentionSagas: 300, replicaTriggers: 30, kvFaultsPerKind: 2, fullSecondCrashes: false)
-    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, contentionSagas: 3000, replicaTriggers: 200, kvFaultsPerKind: 8, fullSecondCrashes: true)
+    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, contentionSagas: 300, replicaTriggers: 30, kvFaultsPerKind: 2, backlogKills: 12, fullSecondCrashes: false)
+    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, contentionSagas: 3000, replicaTriggers: 200, kvFaultsPerKind: 8, backlogKills: 100, fullSecondCrashes: true)
 }
 
 /// Every fault campaign against one SQL backend (with RocksDB), accumulating figures.
@@ -51,7 +53,7 @@ final class Campaign {
     enum Name: String, CaseIterable, Sendable {
         case crashPoints = "crash-points", randomKills = "random-kills", ioCountdown = "io-countdown",
              powerLoss = "power-loss", serverKills = "server-kills", contention, replicas,
-             kvWriteFaults = "kv-write-faults"
+             kvWriteFaults = "kv-write-faults", pendingBacklog = "pending-backlog"
         /// Whether it applies to this backend at all.
         func applies(to backend: NodeSite.Backend) -> Bool {
             switch self {
@@ -77,6 +79,7 @@ final class Campaign {
             case .contention: try contention()
             case .replicas: try replicas()
             case .kvWriteFaults: try kvWriteFaults()
+            case .pendingBacklog: try pendingBacklog()
             }
         }
     }

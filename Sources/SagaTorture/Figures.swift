@@ -36,6 +36,14 @@ struct BackendFigures: Codable, Sendable {
     /// The assertion messages of the aborts, counted.
     var kvAbortAssertions: [String: Int] = [:]
     var lostReplies = 0
+    /// The pending-backlog campaign: kills, `prepared` records found at reopen (max, sum),
+    /// progress runs that finished in time, the slowest of them and the slowest open.
+    var backlogKills = 0
+    var backlogMaxPending = 0
+    var backlogPendingTotal = 0
+    var backlogProgressRuns = 0
+    var backlogSlowestProgress = 0.0
+    var backlogSlowestOpen = 0.0
     var forcedCommitFailures = 0
     var sagasCommitted = 0
     var sagasFailed = 0
@@ -80,6 +88,8 @@ struct TortureReport: Codable, Sendable {
             ("server kills / lost COMMIT replies", { "\($0.serverKills) / \($0.lostReplies)" }),
             ("KV write faults injected / runs", { "\($0.kvFaultsInjected) / \($0.kvFaultRuns)" }),
             ("KV fault runs: stopped / aborted / ran on", { "\($0.kvStopped) / \($0.kvAborted) / \($0.kvRanOn)" }),
+            ("backlog kills / max pending at reopen", { "\($0.backlogKills) / \($0.backlogMaxPending)" }),
+            ("backlog: next runs done / slowest (s)", { "\($0.backlogProgressRuns) / " + String(format: "%.1f", $0.backlogSlowestProgress) }),
             ("sagas committed / failed / unknown", { "\($0.sagasCommitted) / \($0.sagasFailed) / \($0.sagasUnknown)" }),
             ("sagas cut off unanswered", { "\($0.sagasUnanswered)" }),
             ("contention sagas, model exact", { "\($0.contentionSagas)" }),

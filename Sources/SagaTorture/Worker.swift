@@ -40,6 +40,8 @@ struct Worker: ParsableCommand {
     @Option(name: .customLong("lose-replies-one-in")) var loseRepliesOneIn: Int?
     @Option(name: .customLong("kv-write-fault"), help: "N:once|persistent|full:ENOSPC|EIO; once the node is open, the N-th write to a file of its RocksDB directory fails (full: persistent ENOSPC after a short write).")
     var kvWriteFault: KVWriteFault?
+    @Flag(name: .customLong("expect-no-doubt"), help: "Exit 1 if the coordinator leaves any saga in doubt at open (the database is reachable).")
+    var expectNoDoubt = false
     @Option var log: String
 
     func run() throws {
@@ -77,7 +79,15 @@ struct Worker: ParsableCommand {
             }
         }
 
+        let openStart = Date()
         let node = try WorkerNode(site: site, proxyPort: proxy?.port, hooks: CombinedHooks(hooks), gcEvery: gcEvery, logger: logger)
+        let inDoubt = node.withCoordinator { c, _ in c.inDoubt }
+        if expectNoDoubt {
+            print(String(format: "open (recovery included): %.3f s, in doubt: %d", Date().timeIntervalSince(openStart), inDoubt.count))
+        }
+        if expectNoDoubt, !inDoubt.isEmpty {
+            throw TortureError("\(inDoubt.count) saga(s) left in doubt after open with the database reachable: \(inDoubt.prefix(5))")
+        }
         // Armed only now that the node is open: the fault hits the workload, not the set-up.
         if let kvWriteFault { try kvWriteFault.arm(site: site) }
         // Set by the first error that stops a node (KV write failures): the threads then stop
