@@ -11,8 +11,9 @@ struct SagaTorture: ParsableCommand {
             Per SQL backend: a SIGKILL at every protocol step x every COMMIT outcome (and again inside \
             recovery), random SIGKILLs of a multi-threaded workload, I/O errors and power loss in \
             SQLite's VFS, kill -9 of the MariaDB server and lost COMMIT replies, a contention run \
-            checked against a model, and three replicas with faults in two. Exits 1 when anything \
-            is lost, unexpected or divergent; the seed replays the same schedule.
+            checked against a model, three replicas with faults in two, RocksDB's own writes \
+            failing (ENOSPC, EIO), and kills of a node with hundreds of sagas pending. Exits 1 \
+            when anything is lost, unexpected or divergent; the seed replays the same schedule.
             """,
         subcommands: [Torture.self, Worker.self],
         defaultSubcommand: Torture.self)
@@ -21,7 +22,7 @@ struct SagaTorture: ParsableCommand {
 struct Torture: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "run", abstract: "Run the torture (the default).")
 
-    @Flag(help: "What CI runs: every crash point, 50 random kills a backend, the I/O countdown, the replicas (a few minutes).")
+    @Flag(help: "What CI runs: every crash point, 50 random kills a backend, the I/O countdown, the replicas, 16 KV write faults and 12 backlog kills a backend (a few minutes).")
     var short = false
 
     @Flag(help: "Thousands of kills, for humans (an hour or more).")
