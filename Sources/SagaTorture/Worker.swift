@@ -147,12 +147,18 @@ struct Worker: ParsableCommand {
         let stops = stopErrors.withLock { $0 }
         if let first = stops.first {
             // Nothing may be written on top of a store that failed a saga's forward write until
-            // a reopen has let recovery decide: the coordinator stops itself then. The probe is
-            // a KV-only saga on a key of its own (outside the bank, so no lock of a held saga
-            // is in its way); it must be refused. Only when every error was a failed
-            // compensation may it go on: PROTOCOL.md keeps that saga prepared with its keys
-            // locked and does not stop the node, and RocksDB resumes by itself after ENOSPC.
-            let onlyCompensations = stops.allSatisfy { if case .compensationFailed = $0 { true } else { false } }
+            // a reopen has let recovery decide: the coordinator stops itself then (RocksDB may
+            // not: it resumes by itself after ENOSPC). The probe is a KV-only saga on a key of
+            // its own (outside the bank, so no lock of a held saga is in its way); it must be
+            // refused with `stopped`. When no forward write failed (only a compensation:
+            // PROTOCOL.md keeps that saga prepared with its keys locked and does not stop the
+            // node) the probe may go on, or be refused by RocksDB.
+            let mustStop = stops.contains { e in
+                switch e {
+                case .kvWriteFailed, .stopped: true
+                default: false
+                }
+            }
             let probeKey = Bytes("probe/\(firstTxid)".utf8)
             let probe = node.withCoordinator { c, _ in
                 Result { () throws(SagaError) in try c.run { saga in try saga.kv.put(probeKey, Bytes("1".utf8)) } }
@@ -161,10 +167,10 @@ struct Worker: ParsableCommand {
             let exit: Int32
             switch probe {
             case .failure(.stopped): verdict = "refused by the coordinator (stopped)"; exit = Self.stoppedExit
-            case .failure(.kvWriteFailed): verdict = "refused by RocksDB (kvWriteFailed), the coordinator had not stopped"; exit = Self.stoppedExit
-            case .success where onlyCompensations: verdict = "committed: the node went on after a failed compensation"; exit = Self.wentOnExit
-            case .success: verdict = "COMMITTED on top of a store that failed a saga's write"; exit = Self.notStoppedExit
-            case .failure(let e): verdict = "unexpected: \(e)"; exit = Self.notStoppedExit
+            case .failure(.kvWriteFailed) where !mustStop: verdict = "refused by RocksDB (kvWriteFailed), the coordinator had not stopped"; exit = Self.stoppedExit
+            case .success where !mustStop: verdict = "committed: the node went on after a failed compensation"; exit = Self.wentOnExit
+            case .success: verdict = "COMMITTED on top of a store that failed a saga's forward write"; exit = Self.notStoppedExit
+            case .failure(let e): verdict = "not refused by the coordinator after a failed forward write: \(e)"; exit = Self.notStoppedExit
             }
             let kinds = Dictionary(stops.map { ($0.kind, 1) }, uniquingKeysWith: +).sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
             print("kv write fault: \(saga_fault_write_failures()) injected; first error: \(first.kind): \(String("\(first)".prefix(300)))")
