@@ -24,14 +24,13 @@ extension Campaign {
             // Kill once the run has committed `target` sagas (a count, not a time: hundreds
             // pending on a slow machine too). The first run goes well past 256.
             let target = i == 0 ? rng.between(600, 1500) : rng.between(100, 1500)
-            let logPath = site.dir + "/outcomes.log"
-            let before = try OutcomeLog.read(logPath).committed.count
+            let counter = OutcomeLog.CommitCounter(path: site.dir + "/outcomes.log")
             let child = try startWorker(site, firstTxid: try nextTxid(site), sagas: 1_000_000,
                                         extra: ["--threads", "4", "--fail-one-in", "10"] + gc, tag: "backlog")
             let deadline = Date().addingTimeInterval(60)
             while !child.hasEnded, Date() < deadline {
                 usleep(50_000)
-                if let c = try? OutcomeLog.read(logPath).committed.count, c - before >= target { break }
+                if counter.poll() >= target { break }
             }
             if child.hasEnded {
                 fail("backlog kill #\(i + 1): the worker ended before it was killed (\(child.wait())): \(child.lastOutput)")

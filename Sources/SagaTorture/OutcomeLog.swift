@@ -39,6 +39,37 @@ final class OutcomeLog: @unchecked Sendable {
         var unanswered: Set<Int64> { begun.subtracting(committed).subtracting(failed).subtracting(unknown) }
     }
 
+    /// Counts the `C`ommitted lines appended to a log since it was made, reading only what is
+    /// new each time (a campaign polls a log that grows to hundreds of thousands of lines).
+    final class CommitCounter {
+        private let path: String
+        private var offset: UInt64
+        private var partial: [UInt8] = []
+        private(set) var committed = 0
+
+        /// Starts at the log's current end.
+        init(path: String) {
+            self.path = path
+            offset = ((try? FileManager.default.attributesOfItem(atPath: path)[.size]) as? UInt64) ?? 0
+        }
+
+        /// Reads what was appended since the last call; returns the count so far.
+        @discardableResult
+        func poll() -> Int {
+            guard let handle = FileHandle(forReadingAtPath: path) else { return committed }
+            defer { try? handle.close() }
+            guard (try? handle.seek(toOffset: offset)) != nil, let data = try? handle.readToEnd(), !data.isEmpty else { return committed }
+            offset += UInt64(data.count)
+            partial += data
+            guard let lastNewline = partial.lastIndex(of: UInt8(ascii: "\n")) else { return committed }
+            for line in partial[...lastNewline].split(separator: UInt8(ascii: "\n")) where line.first == UInt8(ascii: "C") {
+                committed += 1
+            }
+            partial.removeSubrange(...lastNewline)
+            return committed
+        }
+    }
+
     static func read(_ path: String) throws -> Summary {
         var s = Summary()
         guard FileManager.default.fileExists(atPath: path) else { return s }
