@@ -260,6 +260,7 @@ extension SagaError {
         switch self {
         case .bodyFailed: "bodyFailed"
         case .transactionLost: "transactionLost"
+        case .transactionEndedByStatement: "transactionEndedByStatement"
         case .sqlFailed: "sqlFailed"
         case .kvWriteFailed: "kvWriteFailed"
         case .commitFailed: "commitFailed"
