@@ -14,7 +14,7 @@ struct NodeStop: Error, CustomStringConvertible {
         /// unreachable) did not clear within the attempts allowed for one trigger.
         case gaveUp = 4
         /// Saga refuses to go on without a human: a key written behind its back, a damaged
-        /// journal record, a failing compensation, a misuse of the API.
+        /// journal record, a statement that ended the transaction, a misuse of the API.
         case needsRepair = 5
     }
 
@@ -29,7 +29,8 @@ struct NodeStop: Error, CustomStringConvertible {
         3 the AA's body failed twice on the same trigger (a failure that can only repeat, \
         e.g. a malformed state value; nothing was written); 4 a transient failure did not \
         clear within --max-attempts attempts on one trigger; 5 a failure that needs a human \
-        (a key written behind Saga's back, a damaged journal record); 64 bad arguments.
+        (a key written behind Saga's back, a damaged journal record, a statement that ended the SQL \
+        transaction); 64 bad arguments.
         """
 }
 
