@@ -150,64 +150,81 @@ extension TransactionState {
     /// implicit commit...). Neither SQLite nor MySQL lets a plain `SELECT`, `INSERT`,
     /// `UPDATE`, `DELETE` or `REPLACE` commit (MySQL refuses COMMIT in stored functions and
     /// triggers).
-    public static func statementMayCommit(_ sql: String) -> Bool {
-        let words = keywords(sql, 3)
-        switch words.first {
-        case "SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES", "SAVEPOINT", "RELEASE": return false
-        case "ROLLBACK": return !words.contains("TO")
-        default: return true
-        }
-    }
+    public static func statementMayCommit(_ sql: String) -> Bool { StatementKind(sql) != .plain }
 
     /// Whether a statement plainly starts or ends a transaction (`BEGIN`, `START TRANSACTION`,
     /// `COMMIT`, `END`, `ROLLBACK` but not `ROLLBACK [WORK|TRANSACTION] TO`): a saga refuses
     /// it before it runs. Comments before it are skipped; MySQL's executable comments
     /// (`/*! ... */`, `/*M! ... */`) count as the code they hold.
-    public static func statementControlsTransaction(_ sql: String) -> Bool {
-        var words = keywords(sql, 3)
-        switch words.first {
-        case "BEGIN", "START", "COMMIT", "END": return true
-        case "ROLLBACK":
-            words.removeFirst()
-            if words.first == "WORK" || words.first == "TRANSACTION" { words.removeFirst() }
-            return words.first != "TO"
-        default: return false
-        }
+    public static func statementControlsTransaction(_ sql: String) -> Bool { StatementKind(sql) == .transactionControl }
+}
+
+/// What a statement's leading keywords say about the transaction it runs in. Read from the
+/// UTF-8 bytes, comments skipped: it runs before every statement of every saga.
+enum StatementKind: Equatable {
+    /// Reads, DML and savepoints: cannot end the transaction or change the session.
+    case plain
+    /// `BEGIN`, `START`, `COMMIT`, `END`, `ROLLBACK` (not `ROLLBACK ... TO`).
+    case transactionControl
+    /// Anything else: DDL, `CALL`, `SET`, pragmas... may commit or leave session state.
+    case other
+
+    init(_ sql: String) {
+        var sql = sql
+        self = sql.withUTF8 { Self.classify($0) }
     }
 
-    /// The first `count` words of a statement's code, upper-cased, comments skipped.
-    static func keywords(_ sql: String, _ count: Int) -> [String] {
-        var words: [String] = []
-        var word = ""
-        var rest = Substring(sql)
-        func endWord() {
-            if !word.isEmpty { words.append(word.uppercased()) }
-            word = ""
+    private static func classify(_ text: UnsafeBufferPointer<UInt8>) -> StatementKind {
+        var scanner = KeywordScanner(text: text)
+        guard let first = scanner.next() else { return .other }
+        switch first {
+        case "SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES", "SAVEPOINT", "RELEASE": return .plain
+        case "BEGIN", "START", "COMMIT", "END": return .transactionControl
+        case "ROLLBACK":
+            var word = scanner.next()
+            if word == "WORK" || word == "TRANSACTION" { word = scanner.next() }
+            return word == "TO" ? .plain : .transactionControl
+        default: return .other
         }
-        while let c = rest.first, words.count < count {
-            if rest.hasPrefix("/*!") || rest.hasPrefix("/*M!") {
-                // Executable comment: its code runs; skip the marker and a version number.
-                endWord()
-                rest = rest.dropFirst(rest.hasPrefix("/*!") ? 3 : 4).drop { $0.isNumber }
-            } else if rest.hasPrefix("/*") {
-                endWord()
-                if let close = rest.dropFirst(2).range(of: "*/") { rest = rest[close.upperBound...] } else { rest = "" }
-            } else if rest.hasPrefix("*/") {
-                endWord()
-                rest = rest.dropFirst(2)
-            } else if rest.hasPrefix("--") || c == "#" {
-                endWord()
-                rest = rest.drop { $0 != "\n" }
-            } else if c.isLetter || c == "_" || (c.isNumber && !word.isEmpty) {
-                word.append(c)
-                rest = rest.dropFirst()
+    }
+}
+
+/// The words of a statement's code, upper-cased, comments skipped (`/* */`, `--`, `#`), the
+/// code of MySQL's executable comments (`/*! */`, `/*M! */`) kept.
+private struct KeywordScanner {
+    let text: UnsafeBufferPointer<UInt8>
+    var i = 0
+
+    private func at(_ offset: Int) -> UInt8 { i + offset < text.count ? text[i + offset] : 0 }
+    private static func isWordByte(_ b: UInt8) -> Bool {
+        (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || (b >= 0x30 && b <= 0x39) || b == 0x5F || b >= 0x80
+    }
+
+    mutating func next() -> String? {
+        while i < text.count {
+            let b = text[i]
+            if b == 0x2F, at(1) == 0x2A {  // "/*"
+                if at(2) == 0x21 || (at(2) == 0x4D && at(3) == 0x21) {  // "/*!" or "/*M!": code
+                    i += at(2) == 0x21 ? 3 : 4
+                    while i < text.count, text[i] >= 0x30, text[i] <= 0x39 { i += 1 }  // version
+                    continue
+                }
+                i += 2
+                while i < text.count, !(text[i] == 0x2A && at(1) == 0x2F) { i += 1 }
+                i += 2
+            } else if b == 0x2A, at(1) == 0x2F {  // the end of an executable comment
+                i += 2
+            } else if b == 0x23 || (b == 0x2D && at(1) == 0x2D) {  // "#" or "--": to the line end
+                while i < text.count, text[i] != 0x0A { i += 1 }
+            } else if Self.isWordByte(b), !(b >= 0x30 && b <= 0x39) {
+                let start = i
+                while i < text.count, Self.isWordByte(text[i]) { i += 1 }
+                return String(decoding: UnsafeBufferPointer(rebasing: text[start..<i]), as: UTF8.self).uppercased()
             } else {
-                endWord()
-                rest = rest.dropFirst()
+                i += 1
             }
         }
-        endWord()
-        return Array(words.prefix(count))
+        return nil
     }
 }
 

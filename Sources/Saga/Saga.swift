@@ -145,7 +145,8 @@ public final class SagaSQL: SQLExecutor {
         guard let saga else { throw SagaError.misuse(.sagaEnded(id)) }
         try saga.checkUsable()
         if let poison = saga.poison { throw poison.error(saga: id) }
-        if TransactionState.statementControlsTransaction(sql) { throw SagaError.misuse(.transactionControl(sql)) }
+        let kind = StatementKind(sql)
+        if kind == .transactionControl { throw SagaError.misuse(.transactionControl(sql)) }
         let connection = saga.connection
         // A statement run after the transaction ended would autocommit on its own.
         // It can only have ended unseen (through the raw handle...): how is unknown, so it
@@ -158,7 +159,7 @@ public final class SagaSQL: SQLExecutor {
         // A statement that is not plain DML may end the transaction (and, on MySQL, open
         // another), or leave session state behind: mark the transaction to check it after,
         // and never pool the connection again.
-        let mayCommit = TransactionState.statementMayCommit(sql)
+        let mayCommit = kind != .plain
         if mayCommit {
             saga.ranSessionStatement = true
             try connection.markTransaction()
