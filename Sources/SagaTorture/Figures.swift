@@ -24,13 +24,11 @@ struct BackendFigures: Codable, Sendable {
     var kvAborted = 0
     var kvRanOn = 0
     var kvAbsorbed = 0
-    /// Ran on: every KV failure was a compensation (the saga stays prepared and locked), and
-    /// the node accepted the next saga (RocksDB had resumed by itself after ENOSPC).
-    var kvWentOnAfterCompensation = 0
-    /// The first error a stopped node's worker saw, by kind, and how often the probe saga
-    /// after it was refused by RocksDB rather than by the coordinator (which had not stopped).
+    /// Ran on: the worker stopped on errors that were no KV write failure and the node
+    /// accepted the next saga.
+    var kvWentOn = 0
+    /// The first error a stopped node's worker saw, by kind.
     var kvFirstErrors: [String: Int] = [:]
-    var kvProbeRefusedByRocksDB = 0
     /// Failed calls by file (WAL, SST, MANIFEST, info LOG...; the call when not write()).
     var kvFaultFiles: [String: Int] = [:]
     /// The assertion messages of the aborts, counted.

@@ -146,16 +146,16 @@ struct Worker: ParsableCommand {
         if let problem = failures.withLock({ $0.first }) { throw TortureError(problem) }
         let stops = stopErrors.withLock { $0 }
         if let first = stops.first {
-            // Nothing may be written on top of a store that failed a saga's forward write until
-            // a reopen has let recovery decide: the coordinator stops itself then (RocksDB may
-            // not: it resumes by itself after ENOSPC). The probe is a KV-only saga on a key of
-            // its own (outside the bank, so no lock of a held saga is in its way); it must be
-            // refused with `stopped`. When no forward write failed (only a compensation:
-            // PROTOCOL.md keeps that saga prepared with its keys locked and does not stop the
-            // node) the probe may go on, or be refused by RocksDB.
+            // Nothing may be written on top of a store that failed a write (a saga's forward
+            // batch, a compensation, garbage collection) until a reopen has let recovery decide:
+            // the coordinator stops itself then. RocksDB may not: it resumes by itself after
+            // ENOSPC, so its refusal proves nothing. The probe is a KV-only saga on a key of its
+            // own (outside the bank, so no lock of a held saga is in its way); it must be
+            // refused with `stopped`. Only if no KV write failed (in doubt, foreign write) may
+            // it go on.
             let mustStop = stops.contains { e in
                 switch e {
-                case .kvWriteFailed, .stopped: true
+                case .kvWriteFailed, .compensationFailed, .stopped: true
                 default: false
                 }
             }
@@ -167,10 +167,9 @@ struct Worker: ParsableCommand {
             let exit: Int32
             switch probe {
             case .failure(.stopped): verdict = "refused by the coordinator (stopped)"; exit = Self.stoppedExit
-            case .failure(.kvWriteFailed) where !mustStop: verdict = "refused by RocksDB (kvWriteFailed), the coordinator had not stopped"; exit = Self.stoppedExit
-            case .success where !mustStop: verdict = "committed: the node went on after a failed compensation"; exit = Self.wentOnExit
-            case .success: verdict = "COMMITTED on top of a store that failed a saga's forward write"; exit = Self.notStoppedExit
-            case .failure(let e): verdict = "not refused by the coordinator after a failed forward write: \(e)"; exit = Self.notStoppedExit
+            case .success where !mustStop: verdict = "committed: no KV write had failed, the node went on"; exit = Self.wentOnExit
+            case .success: verdict = "COMMITTED on top of a store that failed a write"; exit = Self.notStoppedExit
+            case .failure(let e): verdict = "not refused by the coordinator after a failed KV write: \(e)"; exit = Self.notStoppedExit
             }
             let kinds = Dictionary(stops.map { ($0.kind, 1) }, uniquingKeysWith: +).sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
             print("kv write fault: \(saga_fault_write_failures()) injected; first error: \(first.kind): \(String("\(first)".prefix(300)))")
@@ -193,8 +192,8 @@ extension Worker {
     static let stoppedExit: Int32 = 3
     /// ... and of one whose coordinator went on accepting sagas after it.
     static let notStoppedExit: Int32 = 4
-    /// ... and of one whose only KV failures were compensations, after which the node may go
-    /// on (the probe committed).
+    /// ... and of one that stopped its threads on an error that was no KV write failure (in
+    /// doubt, foreign write), after which the node may go on (the probe committed).
     static let wentOnExit: Int32 = 5
 }
 
