@@ -164,6 +164,10 @@ final class QueueRunner {
             try reopenNode(trigger: t)
             return .retryNow
 
+        case .compensationFailedAfterCommit(_, _, let undo):
+            // Nothing of it is committed in SQL; the undo's own error says what comes next.
+            return try handle(undo, trigger: t, bodyFailures: &bodyFailures)
+
         case .stopped:
             say("trigger mci=\(t.mci): \(error); reopening the stores")
             try reopenNode(trigger: t)

@@ -3,10 +3,11 @@
 ///
 ///     offset  size  field
 ///     0       1     magic 0x53 ('S')
-///     1       1     format version (1)
+///     1       1     format version: 1, or 2 for a prepared record that names its SQL session
 ///     2       1     state: 1 prepared, 2 committed, 3 compensated
 ///     3       8     saga id, big-endian
-///     11      ...   prepared only: u32 entry count, then per entry
+///     11      16    version 2 only: the SQL session, u64 id and u64 server start
+///     ...     ...   prepared only: u32 entry count, then per entry
 ///                   u32 key length, key, pre-image, after-image;
 ///                   an image is 0x00 (absent) or 0x01, u32 length, bytes
 ///     end-4   4     CRC-32C of every byte before it, big-endian
@@ -26,15 +27,21 @@ public struct JournalRecord: Sendable, Equatable {
     }
 
     public static let magic: UInt8 = 0x53
+    /// The format version of records without a session; ``sessionVersion`` for those with one.
     public static let version: UInt8 = 1
+    public static let sessionVersion: UInt8 = 2
 
     public let saga: SagaID
     public let state: State
     /// Empty for `committed` and `compensated`: a finished saga needs no images.
     public let entries: [Entry]
+    /// The SQL session the saga's transaction ran in (`prepared` records only): it must be
+    /// seen gone before recovery decides the saga. nil where the database has none to name.
+    public let session: SQLSession?
 
-    public init(saga: SagaID, state: State, entries: [Entry] = []) {
+    public init(saga: SagaID, state: State, entries: [Entry] = [], session: SQLSession? = nil) {
         self.saga = saga; self.state = state; self.entries = entries
+        self.session = state == .prepared ? session : nil
     }
 
     // MARK: Keys of the journal space
@@ -58,9 +65,13 @@ public struct JournalRecord: Sendable, Equatable {
         var out: Bytes = []
         out.reserveCapacity(32 + entries.reduce(0) { $0 + 16 + $1.key.count + ($1.preImage?.count ?? 0) + ($1.afterImage?.count ?? 0) })
         out.append(Self.magic)
-        out.append(Self.version)
+        out.append(session == nil ? Self.version : Self.sessionVersion)
         out.append(state.rawValue)
         out.appendBigEndian(saga.rawValue)
+        if let session {
+            out.appendBigEndian(session.id)
+            out.appendBigEndian(session.serverStart)
+        }
         if state == .prepared {
             out.appendBigEndian(UInt32(entries.count))
             for e in entries {
@@ -99,10 +110,17 @@ public struct JournalRecord: Sendable, Equatable {
         var r = ByteReader(body)
         guard try r.u8() == Self.magic else { throw DecodingError(reason: "bad magic byte") }
         let version = try r.u8()
-        guard version == Self.version else { throw DecodingError(reason: "unknown format version \(version) (this build reads \(Self.version))") }
+        guard version == Self.version || version == Self.sessionVersion else {
+            throw DecodingError(reason: "unknown format version \(version) (this build reads \(Self.version) and \(Self.sessionVersion))")
+        }
         let rawState = try r.u8()
         guard let state = State(rawValue: rawState) else { throw DecodingError(reason: "unknown state \(rawState)") }
         let saga = SagaID(try r.u64())
+        var session: SQLSession?
+        if version == Self.sessionVersion {
+            guard state == .prepared else { throw DecodingError(reason: "a \(state) record of version \(version): only prepared records name a session") }
+            session = SQLSession(id: try r.u64(), serverStart: try r.u64())
+        }
         var entries: [Entry] = []
         if state == .prepared {
             let count = try r.u32()
@@ -120,7 +138,7 @@ public struct JournalRecord: Sendable, Equatable {
             }
         }
         guard r.remaining == 0 else { throw DecodingError(reason: "\(r.remaining) trailing bytes") }
-        self.init(saga: saga, state: state, entries: entries)
+        self.init(saga: saga, state: state, entries: entries, session: session)
     }
 
     private static func readImage(_ r: inout ByteReader) throws(DecodingError) -> Bytes? {

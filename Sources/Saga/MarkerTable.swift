@@ -1,5 +1,7 @@
-/// What every SQL backend shares about the marker table: `(saga_id PRIMARY KEY, status)`, with
-/// status `committed` (inserted in the saga's transaction) or `aborted` (the fencing insert).
+/// What every SQL backend shares about the marker table: `(instance, saga_id, status)`, keyed by
+/// `(instance, saga_id)`, with status `committed` (inserted in the saga's transaction) or
+/// `aborted` (the fencing insert). Tables of earlier versions, keyed by `saga_id` alone, are
+/// migrated on open: their rows belong to ``InstanceID/legacy``.
 public enum MarkerTable {
     /// Table names are spliced into SQL text, so only letters, digits and underscores, not
     /// starting with a digit.
@@ -27,44 +29,66 @@ public enum MarkerTable {
 
 extension MarkerTable {
     /// The statements every SQL backend runs on the marker table, in SQL that SQLite and MySQL
-    /// both accept. Only the fencing insert's verb differs (`INSERT OR IGNORE`, `INSERT IGNORE`).
+    /// both accept. Every row is keyed by `(instance, saga_id)`, and every statement names its
+    /// instance: coordinators that share the table never touch each other's rows. Only the
+    /// fencing insert's verb and the locking read differ between dialects.
+    ///
+    /// Lists of ids are bound in a few fixed sizes (``listSizes``, padded by repeating the
+    /// last id), so a backend's statement cache holds a handful of texts, not one per length.
     public struct Statements: Sendable {
         public let table: String
         public let insertIgnore: String
+        public let lockingRead: String
 
         /// - Parameters:
         ///   - table: a name checked with ``MarkerTable/isValidName(_:)``.
         ///   - insertIgnore: the dialect's "insert unless the key exists".
-        public init(table: String, insertIgnore: String) {
+        ///   - lockingRead: what makes a `SELECT` read the newest committed rows inside a
+        ///     transaction, waiting for writers (MySQL: ` LOCK IN SHARE MODE`; SQLite, whose
+        ///     writer holds the whole database: empty).
+        public init(table: String, insertIgnore: String, lockingRead: String = "") {
             self.table = table
             self.insertIgnore = insertIgnore
+            self.lockingRead = lockingRead
         }
+
+        /// The sizes id lists are bound in.
+        public static let listSizes = [1, 4, 16, 64, 256]
 
         static func key(_ id: SagaID) -> SQLValue { .integer(Int64(bitPattern: id.rawValue)) }
+        static func key(_ instance: InstanceID) -> SQLValue { .integer(Int64(bitPattern: instance.rawValue)) }
 
-        public func insertCommitted(_ id: SagaID, on db: any SQLExecutor) throws {
-            try db.execute("INSERT INTO \(table) (saga_id, status) VALUES (?, 'committed')", [Self.key(id)])
+        /// Splits `ids` into chunks of at most 256, each padded to one of ``listSizes``.
+        static func chunks(_ ids: [SagaID]) -> [[SagaID]] {
+            stride(from: 0, to: ids.count, by: 256).map { start in
+                var chunk = Array(ids[start..<min(start + 256, ids.count)])
+                let size = listSizes.first { $0 >= chunk.count } ?? chunk.count
+                if let last = chunk.last { chunk += Array(repeating: last, count: size - chunk.count) }
+                return chunk
+            }
         }
 
-        /// The fencing insert, then the row that holds the id decides.
-        public func fence(_ id: SagaID, on db: any SQLExecutor) throws -> FenceDecision {
-            try db.execute("\(insertIgnore) INTO \(table) (saga_id, status) VALUES (?, 'aborted')", [Self.key(id)])
-            let status = try db.query("SELECT status FROM \(table) WHERE saga_id = ?", [Self.key(id)]).first?[0].string
-            return try MarkerTable.decision(status: status, saga: id)
+        /// `(?, ?), (?, ?)...` or `?, ?...` for `count` ids.
+        private static func list(_ item: String, _ count: Int) -> String {
+            Array(repeating: item, count: count).joined(separator: ",")
         }
 
-        /// Fences many ids inside the caller's transaction, in chunks of 256 bound ids: one
-        /// multi-row fencing insert, then one read of the rows that hold the ids. The decisions
+        public func insertCommitted(_ id: SagaID, instance: InstanceID, on db: any SQLExecutor) throws {
+            try db.execute("INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, 'committed')", [Self.key(instance), Self.key(id)])
+        }
+
+        /// Fences ids inside the caller's transaction, in chunks of at most 256: one
+        /// multi-row fencing insert, then one locking read of the rows that hold the ids (a
+        /// locking read sees rows committed since the transaction's first read). The decisions
         /// hold once the caller's transaction has committed.
-        public func fence(_ ids: [SagaID], on db: any SQLExecutor) throws -> [SagaID: FenceDecision] {
+        public func fence(_ ids: [SagaID], instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID: FenceDecision] {
             var out: [SagaID: FenceDecision] = [:]
-            for start in stride(from: 0, to: ids.count, by: 256) {
-                let chunk = Array(ids[start..<min(start + 256, ids.count)])
-                let rows = Array(repeating: "(?, 'aborted')", count: chunk.count).joined(separator: ",")
-                try db.execute("\(insertIgnore) INTO \(table) (saga_id, status) VALUES \(rows)", chunk.map(Self.key))
-                let placeholders = Array(repeating: "?", count: chunk.count).joined(separator: ",")
+            for chunk in Self.chunks(ids) {
+                let rows = Self.list("(?, ?, 'aborted')", chunk.count)
+                try db.execute("\(insertIgnore) INTO \(table) (instance, saga_id, status) VALUES \(rows)", chunk.flatMap { [Self.key(instance), Self.key($0)] })
                 var status: [SagaID: String] = [:]
-                for row in try db.query("SELECT saga_id, status FROM \(table) WHERE saga_id IN (\(placeholders))", chunk.map(Self.key)) {
+                let read = "SELECT saga_id, status FROM \(table) WHERE instance = ? AND saga_id IN (\(Self.list("?", chunk.count)))\(lockingRead)"
+                for row in try db.query(read, [Self.key(instance)] + chunk.map(Self.key)) {
                     if let id = row[0].int64, let s = row[1].string { status[SagaID(UInt64(bitPattern: id))] = s }
                 }
                 for id in chunk { out[id] = try MarkerTable.decision(status: status[id], saga: id) }
@@ -72,12 +96,12 @@ extension MarkerTable {
             return out
         }
 
-        /// ``fence(_:on:)-(SagaID,_)`` for many ids in one transaction of its own on `conn`,
-        /// committed before the decisions are returned.
-        public func fenceInTransaction(_ ids: [SagaID], on conn: any SQLConnection) throws -> [SagaID: FenceDecision] {
+        /// ``fence(_:instance:on:)`` in one transaction of its own on `conn`, committed before
+        /// the decisions are returned.
+        public func fenceInTransaction(_ ids: [SagaID], instance: InstanceID, on conn: any SQLConnection) throws -> [SagaID: FenceDecision] {
             try conn.begin()
             let decisions: [SagaID: FenceDecision]
-            do { decisions = try fence(ids, on: conn) } catch {
+            do { decisions = try fence(ids, instance: instance, on: conn) } catch {
                 try? conn.rollback()
                 throw error
             }
@@ -87,20 +111,20 @@ extension MarkerTable {
             }
         }
 
-        public func ids(on db: any SQLExecutor) throws -> [SagaID] {
-            try db.query("SELECT saga_id FROM \(table) ORDER BY saga_id", []).compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
+        public func ids(instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID] {
+            try db.query("SELECT saga_id FROM \(table) WHERE instance = ? ORDER BY saga_id", [Self.key(instance)])
+                .compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
         }
 
-        public func maxID(on db: any SQLExecutor) throws -> SagaID? {
-            try db.query("SELECT MAX(saga_id) FROM \(table)", []).first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
+        public func maxID(instance: InstanceID, on db: any SQLExecutor) throws -> SagaID? {
+            try db.query("SELECT MAX(saga_id) FROM \(table) WHERE instance = ?", [Self.key(instance)])
+                .first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
         }
 
-        /// Deletes in chunks of 256 bound ids.
-        public func delete(_ ids: [SagaID], on db: any SQLExecutor) throws {
-            for start in stride(from: 0, to: ids.count, by: 256) {
-                let chunk = ids[start..<min(start + 256, ids.count)]
-                let placeholders = Array(repeating: "?", count: chunk.count).joined(separator: ",")
-                try db.execute("DELETE FROM \(table) WHERE saga_id IN (\(placeholders))", chunk.map(Self.key))
+        /// Deletes in chunks of at most 256 bound ids.
+        public func delete(_ ids: [SagaID], instance: InstanceID, on db: any SQLExecutor) throws {
+            for chunk in Self.chunks(ids) {
+                try db.execute("DELETE FROM \(table) WHERE instance = ? AND saga_id IN (\(Self.list("?", chunk.count)))", [Self.key(instance)] + chunk.map(Self.key))
             }
         }
     }

@@ -95,19 +95,16 @@ public protocol DurabilityError: Error {
 extension SQLConnection {
     public func markTransaction() throws {}
     public func transactionSurvived() -> Bool { isInTransaction }
+    public var session: SQLSession? { nil }
+    public func endSessions(_ sessions: [SQLSession]) throws {}
+    public func isUsableAfterIdling() -> Bool { !isBroken && !isInTransaction }
 
-    public func commit(insertingMarker id: SagaID) -> CommitResult {
-        do { try insertMarker(id) } catch {
+    public func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult {
+        do { try insertMarker(id, instance: instance) } catch {
             if isInTransaction { try? rollback() }
             return .failed(error)
         }
         return commit()
-    }
-
-    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] {
-        var out: [SagaID: FenceDecision] = [:]
-        for id in ids { out[id] = try fence(id) }
-        return out
     }
 }
 
@@ -267,24 +264,36 @@ public protocol SQLConnection: SQLExecutor {
     /// After such a statement: whether the transaction marked before it is still the open one.
     /// The default answers ``isInTransaction``.
     func transactionSurvived() -> Bool
-    /// Inserts the marker row `(id, committed)` inside the open transaction.
-    func insertMarker(_ id: SagaID) throws
+    /// Inserts the marker row `(instance, id, committed)` inside the open transaction.
+    func insertMarker(_ id: SagaID, instance: InstanceID) throws
     /// Inserts the marker row, then commits: the saga's decision point. A backend may send both
-    /// in one round trip; the default runs ``insertMarker(_:)`` then ``commit()``. A failed
-    /// insert means COMMIT was never sent: `.failed`, with the transaction rolled back.
-    func commit(insertingMarker id: SagaID) -> CommitResult
-    /// Outside any transaction: inserts `(id, aborted)` unless a row for `id` exists, waiting
-    /// for any transaction that holds it, then reports whose row holds the id.
-    func fence(_ id: SagaID) throws -> FenceDecision
-    /// Fences many sagas at once (recovery): the same inserts and reads in one transaction,
-    /// committed before any decision is returned. The default fences one at a time.
-    func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision]
-    /// The ids of all marker rows.
-    func markerIDs() throws -> [SagaID]
-    /// The largest saga id in the marker table, if any.
-    func maxMarkerID() throws -> SagaID?
-    /// Deletes marker rows (outside any transaction).
-    func deleteMarkers(_ ids: [SagaID]) throws
+    /// in one round trip; the default runs ``insertMarker(_:instance:)`` then ``commit()``. A
+    /// failed insert means COMMIT was never sent: `.failed`, with the transaction rolled back.
+    func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult
+    /// In a transaction of its own: inserts `(instance, id, aborted)` for every id that has no
+    /// row, waiting for any transaction that holds one, reads whose row holds each id, and
+    /// commits before returning the decisions.
+    func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision]
+    /// The ids of the instance's marker rows.
+    func markerIDs(instance: InstanceID) throws -> [SagaID]
+    /// The largest saga id among the instance's marker rows, if any.
+    func maxMarkerID(instance: InstanceID) throws -> SagaID?
+    /// Deletes marker rows of the instance (outside any transaction).
+    func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws
+    /// The server session this connection's transactions run in, when the database can name
+    /// one (see ``SQLSession``). Read at ``begin()``, kept in the saga's `prepared` record.
+    /// The default is nil.
+    var session: SQLSession? { get }
+    /// Ends the named sessions if they still exist and waits until the server has let them go
+    /// (their transactions rolled back), so that no COMMIT sent on one of them can still land.
+    /// Sessions of an earlier run of the server are gone already. Throws if one cannot be
+    /// seen gone: nothing may then be decided. The default does nothing (a database whose
+    /// connections live only in this process).
+    func endSessions(_ sessions: [SQLSession]) throws
+    /// Before an idle pooled connection is lent again: whether it is still alive, with no
+    /// transaction open (MySQL asks the server: it may have closed the connection after
+    /// `wait_timeout`). The default answers from what the connection knows.
+    func isUsableAfterIdling() -> Bool
     /// Closes the connection. After an unknown COMMIT outcome this lets the database recover
     /// what the failed connection left behind (SQLite's rollback journal or WAL).
     func close()

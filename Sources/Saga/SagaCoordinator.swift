@@ -88,6 +88,9 @@ public final class SagaCoordinator: Sendable {
     private let pool: ConnectionPool
     private let state = Locked(State())
     private let ids: IDLease
+    /// This coordinator's instance: every marker row it reads, writes or deletes carries it.
+    public let instance: InstanceID
+    private let claim: StoreClaim
     private let gcLock = Lock()
     private let recoveryLock = Lock()
 
@@ -103,14 +106,29 @@ public final class SagaCoordinator: Sendable {
         self.configuration = configuration
         self.logger = logger
         self.pool = ConnectionPool(database: sql, limit: configuration.poolSize)
+        // One journal, one coordinator: a second one on the same store (in this process; RocksDB
+        // refuses a second process itself) would decide the first one's sagas.
+        guard let claim = StoreClaim(kv) else { throw .misuse(.storeInUse) }
+        self.claim = claim
+        // One scan of the journal serves the instance, the id floor and recovery: nothing else
+        // writes records before recovery has run.
+        let journal: [(key: Bytes, value: Bytes)]
+        do {
+            journal = try kv.journalEntries()
+            instance = try InstanceID.load(from: kv, journal: journal)
+        } catch let e as SagaError {
+            throw e
+        } catch {
+            throw .stopped(reason: "cannot read the journal or store the instance id: \(error)")
+        }
         var floor: UInt64 = 0
         let maxMarker: SagaID?
         do {
-            let conn = try pool.take()
+            let conn = try pool.take().connection
             // Closed, not pooled, when a check fails: nothing leaks.
             do {
                 try conn.ensureMarkerTable()
-                maxMarker = try conn.maxMarkerID()
+                maxMarker = try conn.maxMarkerID(instance: instance)
             } catch {
                 conn.close()
                 throw error
@@ -123,11 +141,7 @@ public final class SagaCoordinator: Sendable {
             guard maxMarker.isValid else { throw .sqlFailed(saga: nil, step: .begin, underlying: SagaID.OutOfRange(id: maxMarker, place: "the marker table")) }
             floor = maxMarker.rawValue + 1
         }
-        // One scan of the journal serves the id floor and recovery: nothing else writes
-        // records before recovery has run.
-        let journal: [(key: Bytes, value: Bytes)]
         do {
-            journal = try kv.journalEntries()
             for (key, _) in journal {
                 guard let id = JournalRecord.saga(fromKey: key) else { continue }
                 guard id.isValid else {
@@ -139,7 +153,7 @@ public final class SagaCoordinator: Sendable {
         } catch let e as SagaError {
             throw e
         } catch {
-            throw .stopped(reason: "cannot read the journal or persist the id lease: \(error)")
+            throw .stopped(reason: "cannot persist the id lease: \(error)")
         }
         let report = try recover(atOpen: true, journal: journal)
         if let corrupt = report.problems.first(where: { if case .journalCorrupt = $0 { true } else { false } }) {
@@ -148,6 +162,13 @@ public final class SagaCoordinator: Sendable {
         if !report.committed.isEmpty || !report.compensated.isEmpty || !report.isClean {
             logger.notice("\(report)")
         }
+    }
+
+    /// The instance id of the journal in `kv`, created (and stored, synced) if the journal has
+    /// none yet: what the coordinator that opens on `kv` will use. For tools and tests that
+    /// read or write marker rows outside a coordinator.
+    public static func instance(in kv: any KVStore) throws -> InstanceID {
+        try InstanceID.load(from: kv, journal: try kv.journalEntries())
     }
 
     /// Sagas that are prepared but undecided or unfinished; their keys stay locked until
@@ -159,6 +180,7 @@ public final class SagaCoordinator: Sendable {
     public func close() {
         state.withLock { $0.closed = true }
         pool.closeAll()
+        claim.release()
     }
 
     // MARK: - Running a saga
@@ -201,17 +223,14 @@ public final class SagaCoordinator: Sendable {
         // 1. Begin.
         let conn: any SQLConnection
         do {
-            conn = try pool.take()
-        } catch {
-            throw .sqlFailed(saga: id, step: .begin, underlying: error)
-        }
-        do {
             try hook(.begin, id)
-            try conn.begin()
+            conn = try beginTransaction()
         } catch {
-            conn.close()
             throw .sqlFailed(saga: id, step: .begin, underlying: error)
         }
+        // The server session the transaction runs in: a COMMIT sent on it may arrive late, so
+        // it must be seen gone before an unknown outcome is decided (after a crash too).
+        let session = conn.session
 
         // 2. Body (3. locks are taken as keys are touched).
         let saga = Saga(id: id, connection: conn, context: SagaContext(kv: kv, locks: locks, lockTimeout: configuration.lockTimeout))
@@ -237,7 +256,7 @@ public final class SagaCoordinator: Sendable {
                 let keys = writes.map(\.key)
                 let pre = try kv.multiGet(keys)
                 let entries = zip(writes, pre).map { JournalRecord.Entry(key: $0.key, preImage: $1, afterImage: $0.image) }
-                let prepared = JournalRecord(saga: id, state: .prepared, entries: entries)
+                let prepared = JournalRecord(saga: id, state: .prepared, entries: entries, session: session)
                 let encoded = prepared.encoded()
                 if encoded.count > configuration.maxRecordSize {
                     throw SagaError.misuse(.sagaTooLarge(size: encoded.count, limit: configuration.maxRecordSize))
@@ -288,7 +307,7 @@ public final class SagaCoordinator: Sendable {
             // the marker would commit on its own.
             guard conn.isInTransaction else { throw TransactionEnded() }
             try hook(.commit, id)
-            outcome = conn.commit(insertingMarker: id)
+            outcome = conn.commit(insertingMarker: id, instance: instance)
         } catch {
             // COMMIT was never sent, so the transaction cannot commit.
             if conn.isInTransaction { try? conn.rollback() }
@@ -307,7 +326,7 @@ public final class SagaCoordinator: Sendable {
             // Proved failed, so undoing the KV side is right even after an I/O error; but
             // nothing runs on top of a store that failed a write until it is reopened.
             defer { if error.requiresReopen { stop("the SQL database failed I/O at COMMIT of \(id): \(error)") } }
-            let restored = try compensateOrHold(id, record, phase: .run, log: log)
+            let restored = try compensateOrHold(id, record, after: error, log: log)
             throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
 
         case .unknown(let error) where error.requiresReopen:
@@ -323,19 +342,37 @@ public final class SagaCoordinator: Sendable {
         case .unknown(let error):
             // Never assume a rollback. Close the failed connection (SQLite recovers its
             // journal), then decide with a fencing insert on a fresh connection that keeps the
-            // saga's turn at the database (it still holds its keys).
+            // saga's turn at the database (it still holds its keys), once the old session is
+            // gone: its COMMIT may still be on the way.
             log.warning("COMMIT outcome unknown: \(error); fencing")
             let fenceConnection = Result { try sql.connect(replacing: conn) }
-            switch fence([id], phase: .run, on: fenceConnection)?[id] {
+            switch fence([id], ending: session.map { [$0] } ?? [], phase: .run, on: fenceConnection)?[id] {
             case .committed:
                 finishCommitted(id, phase: .run, log: log)
                 return value
             case .aborted:
-                let restored = try compensateOrHold(id, record, phase: .run, log: log)
+                let restored = try compensateOrHold(id, record, after: error, log: log)
                 throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
             case nil:
                 end(id, record != nil ? .inDoubt : .abandoned)
                 throw .inDoubt(saga: id, underlying: error)
+            }
+        }
+    }
+
+    /// A connection with a transaction begun on it. A pooled connection whose BEGIN fails is
+    /// closed and the next one tried (the server may have closed it while it sat idle: nothing
+    /// of a saga had run on it); a new connection's failure is the saga's.
+    private func beginTransaction() throws -> any SQLConnection {
+        while true {
+            let (conn, reused) = try pool.take()
+            do {
+                try conn.begin()
+                return conn
+            } catch {
+                conn.close()
+                if !reused { throw error }
+                logger.debug("BEGIN on a pooled connection failed (\(error)); trying another")
             }
         }
     }
@@ -429,21 +466,22 @@ public final class SagaCoordinator: Sendable {
         }
     }
 
-    /// Undoes a failed saga. On success the saga is finished; when compensation cannot be
-    /// done, the saga stays prepared, its keys stay locked, and the error says why.
-    private func compensateOrHold(_ id: SagaID, _ record: JournalRecord?, phase: SagaPhase, log: Logger) throws(SagaError) -> Int {
+    /// Undoes a saga whose COMMIT failed (`commitError`). On success the saga is finished;
+    /// when compensation cannot be done, the saga stays prepared, its keys stay locked, and the
+    /// error carries both the COMMIT's error and why the undo stopped.
+    private func compensateOrHold(_ id: SagaID, _ record: JournalRecord?, after commitError: any Error, log: Logger) throws(SagaError) -> Int {
         // Nothing reached the KV store (a saga that only read keys): nothing to undo, but its
         // locks must go all the same.
         guard let record else {
             end(id, .finished)
             return 0
         }
-        switch compensate([record], phase: phase)[record.saga] {
+        switch compensate([record], phase: .run)[record.saga] {
         case .success(let restored)?:
             return restored
         case .failure(let error)?:
-            log.error("compensation stopped: \(error)")
-            throw error
+            log.error("compensation after the failed COMMIT (\(commitError)) stopped: \(error)")
+            throw .compensationFailedAfterCommit(saga: id, commitError: commitError, compensation: error)
         case nil:
             preconditionFailure("compensate answers for every record")
         }
@@ -522,16 +560,17 @@ public final class SagaCoordinator: Sendable {
     }
 
     /// Fences sagas in one transaction on a fresh connection (or `connection`, opened for the
-    /// purpose). nil when the database cannot be reached (or a hook refused): none of them is
+    /// purpose), once the sessions their transactions ran in are gone. nil when the database
+    /// cannot be reached, a session cannot be seen gone (or a hook refused): none of them is
     /// decided.
-    private func fence(_ ids: [SagaID], phase: SagaPhase, on connection: Result<any SQLConnection, any Error>? = nil) -> [SagaID: FenceDecision]? {
+    private func fence(_ ids: [SagaID], ending sessions: [SQLSession], phase: SagaPhase, on connection: Result<any SQLConnection, any Error>? = nil) -> [SagaID: FenceDecision]? {
         let what = ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"
         do {
             let conn = try (connection ?? Result { try sql.connect() }).get()
             defer { conn.close() }
             for id in ids { try hook(.resolve, id, phase: phase) }
-            // One saga: the fencing insert autocommits on its own; many: one transaction.
-            let decisions = ids.count == 1 ? [ids[0]: try conn.fence(ids[0])] : try conn.fence(ids)
+            if !sessions.isEmpty { try conn.endSessions(sessions) }
+            let decisions = try conn.fence(ids, instance: instance)
             logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(what))")
             return decisions
         } catch {
@@ -629,7 +668,8 @@ public final class SagaCoordinator: Sendable {
         }
         for start in stride(from: 0, to: candidates.count, by: Self.recoveryChunk) {
             let chunk = Array(candidates[start..<min(start + Self.recoveryChunk, candidates.count)])
-            guard let decisions = fence(chunk.map(\.saga), phase: .recovery) else {
+            let sessions = Array(Set(chunk.compactMap(\.session)))
+            guard let decisions = fence(chunk.map(\.saga), ending: sessions, phase: .recovery) else {
                 report.inDoubt += chunk.map(\.saga)
                 continue
             }
@@ -661,11 +701,11 @@ public final class SagaCoordinator: Sendable {
     /// before any saga runs, a marker with no record belongs to a finished saga.
     private func removeOrphanMarkers(keeping journaled: Set<SagaID>) {
         do {
-            let conn = try pool.take()
+            let conn = try pool.take().connection
             defer { pool.giveBack(conn) }
-            let orphans = try conn.markerIDs().filter { !journaled.contains($0) }
+            let orphans = try conn.markerIDs(instance: instance).filter { !journaled.contains($0) }
             if !orphans.isEmpty {
-                try conn.deleteMarkers(orphans)
+                try conn.deleteMarkers(orphans, instance: instance)
                 logger.debug("removed \(orphans.count) orphan marker row(s)")
             }
         } catch {
@@ -708,9 +748,9 @@ public final class SagaCoordinator: Sendable {
             guard !markers.isEmpty else { return 0 }
             do {
                 try hook(.gcMarkers, nil, phase: .gc)
-                let conn = try pool.take()
+                let conn = try pool.take().connection
                 defer { pool.giveBack(conn) }
-                try conn.deleteMarkers(markers)
+                try conn.deleteMarkers(markers, instance: instance)
             } catch {
                 state.withLock { $0.markersToDelete.append(contentsOf: markers) }
                 throw .sqlFailed(saga: nil, step: .gcMarkers, underlying: error)

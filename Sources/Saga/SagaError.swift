@@ -35,6 +35,12 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// Writing the compensating batch failed. The saga stays `prepared` with its keys
     /// locked; recovery (or reopening) finishes it.
     case compensationFailed(saga: SagaID, underlying: any Error)
+    /// `COMMIT` failed (or was fenced off: it can never commit), and undoing the saga's KV
+    /// writes did not finish: `compensation` says why (``compensationFailed(saga:underlying:)``
+    /// or ``foreignWrite(saga:key:preImage:afterImage:current:)``). The SQL side holds none
+    /// of the saga; the saga stays `prepared` with its keys locked, and recovery (or a human,
+    /// for a foreign write) finishes the undo.
+    indirect case compensationFailedAfterCommit(saga: SagaID, commitError: any Error, compensation: SagaError)
     /// A key lock was not granted in time. The saga was rolled back, nothing was written.
     /// Retry; a timeout can also be a deadlock through the SQL database's own locks.
     case lockTimeout(saga: SagaID, keys: [Bytes], heldBy: [SagaID])
@@ -64,6 +70,9 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         /// be larger than ``SagaCoordinator/Configuration/maxRecordSize``.
         case sagaTooLarge(size: Int, limit: Int)
         case closed
+        /// Another coordinator of this process has the KV store open: one journal, one
+        /// coordinator (a second one would decide the first one's sagas).
+        case storeInUse
         /// A configuration value out of range, named with the reason.
         case invalidConfiguration(String)
 
@@ -78,6 +87,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             case .transactionControl(let sql): "`\(sql)` starts or ends a transaction, which the saga owns (it commits or rolls back when the body returns or throws); not run"
             case .sagaTooLarge(let size, let limit): "the saga's journal record (its keys with their pre- and after-images) takes \(size) bytes, over the limit of \(limit) bytes (Configuration.maxRecordSize); split the work into smaller sagas"
             case .closed: "the coordinator is closed"
+            case .storeInUse: "the KV store already has an open coordinator in this process; close it first (two coordinators on one journal would decide each other's sagas)"
             case .invalidConfiguration(let why): "invalid configuration: \(why)"
             }
         }
@@ -88,7 +98,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         switch self {
         case .bodyFailed(let s, _), .transactionLost(let s, _), .kvWriteFailed(let s, _), .transactionEndedByStatement(let s, _, _),
              .commitFailed(let s, _, _), .inDoubt(let s, _), .foreignWrite(let s, _, _, _, _),
-             .compensationFailed(let s, _), .lockTimeout(let s, _, _), .deadlock(let s, _, _):
+             .compensationFailed(let s, _), .compensationFailedAfterCommit(let s, _, _), .lockTimeout(let s, _, _), .deadlock(let s, _, _):
             s
         case .sqlFailed(let s, _, _), .journalCorrupt(let s, _, _): s
         case .misuse, .stopped: nil
@@ -124,6 +134,8 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             "\(s): key \"\(key.debugText)\" was written behind the saga: pre-image \(describe(pre)), after-image \(describe(post)), current \(describe(cur)); nothing undone, saga left prepared with its keys locked: repair the key, then run recovery"
         case .compensationFailed(let s, let e):
             "\(s): writing the compensation failed (\(e)); saga left prepared with its keys locked, recovery will finish it"
+        case .compensationFailedAfterCommit(let s, let commitError, let compensation):
+            "\(s): COMMIT failed (\(commitError)), nothing of the saga is committed in SQL, and undoing its KV writes did not finish: \(compensation)"
         case .lockTimeout(let s, let keys, let holders):
             "\(s): lock wait timed out on \(keys.map { "\"\($0.debugText)\"" }.joined(separator: ", ")) held by \(holders.map(String.init(describing:)).joined(separator: ", ")); rolled back, nothing written"
         case .deadlock(let s, let keys, let cycle):

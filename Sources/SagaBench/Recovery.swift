@@ -35,6 +35,7 @@ struct RecoveryBench {
         let conn = try sql.connect()
         try conn.execute("CREATE TABLE IF NOT EXISTS bench_recovery (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)", [])
         let base: UInt64 = 1_000_000
+        let instance = try SagaCoordinator.instance(in: kv)
         var initial = KVWriteBatch()
         for i in 0..<count { initial.put(Bytes("r/\(i)".utf8), Bytes("before".utf8)) }
         try kv.write(initial, sync: true)
@@ -53,7 +54,7 @@ struct RecoveryBench {
             try conn.begin()
             for i in ids where i % 2 == 0 {
                 try conn.execute("INSERT INTO bench_recovery (id, v) VALUES (?, 1)", [.integer(Int64(i))])
-                try conn.insertMarker(SagaID(base + UInt64(i)))
+                try conn.insertMarker(SagaID(base + UInt64(i)), instance: instance)
             }
             if case .failed(let e) = conn.commit() { throw e }
         }

@@ -157,9 +157,11 @@ public enum ConformanceSuite {
                 try env.arrangeCommitFailure(in: saga)
             }
         }
-        guard case .foreignWrite(let id, let key, let pre, let post, let current) = error else {
-            throw ConformanceFailure(description: "expected foreignWrite, got \(error)")
+        // The error carries both: why COMMIT failed, and why the undo stopped.
+        guard case .compensationFailedAfterCommit(let id, let commitError, .foreignWrite(_, let key, let pre, let post, let current)) = error else {
+            throw ConformanceFailure(description: "expected compensationFailedAfterCommit(foreignWrite), got \(error)")
         }
+        try check("\(error)".contains("\(commitError)") && "\(error)".contains("written behind the saga"), "the message names the COMMIT's error and the foreign write: \(error)")
         try check(key == Bytes("f".utf8) && pre == Bytes("pre".utf8) && post == Bytes("post".utf8) && current == Bytes("foreign".utf8),
                   "the error names the key and the three values: \(error)")
         try check(!error.isRetryable, "not retryable")
@@ -210,7 +212,7 @@ public enum ConformanceSuite {
             defer { conn.close() }
             try conn.begin()
             try conn.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("p"), .integer(1)])
-            try conn.insertMarker(id)
+            try conn.insertMarker(id, instance: try SagaCoordinator.instance(in: env.kv))
             guard case .committed = conn.commit() else { throw ConformanceFailure(description: "set-up commit failed") }
         }
     }
@@ -265,7 +267,7 @@ public enum ConformanceSuite {
         let conn = try env.sql.connect()
         defer { conn.close() }
         try conn.begin()
-        try conn.insertMarker(id)
+        try conn.insertMarker(id, instance: try SagaCoordinator.instance(in: env.kv))
         guard case .committed = conn.commit() else { throw ConformanceFailure(description: "set-up commit failed") }
     }
 
@@ -365,11 +367,16 @@ public enum ConformanceSuite {
         // A marker with a larger id than anything journaled (a KV store restored from an old
         // backup) pushes the lease past it too.
         c = nil
-        try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (?, 'committed')", [.integer(Int64(second.rawValue) + 500_000)])
+        try env.sqlExecute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, ?, 'committed')",
+                           [.integer(Int64(try SagaCoordinator.instance(in: env.kv).rawValue)), .integer(Int64(second.rawValue) + 500_000)])
+        // Another instance's markers (a second node on the same database) move nothing.
+        try env.sqlExecute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, ?, 'committed')",
+                           [.integer(Int64(try SagaCoordinator.instance(in: env.kv).rawValue ^ 1)), .integer(Int64(second.rawValue) + 900_000)])
         try env.reopen()
         c = try env.coordinator()
         let third = try c?.run { saga in try saga.kv.put("i", "3"); return saga.id }
         try check((third?.rawValue ?? 0) > second.rawValue + 500_000, "lease starts past the marker table's largest id")
+        try check((third?.rawValue ?? 0) < second.rawValue + 900_000, "another instance's marker ids do not move the lease (\(third.map { "\($0)" } ?? "none"))")
     }
 
     static func garbageCollectionOrder(_ env: any HarnessEnvironment) throws {
@@ -648,7 +655,7 @@ public enum ConformanceSuite {
         try conn.begin()
         for i in stride(from: 0, to: count, by: 2) {
             try conn.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("p\(i)"), .integer(Int64(i))])
-            try conn.insertMarker(SagaID(UInt64(1_000 + i)))
+            try conn.insertMarker(SagaID(UInt64(1_000 + i)), instance: try SagaCoordinator.instance(in: env.kv))
         }
         guard case .committed = conn.commit() else { throw ConformanceFailure(description: "set-up commit failed") }
 

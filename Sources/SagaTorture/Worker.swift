@@ -128,7 +128,7 @@ struct Worker: ParsableCommand {
                             return
                         }
                         switch e {
-                        case .inDoubt, .stopped, .compensationFailed, .foreignWrite, .kvWriteFailed:
+                        case .inDoubt, .stopped, .compensationFailed, .compensationFailedAfterCommit, .foreignWrite, .kvWriteFailed:
                             // As a node would: reopen both stores; recovery at open decides.
                             do { try node.reopen(ifGeneration: result.1) } catch {
                                 failures.withLock { $0.append("reopen failed: \(error)") }
@@ -156,6 +156,7 @@ struct Worker: ParsableCommand {
             let mustStop = stops.contains { e in
                 switch e {
                 case .kvWriteFailed, .compensationFailed, .stopped: true
+                case .compensationFailedAfterCommit(_, _, let undo): if case .compensationFailed = undo { true } else { false }
                 default: false
                 }
             }
@@ -249,7 +250,7 @@ extension SagaError {
     /// Errors after which a node cannot go on without reopening its stores.
     var stopsTheNode: Bool {
         switch self {
-        case .inDoubt, .stopped, .compensationFailed, .foreignWrite, .kvWriteFailed: true
+        case .inDoubt, .stopped, .compensationFailed, .compensationFailedAfterCommit, .foreignWrite, .kvWriteFailed: true
         default: false
         }
     }
@@ -266,6 +267,7 @@ extension SagaError {
         case .inDoubt: "inDoubt"
         case .foreignWrite: "foreignWrite"
         case .compensationFailed: "compensationFailed"
+        case .compensationFailedAfterCommit(_, _, let undo): "\(undo.kind) after a failed COMMIT"
         case .lockTimeout: "lockTimeout"
         case .deadlock: "deadlock"
         case .journalCorrupt: "journalCorrupt"

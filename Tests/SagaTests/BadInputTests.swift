@@ -257,7 +257,7 @@ struct BadInputTests {
         do {
             let env = try SQLiteEnvironment()
             defer { env.destroy() }
-            try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (-1, 'committed')")
+            try env.sqlExecute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, -1, 'committed')", [.integer(Int64(try SagaCoordinator.instance(in: env.kv).rawValue))])
             let error = try expectSagaError { try env.coordinator() }
             #expect("\(error)".contains("holds saga id -1, outside 1...9223372036854775807"), "\(error)")
         }
@@ -265,7 +265,7 @@ struct BadInputTests {
             // The last id a marker can name leaves no id to hand out: refused, not wrapped.
             let env = try SQLiteEnvironment()
             defer { env.destroy() }
-            try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (?, 'committed')", [.integer(Int64.max)])
+            try env.sqlExecute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, ?, 'committed')", [.integer(Int64(try SagaCoordinator.instance(in: env.kv).rawValue)), .integer(Int64.max)])
             let error = try expectSagaError { try env.coordinator() }
             #expect("\(error)".contains("exhausted"), "\(error)")
         }
@@ -307,8 +307,8 @@ struct BadInputTests {
         #expect(counting.opened >= 1 && counting.open == 0, "every connection closed: \(counting.open) of \(counting.opened) left open")
         // A check that fails after the connection went back to the pool: the pool is closed.
         try env.sqlExecute("DROP TABLE saga_markers")
-        try env.sqlExecute("CREATE TABLE saga_markers (saga_id INTEGER PRIMARY KEY, status TEXT)")
-        try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (-1, 'committed')")
+        try env.sqlExecute("CREATE TABLE saga_markers (instance INTEGER, saga_id INTEGER, status TEXT, PRIMARY KEY (instance, saga_id))")
+        try env.sqlExecute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, -1, 'committed')", [.integer(Int64(try SagaCoordinator.instance(in: env.kv).rawValue))])
         _ = try expectSagaError { try SagaCoordinator(kv: env.kv, sql: counting) }
         #expect(counting.open == 0, "every connection closed: \(counting.open) of \(counting.opened) left open")
     }
@@ -346,13 +346,15 @@ final class ReportingConnection: SQLConnection {
     var isInTransaction: Bool { base.isInTransaction }
     var isBroken: Bool { base.isBroken }
     func transactionState(after error: any Error) -> TransactionState { base.transactionState(after: error) }
-    func insertMarker(_ id: SagaID) throws { try base.insertMarker(id) }
-    func commit(insertingMarker id: SagaID) -> CommitResult { base.commit(insertingMarker: id) }
-    func fence(_ id: SagaID) throws -> FenceDecision { try base.fence(id) }
-    func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] { try base.fence(ids) }
-    func markerIDs() throws -> [SagaID] { try base.markerIDs() }
-    func maxMarkerID() throws -> SagaID? { try base.maxMarkerID() }
-    func deleteMarkers(_ ids: [SagaID]) throws { try base.deleteMarkers(ids) }
+    func insertMarker(_ id: SagaID, instance: InstanceID) throws { try base.insertMarker(id, instance: instance) }
+    func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult { base.commit(insertingMarker: id, instance: instance) }
+    func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision] { try base.fence(ids, instance: instance) }
+    func markerIDs(instance: InstanceID) throws -> [SagaID] { try base.markerIDs(instance: instance) }
+    func maxMarkerID(instance: InstanceID) throws -> SagaID? { try base.maxMarkerID(instance: instance) }
+    func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws { try base.deleteMarkers(ids, instance: instance) }
+    var session: SQLSession? { base.session }
+    func endSessions(_ sessions: [SQLSession]) throws { try base.endSessions(sessions) }
+    func isUsableAfterIdling() -> Bool { base.isUsableAfterIdling() }
     func close() {
         base.close()
         onClose?()

@@ -94,7 +94,7 @@ struct MySQLFailureTests {
         let old = try env.mysql.openConnection()
         defer { old.close() }
         try old.begin()
-        try old.insertMarker(id)
+        try old.insertMarker(id, instance: InstanceID(7))
         let decided = LockedBox<String>()
         let done = DispatchSemaphore(value: 0)
         let url = env.directURL
@@ -102,7 +102,7 @@ struct MySQLFailureTests {
             do {
                 let fresh = try MySQLDatabase(url: url).openConnection()
                 defer { fresh.close() }
-                decided.value = "\(try fresh.fence(id))"
+                decided.value = (try fresh.fence([id], instance: InstanceID(7))[id]).map { "\($0)" } ?? "none"
             } catch {
                 decided.value = "error: \(error)"
             }
@@ -120,7 +120,7 @@ struct MySQLFailureTests {
         // Fenced: the old transaction's id can never commit later.
         if !commits {
             try old.begin()
-            #expect(throws: MySQLError.self) { try old.insertMarker(id) }
+            #expect(throws: MySQLError.self) { try old.insertMarker(id, instance: InstanceID(7)) }
             try old.rollback()
         }
     }

@@ -183,7 +183,7 @@ struct RealFailureTests {
             }
         }
         saga_fault_fsync_disarm()
-        guard case .compensationFailed = error else { Issue.record("expected compensationFailed, got \(error)"); return }
+        guard case .compensationFailedAfterCommit(_, _, .compensationFailed) = error else { Issue.record("expected compensationFailedAfterCommit(compensationFailed), got \(error)"); return }
         let next = try expectSagaError { try c?.run { saga in try saga.kv.put("other", "x") } }
         guard case .stopped(let reason) = next else { Issue.record("expected stopped, got \(next)"); return }
         #expect(reason.contains("compensating write"), "\(reason)")

@@ -13,7 +13,7 @@ enum MySQLLibrary {
 /// values are bound, never spliced into SQL text.
 public final class MySQLConnection: SQLConnection {
     private var handle: UnsafeMutablePointer<MYSQL>?
-    private var statements: [String: UnsafeMutablePointer<MYSQL_STMT>] = [:]
+    private let statements: StatementCache<UnsafeMutablePointer<MYSQL_STMT>>
     private let markerTable: String
     private let markers: MarkerTable.Statements
     public let url: MySQLURL
@@ -23,6 +23,9 @@ public final class MySQLConnection: SQLConnection {
     private var transactionGone = false
     /// The server could not say whether a transaction is open: never reuse the connection.
     private var stateUnknown = false
+    /// When the server started (seconds since 1970), read at connect: tells a session of this
+    /// run of the server from one of an earlier run whose id was reused.
+    private var serverStart: UInt64 = 0
 
     init(url: MySQLURL, configuration: MySQLDatabase.Configuration) throws {
         guard MySQLLibrary.initialized else {
@@ -30,7 +33,8 @@ public final class MySQLConnection: SQLConnection {
         }
         self.url = url
         self.markerTable = configuration.markerTable
-        self.markers = MarkerTable.Statements(table: configuration.markerTable, insertIgnore: "INSERT IGNORE")
+        self.markers = MarkerTable.Statements(table: configuration.markerTable, insertIgnore: "INSERT IGNORE", lockingRead: " LOCK IN SHARE MODE")
+        self.statements = StatementCache(capacity: configuration.statementCacheSize) { mysql_stmt_close($0) }
         guard let mysql = mysql_init(nil) else { throw MySQLUsageError(description: "mysql_init failed (out of memory)") }
         var off: my_bool = 0
         mysql_options(mysql, MYSQL_OPT_RECONNECT, &off)
@@ -48,12 +52,37 @@ public final class MySQLConnection: SQLConnection {
             throw Self.explain(error, url: url)
         }
         handle = mysql
-        if mysql_set_character_set(mysql, "utf8mb4") != 0 {
-            let error = MySQLError(connection: mysql, context: "SET NAMES utf8mb4")
+        do {
+            try setUpSession(isolation: configuration.isolation)
+        } catch {
             close()
             throw error
         }
     }
+
+    /// What the protocol relies on, set explicitly rather than taken from the server's
+    /// defaults: the character set, autocommit on between sagas (a server started with
+    /// `--autocommit=0` would otherwise hold every fencing insert and marker delete in a
+    /// transaction that closing the connection rolls back), and the isolation level.
+    private func setUpSession(isolation: MySQLDatabase.Isolation) throws {
+        let db = try db()
+        if mysql_set_character_set(db, "utf8mb4") != 0 {
+            throw MySQLError(connection: db, context: "SET NAMES utf8mb4")
+        }
+        if mysql_autocommit(db, 1) != 0 {
+            throw MySQLError(connection: db, context: "SET autocommit=1")
+        }
+        try simple("SET SESSION TRANSACTION ISOLATION LEVEL \(isolation.rawValue)")
+        guard serverStatus & UInt32(SERVER_STATUS_AUTOCOMMIT) != 0 else {
+            throw MySQLUsageError(description: "the server did not turn autocommit on for the connection to \(url)")
+        }
+        let start = try query("SELECT CAST(UNIX_TIMESTAMP() - VARIABLE_VALUE AS SIGNED) FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'UPTIME'", [])
+        serverStart = start.first?[0].int64.map { UInt64(max($0, 0)) } ?? 0
+    }
+
+    /// The status bits of the server's last OK reply (`SERVER_STATUS_IN_TRANS`,
+    /// `SERVER_STATUS_AUTOCOMMIT`...).
+    private var serverStatus: UInt32 { handle?.pointee.server_status ?? 0 }
 
     /// Says which part of the URL is wrong when connecting fails.
     private static func explain(_ e: MySQLError, url: MySQLURL) -> MySQLError {
@@ -72,7 +101,6 @@ public final class MySQLConnection: SQLConnection {
     deinit { close() }
 
     public func close() {
-        for (_, stmt) in statements { mysql_stmt_close(stmt) }
         statements.removeAll()
         if let handle { mysql_close(handle) }
         handle = nil
@@ -107,7 +135,10 @@ public final class MySQLConnection: SQLConnection {
     // MARK: Prepared statements
 
     private func statement(_ sql: String) throws -> UnsafeMutablePointer<MYSQL_STMT> {
-        if let stmt = statements[sql] { return stmt }
+        try statements.statement(for: sql) { try prepare(sql) }
+    }
+
+    private func prepare(_ sql: String) throws -> UnsafeMutablePointer<MYSQL_STMT> {
         let db = try db()
         guard let stmt = mysql_stmt_init(db) else { throw record(MySQLError(connection: db, context: sql)) }
         if mysql_stmt_prepare(stmt, sql, UInt(sql.utf8.count)) != 0 {
@@ -117,7 +148,6 @@ public final class MySQLConnection: SQLConnection {
         }
         var update: my_bool = 1
         mysql_stmt_attr_set(stmt, STMT_ATTR_UPDATE_MAX_LENGTH, &update)
-        statements[sql] = stmt
         return stmt
     }
 
@@ -279,11 +309,16 @@ public final class MySQLConnection: SQLConnection {
     /// Whether a transaction is open: the server's own status flag (sent with every OK reply),
     /// unless the connection died or an error told us the server ended the transaction.
     public var isInTransaction: Bool {
-        guard let handle, !lost, !transactionGone else { return false }
-        return (handle.pointee.server_status & UInt32(SERVER_STATUS_IN_TRANS)) != 0
+        guard handle != nil, !lost, !transactionGone else { return false }
+        return serverStatus & UInt32(SERVER_STATUS_IN_TRANS) != 0
     }
 
     public var isBroken: Bool { handle == nil || lost || stateUnknown }
+
+    public var session: SQLSession? {
+        guard let handle, !lost else { return nil }
+        return SQLSession(id: UInt64(mysql_thread_id(handle)), serverStart: serverStart)
+    }
 
     /// A savepoint belongs to its transaction: if a statement commits the transaction (a
     /// `CALL` of a procedure that commits, an implicit commit) and another one opens, the
@@ -302,20 +337,39 @@ public final class MySQLConnection: SQLConnection {
         } catch {
             // 1305: no such savepoint, the transaction is another one. Anything else: the
             // connection cannot be trusted with a transaction any more.
-            if (error as? MySQLError)?.code != 1305 { stateUnknown = true }
+            if (error as? MySQLError)?.code != 1305 { giveUpOnState() }
             return false
         }
     }
 
+    /// Checks the status bits first: a connection that has a transaction open must never start
+    /// another (`START TRANSACTION` would commit it). Such a connection is given up.
     public func begin() throws {
+        if serverStatus & UInt32(SERVER_STATUS_IN_TRANS) != 0 {
+            giveUpOnState()
+            throw MySQLUsageError(description: "the connection to \(url) has a transaction open before BEGIN; closed instead of committing it")
+        }
         transactionGone = false
         try simple("START TRANSACTION")
     }
 
+    /// Sent whenever the connection lives, also after the server ended the transaction by
+    /// itself: a ROLLBACK too many costs nothing, one too few can leave a transaction open.
+    /// If it fails, the connection is given up (closing it makes the server roll back).
     public func rollback() throws {
         defer { transactionGone = false }
         guard handle != nil, !lost else { return }  // the server rolls back a lost connection
-        try simple("ROLLBACK")
+        do { try simple("ROLLBACK") } catch {
+            stateUnknown = true
+            throw error
+        }
+    }
+
+    /// The transaction state cannot be known: send ROLLBACK if the connection lives, and never
+    /// lend the connection again (``isBroken``); closing it makes the server roll back.
+    private func giveUpOnState() {
+        stateUnknown = true
+        if handle != nil, !lost { _ = try? simple("ROLLBACK") }
     }
 
     public func commit() -> CommitResult {
@@ -323,33 +377,47 @@ public final class MySQLConnection: SQLConnection {
             try simple("COMMIT")
             return .committed
         } catch let error as MySQLError {
-            // A lost connection: the COMMIT may have been executed, the reply lost. A server
-            // error with the transaction still open: it did not commit; roll back. Anything
-            // else cannot be proven either way.
-            if error.isConnectionLost { return .unknown(error) }
-            if serverSaysInTransaction() == true {
-                do { try simple("ROLLBACK") } catch { return .unknown(error) }
-                return .failed(error)
-            }
-            return .unknown(error)
+            return afterFailedCommit(error)
         } catch {
             return .unknown(error)
         }
     }
 
+    /// A failed COMMIT: a lost connection may have committed (the reply lost). A server error
+    /// with the transaction still open did not commit: roll back. Anything else cannot be
+    /// proven either way.
+    private func afterFailedCommit(_ error: MySQLError) -> CommitResult {
+        if error.isConnectionLost { return .unknown(error) }
+        switch probeTransaction() {
+        case true?:
+            do { try rollback() } catch { return .unknown(error) }
+            return .failed(error)
+        case false?:
+            return .unknown(error)
+        case nil:
+            giveUpOnState()
+            return .unknown(error)
+        }
+    }
+
     /// The marker insert and `COMMIT` in one round trip (a multi-statement text query, the
-    /// saga id a literal integer). The server runs `COMMIT` only if the insert succeeded; a
-    /// failed insert (a fencing row holds the id) leaves the transaction open, and it is rolled
-    /// back: failed. A lost connection: unknown.
-    public func commit(insertingMarker id: SagaID) -> CommitResult {
-        let sql = "INSERT INTO \(markerTable) (saga_id, status) VALUES (\(Int64(bitPattern: id.rawValue)), 'committed'); COMMIT"
+    /// instance and saga id literal integers). The server runs `COMMIT` only if the insert
+    /// succeeded; a failed insert (a fencing row holds the id) leaves the transaction open, and
+    /// it is rolled back: failed. A lost connection: unknown.
+    public func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult {
+        let sql = "INSERT INTO \(markerTable) (instance, saga_id, status) VALUES (\(Int64(bitPattern: instance.rawValue)), \(Int64(bitPattern: id.rawValue)), 'committed'); COMMIT"
         guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
         if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
             // The insert failed, so COMMIT never ran.
             let error = record(MySQLError(connection: db, context: sql))
             if error.isConnectionLost { return .unknown(error) }
-            if serverSaysInTransaction() == true {
-                do { try simple("ROLLBACK") } catch { return .unknown(error) }
+            switch probeTransaction() {
+            case true?:
+                do { try rollback() } catch { return .unknown(error) }
+            case false?:
+                break
+            case nil:
+                giveUpOnState()
             }
             return .failed(error)
         }
@@ -359,30 +427,26 @@ public final class MySQLConnection: SQLConnection {
             while mysql_next_result(db) == 0 {}  // nothing else was sent; drain defensively
             return .committed
         case let status where status > 0:
-            let error = record(MySQLError(connection: db, context: "COMMIT"))
-            if error.isConnectionLost { return .unknown(error) }
-            if serverSaysInTransaction() == true {
-                do { try simple("ROLLBACK") } catch { return .unknown(error) }
-                return .failed(error)
-            }
-            return .unknown(error)
+            return afterFailedCommit(record(MySQLError(connection: db, context: "COMMIT")))
         default:
             return .unknown(MySQLUsageError(description: "no reply to COMMIT after the marker insert"))
         }
     }
 
-    /// Asks the server whether this connection has a transaction open; nil if it cannot tell.
-    private func serverSaysInTransaction() -> Bool? {
-        guard !lost, let rows = try? query("SELECT @@in_transaction", []), let v = rows.first?[0].int64 else { return nil }
-        return v != 0
+    /// Asks the server whether this connection has a transaction open: a statement that needs
+    /// no prepared-statement slot and touches nothing (`DO 0`), whose OK reply carries the
+    /// status bits (portable: MySQL has no `@@in_transaction`). nil if it cannot tell.
+    private func probeTransaction() -> Bool? {
+        guard handle != nil, !lost, (try? simple("DO 0")) != nil else { return nil }
+        return serverStatus & UInt32(SERVER_STATUS_IN_TRANS) != 0
     }
 
     /// After a failed statement: is the transaction still open? A deadlock or a lock wait
     /// timeout that ended it rolled it back; a lost connection did too, unless the statement
     /// could commit (`COMMIT`, DDL). Anything else that ended the transaction is DDL whose
-    /// implicit commit ran before it failed: maybe committed. When the server cannot say,
-    /// the connection is marked broken, so it is closed (the server then rolls back), never
-    /// pooled with a transaction open.
+    /// implicit commit ran before it failed: maybe committed. When the server cannot say, the
+    /// connection is given up: ROLLBACK is sent, and it is closed (the server then rolls
+    /// back), never pooled with a transaction open.
     public func transactionState(after error: any Error) -> TransactionState {
         // Refused before it reached the server (wrong number of arguments...): nothing changed.
         guard let statement = (error as? MySQLError)?.context else { return isInTransaction ? .open : .rolledBack }
@@ -390,8 +454,8 @@ public final class MySQLConnection: SQLConnection {
             return TransactionState.statementMayCommit(statement) ? .mayBeCommitted : .rolledBack
         }
         if transactionGone { return .rolledBack }
-        guard let open = serverSaysInTransaction() else {
-            stateUnknown = true
+        guard let open = probeTransaction() else {
+            giveUpOnState()
             return TransactionState.statementMayCommit(statement) ? .mayBeCommitted : .rolledBack
         }
         if open { return .open }
@@ -400,31 +464,84 @@ public final class MySQLConnection: SQLConnection {
         return code == MySQLError.deadlock || code == MySQLError.lockWaitTimeout ? .rolledBack : .mayBeCommitted
     }
 
-    // MARK: Markers
-
-    public func ensureMarkerTable() throws {
-        try execute("""
-            CREATE TABLE IF NOT EXISTS \(markerTable) (
-                saga_id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
-                status ENUM('committed', 'aborted') NOT NULL
-            ) ENGINE=InnoDB
-            """, [])
+    /// A ping: the server may have closed an idle connection (`wait_timeout`).
+    public func isUsableAfterIdling() -> Bool {
+        guard let handle, !isBroken, !isInTransaction else { return false }
+        if mysql_ping(handle) != 0 {
+            lost = true
+            return false
+        }
+        return serverStatus & UInt32(SERVER_STATUS_IN_TRANS) == 0
     }
 
-    public func insertMarker(_ id: SagaID) throws { try markers.insertCommitted(id, on: self) }
+    /// `KILL CONNECTION` for each session of this run of the server that still exists, then
+    /// waits until none is listed any more (a killed session rolls back before it goes). A
+    /// session of an earlier run is gone already: its id may now name someone else's session,
+    /// so it is never killed. Throws if a session is still there after ``sessionEndTimeout``.
+    public func endSessions(_ sessions: [SQLSession]) throws {
+        let mine = session?.id
+        let live = sessions.filter { s in
+            s.id != mine && (s.serverStart == 0 || serverStart == 0 || s.serverStart.distance(to: serverStart).magnitude <= 2)
+        }
+        guard !live.isEmpty else { return }
+        for s in live {
+            do { try execute("KILL CONNECTION \(s.id)", []) } catch let e as MySQLError where e.code == 1094 {
+                continue  // unknown thread id: gone already
+            }
+        }
+        let ids = live.map { String($0.id) }.joined(separator: ",")
+        let deadline = ContinuousClock.now + Self.sessionEndTimeout
+        while true {
+            let left = try query("SELECT ID FROM information_schema.PROCESSLIST WHERE ID IN (\(ids))", [])
+            if left.isEmpty { return }
+            if ContinuousClock.now > deadline {
+                throw MySQLUsageError(description: "session(s) \(left.compactMap { $0[0].int64 }.map(String.init).joined(separator: ", ")) still there \(Self.sessionEndTimeout) after KILL; a COMMIT sent on one may still land, so the saga stays in doubt")
+            }
+            Thread.sleep(forTimeInterval: 0.005)
+        }
+    }
 
-    /// `INSERT IGNORE` on the primary key: InnoDB makes it wait until any transaction holding
-    /// that key has finished, either way. The row found afterwards decides.
-    public func fence(_ id: SagaID) throws -> FenceDecision { try markers.fence(id, on: self) }
+    static let sessionEndTimeout: Duration = .seconds(30)
 
-    /// Many fencing inserts in one transaction (recovery).
-    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] { try markers.fenceInTransaction(ids, on: self) }
+    // MARK: Markers
 
-    public func markerIDs() throws -> [SagaID] { try markers.ids(on: self) }
+    /// Creates the marker table, or migrates one of an earlier version (keyed by `saga_id`
+    /// alone) with one `ALTER TABLE`: its rows go to ``InstanceID/legacy``.
+    public func ensureMarkerTable() throws {
+        try simple("""
+            CREATE TABLE IF NOT EXISTS \(markerTable) (
+                instance BIGINT UNSIGNED NOT NULL,
+                saga_id BIGINT UNSIGNED NOT NULL,
+                status ENUM('committed', 'aborted') NOT NULL,
+                PRIMARY KEY (instance, saga_id)
+            ) ENGINE=InnoDB
+            """)
+        let hasInstance = try query("""
+            SELECT COUNT(*) FROM information_schema.COLUMNS
+            WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'instance'
+            """, [.text(markerTable)]).first?[0].int64 ?? 0
+        guard hasInstance == 0 else { return }
+        do {
+            try simple("ALTER TABLE \(markerTable) ADD COLUMN instance BIGINT UNSIGNED NOT NULL DEFAULT 0 FIRST, DROP PRIMARY KEY, ADD PRIMARY KEY (instance, saga_id)")
+        } catch let e as MySQLError where e.code == 1060 {
+            // Duplicate column: another client migrated it meanwhile.
+        }
+    }
 
-    public func maxMarkerID() throws -> SagaID? { try markers.maxID(on: self) }
+    public func insertMarker(_ id: SagaID, instance: InstanceID) throws { try markers.insertCommitted(id, instance: instance, on: self) }
 
-    public func deleteMarkers(_ ids: [SagaID]) throws { try markers.delete(ids, on: self) }
+    /// `INSERT IGNORE` on the primary key, in a transaction of its own: InnoDB makes it wait
+    /// until any transaction holding that key has finished, either way. A locking read of the
+    /// rows decides.
+    public func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision] {
+        try markers.fenceInTransaction(ids, instance: instance, on: self)
+    }
+
+    public func markerIDs(instance: InstanceID) throws -> [SagaID] { try markers.ids(instance: instance, on: self) }
+
+    public func maxMarkerID(instance: InstanceID) throws -> SagaID? { try markers.maxID(instance: instance, on: self) }
+
+    public func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws { try markers.delete(ids, instance: instance, on: self) }
 }
 
 @available(*, unavailable)

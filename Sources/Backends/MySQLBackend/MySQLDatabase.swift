@@ -5,6 +5,15 @@ import Saga
 /// Opening connects once, so that a bad URL, a wrong password or a missing database fail here,
 /// with a message that says which, and creates the marker table if it is missing.
 public final class MySQLDatabase: SQLDatabase {
+    /// The isolation level every connection's transactions run at, set at connect rather than
+    /// taken from the server's default. The protocol needs none in particular (its reads of
+    /// marker rows are locking reads); the body's SQL sees the one chosen here.
+    public enum Isolation: String, Sendable {
+        case repeatableRead = "REPEATABLE READ"
+        case readCommitted = "READ COMMITTED"
+        case serializable = "SERIALIZABLE"
+    }
+
     public struct Configuration: Sendable {
         public var connectTimeout: Duration = .seconds(5)
         /// How long a reply may take; longer than `innodb_lock_wait_timeout` (50 s by
@@ -12,6 +21,12 @@ public final class MySQLDatabase: SQLDatabase {
         public var readTimeout: Duration = .seconds(120)
         /// The marker table's name: letters, digits and underscores.
         public var markerTable = "saga_markers"
+        /// The isolation level of saga transactions (InnoDB's default, REPEATABLE READ, unless
+        /// set otherwise), pinned on every connection.
+        public var isolation: Isolation = .repeatableRead
+        /// Prepared statements kept per connection (least recently used ones are closed); the
+        /// server counts them against `max_prepared_stmt_count` for all its clients.
+        public var statementCacheSize = 64
         public init() {}
 
         /// The client library takes whole seconds, as a 32-bit count.
@@ -21,6 +36,9 @@ public final class MySQLDatabase: SQLDatabase {
         var problem: String? {
             if !MarkerTable.isValidName(markerTable) {
                 return "invalid marker table name \"\(markerTable)\": use letters, digits and underscores"
+            }
+            if statementCacheSize < 1 || statementCacheSize > 16_382 {
+                return "statementCacheSize must be between 1 and 16382 (the server's max_prepared_stmt_count default), not \(statementCacheSize)"
             }
             for (name, value) in [("connectTimeout", connectTimeout), ("readTimeout", readTimeout)]
             where !Self.timeoutRange.contains(value) || value.components.attoseconds != 0 {

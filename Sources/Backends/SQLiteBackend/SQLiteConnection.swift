@@ -6,7 +6,7 @@ import Saga
 /// values are always bound, never spliced into SQL text.
 public final class SQLiteConnection: SQLConnection {
     private var handle: OpaquePointer?
-    private var statements: [String: OpaquePointer] = [:]
+    private let statements: StatementCache<OpaquePointer>
     private let markerTable: String
     private let markers: MarkerTable.Statements
     public let path: String
@@ -20,6 +20,7 @@ public final class SQLiteConnection: SQLConnection {
         self.busyTimeout = configuration.busyTimeout
         self.markerTable = configuration.markerTable
         self.markers = MarkerTable.Statements(table: configuration.markerTable, insertIgnore: "INSERT OR IGNORE")
+        self.statements = StatementCache(capacity: configuration.statementCacheSize) { sqlite3_finalize($0) }
         var db: OpaquePointer?
         let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE
         let rc = sqlite3_open_v2(path, &db, flags, configuration.vfs)
@@ -51,7 +52,6 @@ public final class SQLiteConnection: SQLConnection {
 
     public func close() {
         defer { releaseGate() }
-        for (_, stmt) in statements { sqlite3_finalize(stmt) }
         statements.removeAll()
         if let handle { sqlite3_close_v2(handle) }
         handle = nil
@@ -65,7 +65,10 @@ public final class SQLiteConnection: SQLConnection {
     // MARK: Statements
 
     private func statement(_ sql: String) throws -> OpaquePointer {
-        if let stmt = statements[sql] { return stmt }
+        try statements.statement(for: sql) { try prepare(sql) }
+    }
+
+    private func prepare(_ sql: String) throws -> OpaquePointer {
         let db = try db()
         var stmt: OpaquePointer?
         // `tail` points into the C string, which lives only inside this closure: read it here.
@@ -80,7 +83,6 @@ public final class SQLiteConnection: SQLConnection {
             sqlite3_finalize(stmt)
             throw SQLiteUsageError(description: "only one statement at a time: `\(sql)`")
         }
-        statements[sql] = stmt
         return stmt
     }
 
@@ -240,38 +242,59 @@ public final class SQLiteConnection: SQLConnection {
 
     // MARK: Markers
 
+    /// Creates the marker table, or migrates one of an earlier version (keyed by `saga_id`
+    /// alone) in one transaction: its rows go to ``InstanceID/legacy``.
     public func ensureMarkerTable() throws {
-        try execute("""
-            CREATE TABLE IF NOT EXISTS \(markerTable) (
-                saga_id INTEGER PRIMARY KEY,
-                status TEXT NOT NULL CHECK (status IN ('committed', 'aborted')))
-            """, [])
+        func columns() throws -> [String] { try query("PRAGMA table_info(\(markerTable))", []).compactMap { $0["name"]?.string } }
+        if try columns().contains("instance") { return }
+        try begin()
+        do {
+            // Another process may have migrated it meanwhile: look again under the write lock.
+            let columns = try columns()
+            if columns.contains("instance") {
+                try rollback()
+                return
+            }
+            try execute("""
+                CREATE TABLE \(markerTable)_new (
+                    instance INTEGER NOT NULL,
+                    saga_id INTEGER NOT NULL,
+                    status TEXT NOT NULL CHECK (status IN ('committed', 'aborted')),
+                    PRIMARY KEY (instance, saga_id)) WITHOUT ROWID
+                """, [])
+            if !columns.isEmpty {
+                try execute("INSERT INTO \(markerTable)_new (instance, saga_id, status) SELECT 0, saga_id, status FROM \(markerTable)", [])
+                try execute("DROP TABLE \(markerTable)", [])
+            }
+            try execute("ALTER TABLE \(markerTable)_new RENAME TO \(markerTable)", [])
+            switch commit() {
+            case .committed: break
+            case .failed(let e), .unknown(let e): throw e
+            }
+        } catch {
+            try? rollback()
+            throw error
+        }
     }
 
-    public func insertMarker(_ id: SagaID) throws { try markers.insertCommitted(id, on: self) }
+    public func insertMarker(_ id: SagaID, instance: InstanceID) throws { try markers.insertCommitted(id, instance: instance, on: self) }
 
     /// In a transaction of its own, so that it queues at the writer gate like every writer of
     /// this process instead of sleeping in SQLite's busy handler.
-    public func fence(_ id: SagaID) throws -> FenceDecision {
-        guard let decision = try markers.fenceInTransaction([id], on: self)[id] else {
-            throw MarkerTable.MissingMarker(saga: id, status: nil)
-        }
-        return decision
+    public func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision] {
+        try markers.fenceInTransaction(ids, instance: instance, on: self)
     }
 
-    /// Many fencing inserts in one transaction (recovery).
-    public func fence(_ ids: [SagaID]) throws -> [SagaID: FenceDecision] { try markers.fenceInTransaction(ids, on: self) }
+    public func markerIDs(instance: InstanceID) throws -> [SagaID] { try markers.ids(instance: instance, on: self) }
 
-    public func markerIDs() throws -> [SagaID] { try markers.ids(on: self) }
-
-    public func maxMarkerID() throws -> SagaID? { try markers.maxID(on: self) }
+    public func maxMarkerID(instance: InstanceID) throws -> SagaID? { try markers.maxID(instance: instance, on: self) }
 
     /// In one transaction: one fsync for all the chunks.
-    public func deleteMarkers(_ ids: [SagaID]) throws {
+    public func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws {
         guard !ids.isEmpty else { return }
         try begin()
         do {
-            try markers.delete(ids, on: self)
+            try markers.delete(ids, instance: instance, on: self)
             try execute("COMMIT", [])
         } catch {
             try? rollback()

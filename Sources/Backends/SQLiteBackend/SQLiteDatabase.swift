@@ -19,6 +19,8 @@ public final class SQLiteDatabase: SQLDatabase {
         public var vfs: String?
         /// The marker table's name: letters, digits and underscores.
         public var markerTable = "saga_markers"
+        /// Prepared statements kept per connection (least recently used ones are finalized).
+        public var statementCacheSize = 64
         public init() {}
 
         /// What is wrong with the values, if anything.
@@ -31,6 +33,9 @@ public final class SQLiteDatabase: SQLDatabase {
             // caller was told had committed.
             if synchronous == .normal {
                 return "synchronous NORMAL can lose an acknowledged COMMIT at power loss; use FULL or EXTRA"
+            }
+            if statementCacheSize < 1 || statementCacheSize > 100_000 {
+                return "statementCacheSize must be between 1 and 100000, not \(statementCacheSize)"
             }
             if busyTimeout < .zero || busyTimeout > .milliseconds(Int32.max) {
                 return "busyTimeout must be between 0 and \(Int32.max) ms (SQLite takes a 32-bit count), not \(busyTimeout)"
