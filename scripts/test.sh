@@ -7,7 +7,10 @@ SAGA_WITH_SERVER=1 bash scripts/setup.sh
 # A throwaway MariaDB server for the MySQL tests (temp datadir, loopback port, real user and
 # password), stopped on exit, also when tests fail. Tests that kill servers start their own.
 server_dir=$(mktemp -d /tmp/saga-mariadb-XXXXXX)
-cleanup() { bash scripts/mariadb.sh stop "$server_dir" || true; rm -rf "$server_dir"; }
+other_servers=()
+cleanup() {
+    for d in "$server_dir" "${other_servers[@]}"; do bash scripts/mariadb.sh stop "$d" || true; rm -rf "$d"; done
+}
 trap cleanup EXIT
 SAGA_MYSQL_URL=$(bash scripts/mariadb.sh start "$server_dir" | tail -1)
 export SAGA_MYSQL_URL
@@ -27,6 +30,18 @@ grep -q "Build complete" "$log" || { echo "build failed" >&2; tail -30 "$log" >&
 echo "==> swift test"
 # The library's own log lines (expected warnings from injected failures) are left out.
 timeout 1800 swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\|warning\|info\|error\) "
+
+# The backend sets autocommit and the isolation level itself: the MariaDB suites pass the same
+# on servers whose defaults say otherwise.
+mariadb_suites='SagaTests\.(MySQL[A-Za-z]*Tests|ManyCoordinatorsTests|TransactionBoundaryTests|TrustIITests)/'
+for option in --autocommit=0 --transaction-isolation=SERIALIZABLE; do
+    dir=$(mktemp -d /tmp/saga-mariadb-XXXXXX)
+    other_servers+=("$dir")
+    url=$(MARIADBD_EXTRA="$option" bash scripts/mariadb.sh start "$dir" | tail -1)
+    echo "==> the MariaDB suites again on a server started with $option"
+    SAGA_MYSQL_URL="$url" timeout 1800 swift test --skip-build --filter "$mariadb_suites" 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\|warning\|info\|error\) "
+    bash scripts/mariadb.sh stop "$dir"
+done
 
 echo "==> saga-torture --short (crash points, random kills, I/O errors, power loss, server kills, replicas)"
 # It starts and stops its own MariaDB server: it kills it on purpose.

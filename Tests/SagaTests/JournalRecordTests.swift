@@ -18,6 +18,31 @@ struct JournalRecordTests {
         }
     }
 
+    /// A prepared record that names its SQL session is version 2; one without stays version 1,
+    /// byte for byte as before, so records of earlier versions re-encode unchanged.
+    @Test func theSessionMakesVersionTwo() throws {
+        let session = SQLSession(id: 0xDEAD_BEEF, serverStart: 1_795_803_140)
+        let withSession = JournalRecord(saga: sample.saga, state: .prepared, entries: sample.entries, session: session)
+        let bytes = withSession.encoded()
+        #expect(bytes[1] == 2 && sample.encoded()[1] == 1)
+        #expect(bytes.count == sample.encoded().count + 16)
+        let decoded = try JournalRecord(decoding: bytes)
+        #expect(decoded == withSession && decoded.session == session)
+        // Only prepared records carry one; a finished record of version 2 is damage.
+        #expect(JournalRecord(saga: SagaID(9), state: .compensated, session: session).encoded()[1] == 1)
+        var finished = JournalRecord(saga: SagaID(9), state: .compensated).encoded().dropLast(4)
+        finished[finished.startIndex + 1] = 2
+        let refused = Array(finished) + crc(Array(finished))
+        #expect { try JournalRecord(decoding: refused) } throws: { "\($0)".contains("only prepared records name a session") }
+        for cut in 0..<bytes.count { #expect(throws: JournalRecord.DecodingError.self) { try JournalRecord(decoding: Array(bytes[..<cut])) } }
+    }
+
+    private func crc(_ body: Bytes) -> Bytes {
+        var out: Bytes = []
+        out.appendBigEndian(CRC32C.checksum(body))
+        return out
+    }
+
     @Test func distinguishesAbsentFromEmpty() throws {
         let decoded = try JournalRecord(decoding: sample.encoded())
         #expect(decoded.entries[1].preImage == nil)
