@@ -44,6 +44,10 @@ struct SeedGenerator {
                 .init(key: Array("a/00003".utf8), preImage: Array("-17".utf8), afterImage: Array("33".utf8)),
                 .init(key: Array("t/991".utf8), preImage: nil, afterImage: Array("1".utf8)),
             ]),
+            // Version 2: a prepared record that names its SQL session.
+            JournalRecord(saga: SagaID(8), state: .prepared, entries: [
+                .init(key: Array("st\nPJE3ZQGB2Y4GUO5KV3WGNDWDOXJ2JQ3F\nbalance".utf8), preImage: Array("n\n1250".utf8), afterImage: Array("n\n1500".utf8)),
+            ], session: SQLSession(id: 4242, serverStart: 1_795_803_140)),
         ]
         for (i, r) in records.enumerated() {
             let bytes = r.encoded()

@@ -5,7 +5,7 @@
 # The corpus is committed; the tests replay every file in it (JournalCorpusTests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sources=(Sources/Saga/JournalRecord.swift Sources/Saga/CRC32C.swift Sources/Saga/SagaID.swift)
+sources=(Sources/Saga/JournalRecord.swift Sources/Saga/CRC32C.swift Sources/Saga/SagaID.swift Sources/Saga/SQLSession.swift)
 mkdir -p .build Fuzz/corpus/journal
 if [ "${1:-}" = "--seeds" ]; then
     swiftc -D SEED_GENERATOR -parse-as-library "${sources[@]}" Fuzz/JournalDecoderFuzz.swift -o .build/journal-seeds

@@ -33,7 +33,7 @@ struct JournalCorpusTests {
 
     @Test func theSeedsAreRealRecords() throws {
         let seeds = try FileManager.default.contentsOfDirectory(atPath: Self.corpusDir).filter { $0.hasPrefix("seed-") }
-        #expect(seeds.count == 5)
+        #expect(seeds.count == 6)
         for name in seeds {
             let bytes = Array(try Data(contentsOf: URL(fileURLWithPath: Self.corpusDir + "/" + name)))
             let record = try JournalRecord(decoding: bytes)

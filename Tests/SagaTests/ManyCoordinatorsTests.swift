@@ -4,6 +4,7 @@ import RocksDBBackend
 import Saga
 import SagaFaultKit
 import SagaTestKit
+import SQLiteBackend
 import Testing
 
 /// Instance ids (PROTOCOL.md, "Many coordinators, one SQL database"): the migration of marker
@@ -87,5 +88,26 @@ struct ManyCoordinatorsTests {
         } throws: { error in
             "\(error)".contains("locked by another process or store")
         }
+    }
+
+    /// Two processes on the same stores: while this process has a node's stores open, `aa-demo`
+    /// on the same directory is refused at open with a message that says why, and writes
+    /// nothing.
+    @Test func aSecondProcessOnTheSameStoresIsRefused() throws {
+        let node = try AADemoNode.sqlite("saga-two-procs")
+        defer { node.destroy() }
+        _ = try node.seedOnly()
+        let kv = try RocksDBStore(path: node.dir + "/kv")
+        defer { kv.close() }
+        let sql = try SQLiteDatabase(path: node.dir + "/ledger.sqlite")
+        let c = try SagaCoordinator(kv: kv, sql: sql)
+        defer { c.close() }
+        let queuedBefore = try node.queued()
+        for command in [["recover"], node.runArguments()] {
+            let r = try TimedDemo.run(command == ["recover"] ? ["recover"] + node.location : command, timeout: 60)
+            #expect(r.exitCode == 1, "\(command[0]): \(r.tail)")
+            #expect(r.stderr.contains("locked by another process or store"), "\(command[0]) names the reason: \(r.tail)")
+        }
+        #expect(try node.queued() == queuedBefore, "the refused process ran no trigger")
     }
 }
