@@ -33,7 +33,7 @@ timeout 1800 swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\
 
 # The backend sets autocommit and the isolation level itself: the MariaDB suites pass the same
 # on servers whose defaults say otherwise.
-mariadb_suites='SagaTests\.(MySQL[A-Za-z]*Tests|ManyCoordinatorsTests|TransactionBoundaryTests|TrustIITests)/'
+mariadb_suites='SagaTests\.(MySQL[A-Za-z]*Tests|ManyCoordinatorsTests|TransactionBoundaryTests|TrustII[A-Za-z]*Tests)/'
 for option in --autocommit=0 --transaction-isolation=SERIALIZABLE; do
     dir=$(mktemp -d /tmp/saga-mariadb-XXXXXX)
     other_servers+=("$dir")

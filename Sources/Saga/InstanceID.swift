@@ -21,35 +21,68 @@ public struct InstanceID: RawRepresentable, Hashable, Comparable, Sendable, Cust
 
     /// The journal key of the instance record.
     static let journalKey: Bytes = Array("m:instance".utf8)
+}
 
-    /// The instance record: the id, big-endian, then its CRC-32C (12 bytes).
-    static func encode(_ id: InstanceID) -> Bytes {
+/// What the journal keeps about its instance (under ``InstanceID/journalKey``): the id, and the
+/// claim of the last open on the SQL side. Every open claims the instance in the SQL
+/// database's instance table with a new random value, which the journal records; an open whose
+/// journal does not hold the value the table holds is refused. So two journals can never share
+/// an instance id (two journals written before instance ids on one database, a copied KV store
+/// opened after the original, or the original after its copy), each deleting the other's
+/// marker rows as orphans.
+///
+/// A claim is made in three steps that a crash may cut anywhere: the new value is written to
+/// the journal as `pending` (synced), the table moves from the journal's `current` value to it,
+/// and the journal makes it `current`. The table holding `current` or `pending` is this journal.
+struct InstanceRecord: Equatable {
+    var id: InstanceID
+    var current: UInt64
+    var pending: UInt64
+
+    /// The record: id, current, pending, each big-endian, then a CRC-32C (28 bytes).
+    func encoded() -> Bytes {
         var value: Bytes = []
         value.appendBigEndian(id.rawValue)
+        value.appendBigEndian(current)
+        value.appendBigEndian(pending)
         value.appendBigEndian(CRC32C.checksum(value))
         return value
     }
 
-    static func decode(_ raw: Bytes) throws(SagaError) -> InstanceID {
-        func damaged(_ why: String) -> SagaError { .journalCorrupt(saga: nil, key: journalKey, reason: "instance record \(why)") }
-        guard raw.count == 12 else { throw damaged("has \(raw.count) bytes, expected 12") }
-        let id = raw[0..<8].reduce(0) { $0 << 8 | UInt64($1) }
-        let stored = raw[8..<12].reduce(0) { $0 << 8 | UInt32($1) }
-        guard stored == CRC32C.checksum(raw[0..<8]) else { throw damaged("fails its checksum") }
-        guard id <= UInt64(Int64.max) else { throw damaged("holds \(id), past 2^63-1") }
-        return InstanceID(id)
+    init(id: InstanceID, current: UInt64, pending: UInt64) {
+        self.id = id; self.current = current; self.pending = pending
     }
 
-    /// The journal's instance: read, or created and stored (synced) at the first open. A
-    /// journal that has been used without one (an id ceiling or records are there) was
-    /// written before instance ids existed: it is the ``legacy`` instance.
-    static func load(from kv: any KVStore, journal: [(key: Bytes, value: Bytes)]) throws -> InstanceID {
-        if let raw = journal.first(where: { $0.key == journalKey })?.value { return try decode(raw) }
-        let used = journal.contains { $0.key == IDLease.ceilingKey || JournalRecord.saga(fromKey: $0.key) != nil }
-        let id = used ? legacy : random()
+    init(decoding raw: Bytes) throws(SagaError) {
+        func damaged(_ why: String) -> SagaError { .journalCorrupt(saga: nil, key: InstanceID.journalKey, reason: "instance record \(why)") }
+        guard raw.count == 28 else { throw damaged("has \(raw.count) bytes, expected 28") }
+        func u64(_ at: Int) -> UInt64 { raw[at..<(at + 8)].reduce(0) { $0 << 8 | UInt64($1) } }
+        let stored = raw[24..<28].reduce(0) { $0 << 8 | UInt32($1) }
+        guard stored == CRC32C.checksum(raw[0..<24]) else { throw damaged("fails its checksum") }
+        guard u64(0) <= UInt64(Int64.max) else { throw damaged("holds instance \(u64(0)), past 2^63-1") }
+        self.init(id: InstanceID(u64(0)), current: u64(8), pending: u64(16))
+    }
+
+    /// A claim value: random in 1...2^63-1.
+    static func newClaim() -> UInt64 {
+        var rng = SystemRandomNumberGenerator()
+        return UInt64.random(in: 1...UInt64(Int64.max), using: &rng)
+    }
+
+    func store(in kv: any KVStore) throws {
         var batch = KVWriteBatch()
-        batch.put(journalKey, encode(id), in: .journal)
+        batch.put(InstanceID.journalKey, encoded(), in: .journal)
         try kv.write(batch, sync: true)
-        return id
+    }
+
+    /// The journal's instance record: read, or created and stored (synced) at the first open.
+    /// A journal that has been used without one (an id ceiling or records are there) was
+    /// written before instance ids existed: it is the ``InstanceID/legacy`` instance.
+    static func load(from kv: any KVStore, journal: [(key: Bytes, value: Bytes)]) throws -> InstanceRecord {
+        if let raw = journal.first(where: { $0.key == InstanceID.journalKey })?.value { return try InstanceRecord(decoding: raw) }
+        let used = journal.contains { $0.key == IDLease.ceilingKey || JournalRecord.saga(fromKey: $0.key) != nil }
+        let record = InstanceRecord(id: used ? .legacy : .random(), current: newClaim(), pending: 0)
+        try record.store(in: kv)
+        return record
     }
 }

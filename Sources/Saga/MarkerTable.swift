@@ -73,6 +73,37 @@ extension MarkerTable {
             Array(repeating: item, count: count).joined(separator: ",")
         }
 
+        /// The table of instance claims beside the marker table: `(instance PRIMARY KEY, claim)`.
+        public var instanceTable: String { table + "_instances" }
+
+        /// Moves the instance's claim to `claim` if the table holds none yet, or one of
+        /// `accepting` (the journal's own), in a transaction of its own on `conn`. Returns nil
+        /// when the claim is made, or the claim the table holds for another journal.
+        public func claim(_ instance: InstanceID, accepting: [UInt64], claim: UInt64, on conn: any SQLConnection) throws -> UInt64? {
+            func key(_ v: UInt64) -> SQLValue { .integer(Int64(bitPattern: v)) }
+            try conn.begin()
+            do {
+                try conn.execute("\(insertIgnore) INTO \(instanceTable) (instance, claim) VALUES (?, ?)", [Self.key(instance), key(claim)])
+                let held = try conn.query("SELECT claim FROM \(instanceTable) WHERE instance = ?\(lockingRead)", [Self.key(instance)])
+                    .first?[0].int64.map { UInt64(bitPattern: $0) }
+                guard let held else { throw MissingMarker(saga: SagaID(0), status: "no instance row for \(instance)") }
+                if held != claim {
+                    guard accepting.contains(held) else {
+                        try conn.rollback()
+                        return held
+                    }
+                    try conn.execute("UPDATE \(instanceTable) SET claim = ? WHERE instance = ?", [key(claim), Self.key(instance)])
+                }
+            } catch {
+                try? conn.rollback()
+                throw error
+            }
+            switch conn.commit() {
+            case .committed: return nil
+            case .failed(let e), .unknown(let e): throw e
+            }
+        }
+
         public func insertCommitted(_ id: SagaID, instance: InstanceID, on db: any SQLExecutor) throws {
             try db.execute("INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, 'committed')", [Self.key(instance), Self.key(id)])
         }

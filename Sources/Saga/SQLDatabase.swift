@@ -175,7 +175,10 @@ enum StatementKind: Equatable {
         var scanner = KeywordScanner(text: text)
         guard let first = scanner.next() else { return .other }
         switch first {
-        case "SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES", "SAVEPOINT", "RELEASE": return .plain
+        case "SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES", "SAVEPOINT", "RELEASE":
+            // MySQL's GET_LOCK takes a named lock that belongs to the session, not to the
+            // transaction: it outlives COMMIT, so the connection must not be lent again.
+            return containsGetLock(text) ? .other : .plain
         case "BEGIN", "START", "COMMIT", "END": return .transactionControl
         case "ROLLBACK":
             var word = scanner.next()
@@ -184,6 +187,20 @@ enum StatementKind: Equatable {
         default: return .other
         }
     }
+}
+
+/// Whether the bytes hold `GET_LOCK` in any case (a string literal counts too: a false alarm
+/// only closes a connection that could have been pooled).
+private func containsGetLock(_ text: UnsafeBufferPointer<UInt8>) -> Bool {
+    let word: StaticString = "GET_LOCK"
+    let bytes = UnsafeBufferPointer(start: word.utf8Start, count: word.utf8CodeUnitCount)
+    guard text.count >= bytes.count else { return false }
+    for start in 0...(text.count - bytes.count) where text[start + 3] == 0x5F {  // '_'
+        var i = 0
+        while i < bytes.count, text[start + i] & 0xDF == bytes[i] & 0xDF { i += 1 }
+        if i == bytes.count { return true }
+    }
+    return false
 }
 
 /// The words of a statement's code, upper-cased, comments skipped (`/* */`, `--`, `#`), the
@@ -237,7 +254,8 @@ public enum TransactionState: Sendable, Equatable {
 
 /// One connection to an SQL database. Used by one saga at a time, never concurrently.
 public protocol SQLConnection: SQLExecutor {
-    /// Creates the marker table if it is missing. Runs outside any transaction.
+    /// Creates the marker table and the instance table if they are missing, and migrates a
+    /// marker table of an earlier version. Runs outside any transaction.
     func ensureMarkerTable() throws
     /// Starts a transaction.
     func begin() throws
@@ -274,6 +292,10 @@ public protocol SQLConnection: SQLExecutor {
     /// row, waiting for any transaction that holds one, reads whose row holds each id, and
     /// commits before returning the decisions.
     func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision]
+    /// Claims `instance` for the journal that opens it (see ``InstanceRecord``), in a
+    /// transaction of its own: sets the instance's claim to `claim` if there is none yet or it
+    /// is one of `accepting`. Returns nil when claimed, or the claim another journal holds.
+    func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64?
     /// The ids of the instance's marker rows.
     func markerIDs(instance: InstanceID) throws -> [SagaID]
     /// The largest saga id among the instance's marker rows, if any.

@@ -113,22 +113,31 @@ public final class SagaCoordinator: Sendable {
         // One scan of the journal serves the instance, the id floor and recovery: nothing else
         // writes records before recovery has run.
         let journal: [(key: Bytes, value: Bytes)]
+        var record: InstanceRecord
         do {
             journal = try kv.journalEntries()
-            instance = try InstanceID.load(from: kv, journal: journal)
+            record = try InstanceRecord.load(from: kv, journal: journal)
+            // The claim this open makes, recorded before it is made (a crash in between
+            // leaves the table holding one of the journal's two values).
+            record.pending = InstanceRecord.newClaim()
+            try record.store(in: kv)
         } catch let e as SagaError {
             throw e
         } catch {
-            throw .stopped(reason: "cannot read the journal or store the instance id: \(error)")
+            throw .stopped(reason: "cannot read the journal or store the instance record: \(error)")
         }
+        instance = record.id
         var floor: UInt64 = 0
         let maxMarker: SagaID?
+        let heldByAnother: UInt64?
         do {
             let conn = try pool.take().connection
             // Closed, not pooled, when a check fails: nothing leaks.
             do {
                 try conn.ensureMarkerTable()
-                maxMarker = try conn.maxMarkerID(instance: instance)
+                // Before any marker row is read or touched: the instance must be this journal's.
+                heldByAnother = try conn.claimInstance(record.id, accepting: [record.current, record.pending], claim: record.pending)
+                maxMarker = heldByAnother == nil ? try conn.maxMarkerID(instance: instance) : nil
             } catch {
                 conn.close()
                 throw error
@@ -136,6 +145,14 @@ public final class SagaCoordinator: Sendable {
             pool.giveBack(conn)
         } catch {
             throw .sqlFailed(saga: nil, step: .begin, underlying: error)
+        }
+        if heldByAnother != nil { throw .misuse(.instanceClaimedByAnotherJournal(record.id)) }
+        do {
+            record.current = record.pending
+            record.pending = 0
+            try record.store(in: kv)
+        } catch {
+            throw .stopped(reason: "cannot store the instance record: \(error)")
         }
         if let maxMarker {
             guard maxMarker.isValid else { throw .sqlFailed(saga: nil, step: .begin, underlying: SagaID.OutOfRange(id: maxMarker, place: "the marker table")) }
@@ -168,7 +185,7 @@ public final class SagaCoordinator: Sendable {
     /// none yet: what the coordinator that opens on `kv` will use. For tools and tests that
     /// read or write marker rows outside a coordinator.
     public static func instance(in kv: any KVStore) throws -> InstanceID {
-        try InstanceID.load(from: kv, journal: try kv.journalEntries())
+        try InstanceRecord.load(from: kv, journal: try kv.journalEntries()).id
     }
 
     /// Sagas that are prepared but undecided or unfinished; their keys stay locked until
@@ -321,12 +338,19 @@ public final class SagaCoordinator: Sendable {
             return value
 
         case .failed(let error):
-            giveBack(conn, after: saga)
             log.warning("COMMIT failed: \(error); compensating")
             // Proved failed, so undoing the KV side is right even after an I/O error; but
             // nothing runs on top of a store that failed a write until it is reopened.
             defer { if error.requiresReopen { stop("the SQL database failed I/O at COMMIT of \(id): \(error)") } }
-            let restored = try compensateOrHold(id, record, after: error, log: log)
+            let restored: Int
+            do { restored = try compensateOrHold(id, record, after: error, log: log) } catch {
+                // The saga stays prepared, and its record names this connection's session,
+                // which recovery ends before it decides: closed, never lent to another saga
+                // that the KILL would then hit.
+                conn.close()
+                throw error
+            }
+            giveBack(conn, after: saga)
             throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
 
         case .unknown(let error) where error.requiresReopen:
@@ -360,9 +384,11 @@ public final class SagaCoordinator: Sendable {
         }
     }
 
-    /// A connection with a transaction begun on it. A pooled connection whose BEGIN fails is
-    /// closed and the next one tried (the server may have closed it while it sat idle: nothing
-    /// of a saga had run on it); a new connection's failure is the saga's.
+    /// A connection with a transaction begun on it. A pooled connection that BEGIN finds lost
+    /// is closed and the next one tried (the server may have closed it while it sat idle;
+    /// nothing of a saga had run on it). Any other failure (a busy database, a lost new
+    /// connection) is the saga's: retrying it on every pooled connection would only multiply
+    /// the wait.
     private func beginTransaction() throws -> any SQLConnection {
         while true {
             let (conn, reused) = try pool.take()
@@ -370,9 +396,10 @@ public final class SagaCoordinator: Sendable {
                 try conn.begin()
                 return conn
             } catch {
+                let lost = conn.isBroken
                 conn.close()
-                if !reused { throw error }
-                logger.debug("BEGIN on a pooled connection failed (\(error)); trying another")
+                guard reused, lost else { throw error }
+                logger.debug("a pooled connection was found lost at BEGIN (\(error)); trying another")
             }
         }
     }

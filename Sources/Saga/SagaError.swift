@@ -73,6 +73,12 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         /// Another coordinator of this process has the KV store open: one journal, one
         /// coordinator (a second one would decide the first one's sagas).
         case storeInUse
+        /// The SQL database's instance table says another journal opened this instance since
+        /// this one last did: two journals share one instance id (two journals written before
+        /// instance ids on one database, or a copy of a KV store opened beside its original).
+        /// Nothing was read or changed; the node must not run on this journal and database
+        /// as they are.
+        case instanceClaimedByAnotherJournal(InstanceID)
         /// A configuration value out of range, named with the reason.
         case invalidConfiguration(String)
 
@@ -87,6 +93,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             case .transactionControl(let sql): "`\(sql)` starts or ends a transaction, which the saga owns (it commits or rolls back when the body returns or throws); not run"
             case .sagaTooLarge(let size, let limit): "the saga's journal record (its keys with their pre- and after-images) takes \(size) bytes, over the limit of \(limit) bytes (Configuration.maxRecordSize); split the work into smaller sagas"
             case .closed: "the coordinator is closed"
+            case .instanceClaimedByAnotherJournal(let instance): "\(instance) of this SQL database was opened by another journal since this journal last opened it: two journals share one instance id (two journals written before instance ids on one database, a copy of a KV store opened beside its original, or a KV store restored from a backup); refused before any marker row was read. Give each node its own journal, or its own SQL database"
             case .storeInUse: "the KV store already has an open coordinator in this process; close it first (two coordinators on one journal would decide each other's sagas)"
             case .invalidConfiguration(let why): "invalid configuration: \(why)"
             }

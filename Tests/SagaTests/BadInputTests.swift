@@ -138,10 +138,11 @@ struct BadInputTests {
         var config = SQLiteDatabase.Configuration()
         config.busyTimeout = .milliseconds(100)
         let db = try SQLiteDatabase(path: env.sqlitePath, configuration: config)
+        // Opening claims the instance (a write): before the holder takes the lock.
+        let c = try SagaCoordinator(kv: env.kv, sql: db)
         let holder = try db.openConnection()
         defer { holder.close() }
         try holder.begin()  // BEGIN IMMEDIATE: holds the write lock
-        let c = try SagaCoordinator(kv: env.kv, sql: db)
         let error = try expectSagaError {
             try c.run { saga in
                 try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('busy', 1)", [])
@@ -350,6 +351,7 @@ final class ReportingConnection: SQLConnection {
     func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult { base.commit(insertingMarker: id, instance: instance) }
     func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision] { try base.fence(ids, instance: instance) }
     func markerIDs(instance: InstanceID) throws -> [SagaID] { try base.markerIDs(instance: instance) }
+    func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? { try base.claimInstance(instance, accepting: accepting, claim: claim) }
     func maxMarkerID(instance: InstanceID) throws -> SagaID? { try base.maxMarkerID(instance: instance) }
     func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws { try base.deleteMarkers(ids, instance: instance) }
     var session: SQLSession? { base.session }

@@ -509,6 +509,12 @@ public final class MySQLConnection: SQLConnection {
     /// alone) with one `ALTER TABLE`: its rows go to ``InstanceID/legacy``.
     public func ensureMarkerTable() throws {
         try simple("""
+            CREATE TABLE IF NOT EXISTS \(markers.instanceTable) (
+                instance BIGINT UNSIGNED NOT NULL PRIMARY KEY,
+                claim BIGINT UNSIGNED NOT NULL
+            ) ENGINE=InnoDB
+            """)
+        try simple("""
             CREATE TABLE IF NOT EXISTS \(markerTable) (
                 instance BIGINT UNSIGNED NOT NULL,
                 saga_id BIGINT UNSIGNED NOT NULL,
@@ -529,6 +535,10 @@ public final class MySQLConnection: SQLConnection {
     }
 
     public func insertMarker(_ id: SagaID, instance: InstanceID) throws { try markers.insertCommitted(id, instance: instance, on: self) }
+
+    public func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? {
+        try markers.claim(instance, accepting: accepting, claim: claim, on: self)
+    }
 
     /// `INSERT IGNORE` on the primary key, in a transaction of its own: InnoDB makes it wait
     /// until any transaction holding that key has finished, either way. A locking read of the

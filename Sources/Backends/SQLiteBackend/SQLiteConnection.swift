@@ -245,6 +245,7 @@ public final class SQLiteConnection: SQLConnection {
     /// Creates the marker table, or migrates one of an earlier version (keyed by `saga_id`
     /// alone) in one transaction: its rows go to ``InstanceID/legacy``.
     public func ensureMarkerTable() throws {
+        try execute("CREATE TABLE IF NOT EXISTS \(markers.instanceTable) (instance INTEGER PRIMARY KEY, claim INTEGER NOT NULL)", [])
         func columns() throws -> [String] { try query("PRAGMA table_info(\(markerTable))", []).compactMap { $0["name"]?.string } }
         if try columns().contains("instance") { return }
         try begin()
@@ -278,6 +279,10 @@ public final class SQLiteConnection: SQLConnection {
     }
 
     public func insertMarker(_ id: SagaID, instance: InstanceID) throws { try markers.insertCommitted(id, instance: instance, on: self) }
+
+    public func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? {
+        try markers.claim(instance, accepting: accepting, claim: claim, on: self)
+    }
 
     /// In a transaction of its own, so that it queues at the writer gate like every writer of
     /// this process instead of sleeping in SQLite's busy handler.

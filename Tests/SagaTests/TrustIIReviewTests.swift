@@ -1,0 +1,222 @@
+import Foundation
+import MySQLBackend
+import RocksDBBackend
+@testable import Saga
+import SagaFaultKit
+import SagaTestKit
+import SQLiteBackend
+import Testing
+
+/// Findings of an adversarial review of the issue-10 changes, each failing on a80e274.
+@Suite("Trust II: review of the fixes", .serialized)
+struct TrustIIReviewTests {
+    /// Two journals written before instance ids (each has an id ceiling, no m:instance) on one
+    /// SQL database: both are instance 0. The second to open is refused before it reads or
+    /// deletes a marker row (on a80e274 it deleted A's committed marker as an orphan, and A's
+    /// restart then undid a committed saga: KV a = nil, SQL row a = 1).
+    @Test(arguments: ["sqlite", "mariadb"])
+    func twoLegacyJournalsShareInstanceZero(_ backend: String) throws {
+        let env: any HarnessEnvironment = backend == "sqlite" ? try SQLiteEnvironment() : try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        let statusType = backend == "sqlite" ? "TEXT" : "ENUM('committed', 'aborted')"
+        _ = try env.sqlExecute("DROP TABLE saga_markers")
+        _ = try env.sqlExecute("CREATE TABLE saga_markers (saga_id BIGINT NOT NULL PRIMARY KEY, status \(statusType) NOT NULL)")
+        func legacyStore(_ tag: String) throws -> (String, RocksDBStore) {
+            let dir = try SQLiteEnvironment.makeTempDir(tag)
+            let kv = try RocksDBStore(path: dir + "/kv")
+            var b = KVWriteBatch()
+            b.put(IDLease.ceilingKey, IDLease.encode(1), in: .journal)   // an old node that had opened once
+            try kv.write(b, sync: true)
+            return (dir, kv)
+        }
+        let (dirA, kvA0) = try legacyStore("legacyA")
+        var kvA = kvA0
+        let (dirB, kvB) = try legacyStore("legacyB")
+        defer { kvA.close(); kvB.close(); try? FileManager.default.removeItem(atPath: dirA); try? FileManager.default.removeItem(atPath: dirB) }
+        let sqlB: any SQLDatabase = backend == "sqlite" ? try SQLiteDatabase(path: (env as! SQLiteEnvironment).sqlitePath) : try MySQLDatabase(url: (env as! MySQLEnvironment).directURL)
+
+        var a: SagaCoordinator? = try SagaCoordinator(kv: kvA, sql: env.sql)
+        let idA = try a!.run { saga in
+            _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('a', 1)", [])
+            try saga.kv.put("a", "1")
+            return saga.id
+        }
+        print("A: \(a!.instance) committed \(idA)")
+        let refusal = try expectSagaError { try SagaCoordinator(kv: kvB, sql: sqlB) }
+        guard case .misuse(.instanceClaimedByAnotherJournal(.legacy)) = refusal else {
+            Issue.record("expected B to be refused with instanceClaimedByAnotherJournal, got \(refusal)"); return
+        }
+        #expect("\(refusal)".contains("two journals share one instance id"), "\(refusal)")
+        let markers = try env.sqlQuery("SELECT instance, saga_id, status FROM saga_markers").map { "\($0.values)" }
+        #expect(markers.count == 1, "A's marker is untouched: \(markers)")
+        // A restarts (process restart).
+        a = nil
+        kvA.close()
+        kvA = try RocksDBStore(path: dirA + "/kv")
+        a = try SagaCoordinator(kv: kvA, sql: env.sql)
+        let kvValue = try kvA.get(Bytes("a".utf8)).map { String(decoding: $0, as: UTF8.self) }
+        print("after A's restart: SQL row a = \(String(describing: try env.row("a"))), KV a = \(kvValue ?? "nil")")
+        #expect(kvValue == "1", "A's saga \(idA) was reported committed and its SQL row is there")
+    }
+
+    /// A node's KV store copied (a snapshot to bootstrap another node) and opened on the same
+    /// database: the copy has the same instance and claim. Whichever opens second after the
+    /// other has opened is refused, so the two never take turns deleting each other's markers.
+    @Test(arguments: ["sqlite", "mariadb"])
+    func aCopiedKVStoreAndItsOriginalNeverShareTheInstance(_ backend: String) throws {
+        let env: any HarnessEnvironment = backend == "sqlite" ? try SQLiteEnvironment() : try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        var a: SagaCoordinator? = try env.coordinator()
+        try a?.run { saga in
+            _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('a', 1)", [])
+            try saga.kv.put("a", "1")
+        }
+        a = nil
+        let source = (env as? SQLiteEnvironment)?.dir ?? (env as! MySQLEnvironment).dir
+        try env.reopen()  // flushes nothing new; the copy is taken with the store closed below
+        let copyDir = try SQLiteEnvironment.makeTempDir("saga-copy")
+        defer { try? FileManager.default.removeItem(atPath: copyDir) }
+        (env.kv as? RocksDBStore)?.close()
+        try FileManager.default.copyItem(atPath: source + "/kv", toPath: copyDir + "/kv")
+        try env.reopen()
+        let copy = try RocksDBStore(path: copyDir + "/kv")
+        defer { copy.close() }
+        // The copy opens first (a new node bootstrapped from the snapshot): it takes the claim.
+        let sqlCopy: any SQLDatabase = backend == "sqlite" ? try SQLiteDatabase(path: (env as! SQLiteEnvironment).sqlitePath) : try MySQLDatabase(url: (env as! MySQLEnvironment).directURL)
+        let c = try SagaCoordinator(kv: copy, sql: sqlCopy)
+        c.close()
+        // The original restarts: refused, nothing of the database touched.
+        let refusal = try expectSagaError { try env.coordinator() }
+        guard case .misuse(.instanceClaimedByAnotherJournal) = refusal else { Issue.record("expected instanceClaimedByAnotherJournal, got \(refusal)"); return }
+        #expect(try env.kvGet("a") == "1" && env.row("a") == 1)
+    }
+}
+
+/// Fails COMMIT (before it is sent) and the compensation of saga 1 in the run phase only.
+private struct FailCommitAndUndoOfFirst: SagaHooks {
+    func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
+        guard phase == .run, saga == SagaID(1) else { return }
+        if step == .commit || step == .compensate { throw InjectedFault(step: step, phase: phase) }
+    }
+}
+
+extension TrustIIReviewTests {
+    /// A saga whose COMMIT failed (proved) gives its connection back to the pool; if its
+    /// compensation then stops, it stays in doubt with that connection's session in its record.
+    /// recover() later KILLs that session: by then it is another saga's live connection.
+    @Test func recoveryKillsAPooledConnectionInUse() throws {
+        let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        let sql = try MySQLDatabase(url: env.directURL)
+        let c = try SagaCoordinator(kv: env.kv, sql: sql, configuration: .init(hooks: FailCommitAndUndoOfFirst(), poolSize: 1))
+        var firstConn: Int64 = 0
+        do {
+            try c.run { saga in
+                firstConn = try saga.sql.query("SELECT CONNECTION_ID()", [])[0][0].int64!
+                _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('one', 1)", [])
+                try saga.kv.put("one", "1")
+            }
+        } catch { print("saga 1: \(error)") }
+        print("in doubt: \(c.inDoubt)")
+        do {
+            try c.run { saga in
+                let mine = try saga.sql.query("SELECT CONNECTION_ID()", [])[0][0].int64!
+                print("saga 2 runs on connection \(mine) (saga 1 ran on \(firstConn))")
+                _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('two', 2)", [])
+                let report = try c.recover()   // e.g. an operator's periodic recover(), from any thread
+                print("recover(): \(report)")
+                #expect(report.compensated == [SagaID(1)])
+                _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('two-b', 2)", [])
+                try saga.kv.put("two", "2")
+            }
+            print("saga 2 committed")
+        } catch {
+            print("saga 2 failed: \(error)")
+            Issue.record("saga 2 was killed by recovery: \(error)")
+        }
+    }
+}
+
+extension TrustIIReviewTests {
+    /// Another process holds SQLite's write lock. A saga's BEGIN on a pooled connection waits
+    /// the busy timeout and fails; the coordinator closes that connection and tries the next
+    /// pooled one, waiting again: the wait is (pooled connections + 1) x busyTimeout, and the
+    /// pool is emptied.
+    @Test func sqliteBusyBeginIsRetriedOnEveryPooledConnection() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        var config = SQLiteDatabase.Configuration()
+        config.busyTimeout = .milliseconds(300)
+        let sql = try SQLiteDatabase(path: env.sqlitePath, configuration: config)
+        let c = try SagaCoordinator(kv: env.kv, sql: sql, configuration: .init(poolSize: 8))
+        // Fill the pool: 8 sagas at once, each on a connection of its own.
+        DispatchQueue.concurrentPerform(iterations: 8) { i in
+            _ = try? c.run { saga in
+                _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES (?, 1)", [.text("p\(i)")])
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+        }
+        // Another process's writer (a connection of another database object: its own gate).
+        let other = try SQLiteDatabase(path: env.sqlitePath).openConnection()
+        try other.execute("BEGIN IMMEDIATE", [])
+        let start = ContinuousClock.now
+        do {
+            try c.run { saga in _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('x', 1)", []) }
+        } catch { print("saga: \(error)") }
+        let waited = ContinuousClock.now - start
+        try other.execute("ROLLBACK", [])
+        other.close()
+        print("busyTimeout 300 ms; the saga waited \(waited)")
+        #expect(waited < .milliseconds(900), "waited \(waited)")
+    }
+}
+
+extension TrustIIReviewTests {
+    @Test(arguments: ["sqlite", "mariadb"])
+    func concurrentMigrationOfAnOldTable(_ backend: String) throws {
+        let env: any HarnessEnvironment = backend == "sqlite" ? try SQLiteEnvironment() : try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        let statusType = backend == "sqlite" ? "TEXT" : "ENUM('committed', 'aborted')"
+        var failures: [String] = []
+        for round in 0..<20 {
+            _ = try env.sqlExecute("DROP TABLE saga_markers")
+            _ = try env.sqlExecute("CREATE TABLE saga_markers (saga_id BIGINT NOT NULL PRIMARY KEY, status \(statusType) NOT NULL)")
+            _ = try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (5, 'committed'), (3, 'aborted')")
+            let dbs: [any SQLDatabase] = try (0..<3).map { _ in
+                backend == "sqlite" ? try SQLiteDatabase(path: (env as! SQLiteEnvironment).sqlitePath) as any SQLDatabase : try MySQLDatabase(url: (env as! MySQLEnvironment).directURL) as any SQLDatabase
+            }
+            let errors = Locked<[String]>([])
+            DispatchQueue.concurrentPerform(iterations: 3) { i in
+                do {
+                    let conn = try dbs[i].connect()
+                    defer { conn.close() }
+                    try conn.ensureMarkerTable()
+                } catch { errors.withLock { $0.append("round \(round) opener \(i): \(error)") } }
+            }
+            failures += errors.withLock { $0 }
+            let rows = try env.sqlQuery("SELECT instance, saga_id, status FROM saga_markers ORDER BY saga_id").map { "\($0.values)" }
+            if rows.count != 2 { failures.append("round \(round): rows \(rows)") }
+        }
+        for f in failures.prefix(5) { print(f) }
+        #expect(failures.isEmpty, "\(failures.count) failures")
+    }
+}
+
+extension TrustIIReviewTests {
+    /// A user-level lock taken by a plain SELECT in a saga body survives COMMIT and goes back
+    /// to the pool with the connection.
+    @Test func getLockInBodyLeaksIntoThePool() throws {
+        let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        let c = try SagaCoordinator(kv: env.kv, sql: try MySQLDatabase(url: env.directURL))
+        let conn = try c.run { saga in
+            _ = try saga.sql.query("SELECT GET_LOCK('ha_review', 0)", [])
+            try saga.kv.put("g", "1")
+            return try saga.sql.query("SELECT CONNECTION_ID()", [])[0][0].int64!
+        }
+        let holder = try env.sqlQuery("SELECT IS_USED_LOCK('ha_review')").first?[0].int64
+        print("saga ran on \(conn); after it committed, lock 'ha_review' is held by \(String(describing: holder))")
+        #expect(holder == nil)
+        c.close()
+    }
+}
