@@ -485,7 +485,7 @@ public final class MySQLConnection: SQLConnection {
         }
         guard !live.isEmpty else { return }
         for s in live {
-            do { try execute("KILL CONNECTION \(s.id)", []) } catch let e as MySQLError where e.code == 1094 {
+            do { try simple("KILL CONNECTION \(s.id)") } catch let e as MySQLError where e.code == 1094 {
                 continue  // unknown thread id: gone already
             }
         }
