@@ -167,7 +167,7 @@ extension TrustIIReviewTests {
         try other.execute("ROLLBACK", [])
         other.close()
         print("busyTimeout 300 ms; the saga waited \(waited)")
-        #expect(waited < .milliseconds(900), "waited \(waited)")
+        #expect(waited < .milliseconds(600), "busyTimeout 300 ms, waited \(waited): BEGIN was retried on another pooled connection")
     }
 }
 
