@@ -84,6 +84,30 @@ struct MySQLFailureTests {
         #expect(c.inDoubt.isEmpty)
     }
 
+    /// A connection names its session: its connection id and when the server started. Ending
+    /// sessions kills the ones of this run of the server and waits until they are gone; a
+    /// session of another run (its id may now be someone else's) and an unknown id are left
+    /// alone; the caller's own session is never killed.
+    @Test func endSessionsKillsOnlySessionsOfThisServerRun() throws {
+        let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        let victim = try MySQLDatabase(url: env.directURL).openConnection()
+        defer { victim.close() }
+        let killer = try MySQLDatabase(url: env.directURL).openConnection()
+        defer { killer.close() }
+        guard let session = victim.session, let own = killer.session else { Issue.record("no session"); return }
+        let now = try killer.query("SELECT UNIX_TIMESTAMP()", []).first?[0].int64 ?? 0
+        #expect(session.serverStart > 1_700_000_000 && Int64(session.serverStart) <= now, "server start \(session.serverStart)")
+        #expect(session.serverStart.distance(to: own.serverStart).magnitude <= 1, "both connections see the same start")
+        try killer.endSessions([SQLSession(id: session.id, serverStart: session.serverStart + 60), SQLSession(id: 4_000_000_000, serverStart: session.serverStart), own])
+        #expect(try victim.query("SELECT 1", []).count == 1, "a session of another server run is not killed")
+        #expect(try killer.query("SELECT 1", []).count == 1, "the caller's own session is not killed")
+        try killer.endSessions([session])
+        let listed = try killer.query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?", [.integer(Int64(session.id))]).first?[0].int64
+        #expect(listed == 0, "gone from the process list when endSessions returns")
+        #expect(throws: MySQLError.self, "the killed session is gone") { _ = try victim.query("SELECT 1", []) }
+    }
+
     /// The fencing insert waits while the old transaction is still open on the server, and
     /// decides by how that transaction ends.
     @Test(arguments: [true, false])

@@ -76,8 +76,16 @@ public final class MySQLConnection: SQLConnection {
         guard serverStatus & UInt32(SERVER_STATUS_AUTOCOMMIT) != 0 else {
             throw MySQLUsageError(description: "the server did not turn autocommit on for the connection to \(url)")
         }
-        let start = try query("SELECT CAST(UNIX_TIMESTAMP() - VARIABLE_VALUE AS SIGNED) FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'UPTIME'", [])
-        serverStart = start.first?[0].int64.map { UInt64(max($0, 0)) } ?? 0
+        serverStart = readServerStart() ?? 0
+    }
+
+    /// When the server started, from its clock and its `Uptime` (MariaDB and MySQL alike);
+    /// nil if it cannot be read.
+    private func readServerStart() -> UInt64? {
+        guard let now = (try? query("SELECT UNIX_TIMESTAMP()", []))?.first?[0].int64,
+              let uptime = (try? query("SHOW GLOBAL STATUS LIKE 'Uptime'", []))?.first?[1].int64,
+              now > uptime else { return nil }
+        return UInt64(now - uptime)
     }
 
     /// The status bits of the server's last OK reply (`SERVER_STATUS_IN_TRANS`,
