@@ -9,6 +9,8 @@ import Foundation
 final class ConnectionPool: @unchecked Sendable {
     private let lock = NSLock()
     private var idle: [(connection: any SQLConnection, since: ContinuousClock.Instant)] = []
+    /// After ``closeAll()``: connections given back are closed, not kept.
+    private var closed = false
     private let database: any SQLDatabase
     private let limit: Int
     let checkAfter: Duration
@@ -35,7 +37,7 @@ final class ConnectionPool: @unchecked Sendable {
     func giveBack(_ conn: any SQLConnection) {
         guard !conn.isInTransaction, !conn.isBroken else { conn.close(); return }
         let kept = lock.withLock { () -> Bool in
-            guard idle.count < limit else { return false }
+            guard !closed, idle.count < limit else { return false }
             idle.append((conn, ContinuousClock.now))
             return true
         }
@@ -44,6 +46,7 @@ final class ConnectionPool: @unchecked Sendable {
 
     func closeAll() {
         let conns = lock.withLock { () -> [any SQLConnection] in
+            closed = true
             defer { idle.removeAll() }
             return idle.map(\.connection)
         }

@@ -104,8 +104,28 @@ extension MarkerTable {
             }
         }
 
-        public func insertCommitted(_ id: SagaID, instance: InstanceID, on db: any SQLExecutor) throws {
-            try db.execute("INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, 'committed')", [Self.key(instance), Self.key(id)])
+        /// The saga's marker, inside its transaction. The status comes from a locking read of
+        /// the owner's claim: once another journal has claimed the instance it is NULL, the
+        /// insert fails (NOT NULL), and the transaction can never commit with a marker.
+        public func insertCommittedSQL(owner: MarkerOwner, id: SagaID) -> String {
+            "INSERT INTO \(table) (instance, saga_id, status) VALUES (\(owner.instance.rawValue), \(id.rawValue), "
+                + "(SELECT 'committed' FROM \(instanceTable) WHERE instance = \(owner.instance.rawValue) AND claim = \(owner.claim)\(lockingRead)))"
+        }
+
+        public func insertCommitted(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
+            try db.execute("INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, (SELECT 'committed' FROM \(instanceTable) WHERE instance = ? AND claim = ?\(lockingRead)))",
+                           [Self.key(owner.instance), Self.key(id), Self.key(owner.instance), Self.claimKey(owner.claim)])
+        }
+
+        static func claimKey(_ claim: UInt64) -> SQLValue { .integer(Int64(bitPattern: claim)) }
+
+        /// Inside the caller's transaction: throws ``InstanceClaimLost`` unless the instance
+        /// still holds the owner's claim (a locking read: a new claim waits for this
+        /// transaction, and this one sees any claim committed before it).
+        public func checkClaim(_ owner: MarkerOwner, on db: any SQLExecutor) throws {
+            let held = try db.query("SELECT claim FROM \(instanceTable) WHERE instance = ?\(lockingRead)", [Self.key(owner.instance)])
+                .first?[0].int64.map { UInt64(bitPattern: $0) }
+            guard held == owner.claim else { throw InstanceClaimLost(owner: owner) }
         }
 
         /// Fences ids inside the caller's transaction, in chunks of at most 256: one
@@ -127,17 +147,38 @@ extension MarkerTable {
             return out
         }
 
-        /// ``fence(_:instance:on:)`` in one transaction of its own on `conn`, committed before
-        /// the decisions are returned.
-        public func fenceInTransaction(_ ids: [SagaID], instance: InstanceID, on conn: any SQLConnection) throws -> [SagaID: FenceDecision] {
+        /// The claim check and ``fence(_:instance:on:)`` in one transaction of its own on
+        /// `conn`, committed before the decisions are returned.
+        public func fenceInTransaction(_ ids: [SagaID], owner: MarkerOwner, on conn: any SQLConnection) throws -> [SagaID: FenceDecision] {
+            try inTransaction(on: conn) {
+                try checkClaim(owner, on: conn)
+                return try fence(ids, instance: owner.instance, on: conn)
+            }
+        }
+
+        /// The claim check and the deletes, in chunks of at most 256 bound ids, in one
+        /// transaction of its own on `conn`.
+        public func deleteInTransaction(_ ids: [SagaID], owner: MarkerOwner, on conn: any SQLConnection) throws {
+            guard !ids.isEmpty else { return }
+            try inTransaction(on: conn) {
+                try checkClaim(owner, on: conn)
+                for chunk in Self.chunks(ids) {
+                    try conn.execute("DELETE FROM \(table) WHERE instance = ? AND saga_id IN (\(Self.list("?", chunk.count)))", [Self.key(owner.instance)] + chunk.map(Self.key))
+                }
+            }
+        }
+
+        /// `body` in a transaction of its own on `conn`: committed when it returns, rolled back
+        /// when it throws.
+        func inTransaction<T>(on conn: any SQLConnection, _ body: () throws -> T) throws -> T {
             try conn.begin()
-            let decisions: [SagaID: FenceDecision]
-            do { decisions = try fence(ids, instance: instance, on: conn) } catch {
+            let value: T
+            do { value = try body() } catch {
                 try? conn.rollback()
                 throw error
             }
             switch conn.commit() {
-            case .committed: return decisions
+            case .committed: return value
             case .failed(let e), .unknown(let e): throw e
             }
         }
@@ -150,13 +191,6 @@ extension MarkerTable {
         public func maxID(instance: InstanceID, on db: any SQLExecutor) throws -> SagaID? {
             try db.query("SELECT MAX(saga_id) FROM \(table) WHERE instance = ?", [Self.key(instance)])
                 .first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
-        }
-
-        /// Deletes in chunks of at most 256 bound ids.
-        public func delete(_ ids: [SagaID], instance: InstanceID, on db: any SQLExecutor) throws {
-            for chunk in Self.chunks(ids) {
-                try db.execute("DELETE FROM \(table) WHERE instance = ? AND saga_id IN (\(Self.list("?", chunk.count)))", [Self.key(instance)] + chunk.map(Self.key))
-            }
         }
     }
 }

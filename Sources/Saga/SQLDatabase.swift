@@ -99,8 +99,8 @@ extension SQLConnection {
     public func endSessions(_ sessions: [SQLSession]) throws {}
     public func isUsableAfterIdling() -> Bool { !isBroken && !isInTransaction }
 
-    public func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult {
-        do { try insertMarker(id, instance: instance) } catch {
+    public func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult {
+        do { try insertMarker(id, owner: owner) } catch {
             if isInTransaction { try? rollback() }
             return .failed(error)
         }
@@ -282,16 +282,18 @@ public protocol SQLConnection: SQLExecutor {
     /// After such a statement: whether the transaction marked before it is still the open one.
     /// The default answers ``isInTransaction``.
     func transactionSurvived() -> Bool
-    /// Inserts the marker row `(instance, id, committed)` inside the open transaction.
-    func insertMarker(_ id: SagaID, instance: InstanceID) throws
+    /// Inserts the marker row `(instance, id, committed)` inside the open transaction, if the
+    /// instance still holds the owner's claim; throws ``InstanceClaimLost`` if not.
+    func insertMarker(_ id: SagaID, owner: MarkerOwner) throws
     /// Inserts the marker row, then commits: the saga's decision point. A backend may send both
-    /// in one round trip; the default runs ``insertMarker(_:instance:)`` then ``commit()``. A
+    /// in one round trip; the default runs ``insertMarker(_:owner:)`` then ``commit()``. A
     /// failed insert means COMMIT was never sent: `.failed`, with the transaction rolled back.
-    func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult
-    /// In a transaction of its own: inserts `(instance, id, aborted)` for every id that has no
+    func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult
+    /// In a transaction of its own: checks that the instance still holds the owner's claim
+    /// (``InstanceClaimLost`` if not), inserts `(instance, id, aborted)` for every id that has no
     /// row, waiting for any transaction that holds one, reads whose row holds each id, and
     /// commits before returning the decisions.
-    func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision]
+    func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision]
     /// Claims `instance` for the journal that opens it (see ``InstanceRecord``), in a
     /// transaction of its own: sets the instance's claim to `claim` if there is none yet or it
     /// is one of `accepting`. Returns nil when claimed, or the claim another journal holds.
@@ -300,8 +302,9 @@ public protocol SQLConnection: SQLExecutor {
     func markerIDs(instance: InstanceID) throws -> [SagaID]
     /// The largest saga id among the instance's marker rows, if any.
     func maxMarkerID(instance: InstanceID) throws -> SagaID?
-    /// Deletes marker rows of the instance (outside any transaction).
-    func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws
+    /// Deletes marker rows of the owner's instance, in a transaction of its own that first
+    /// checks the owner's claim (``InstanceClaimLost`` if it moved).
+    func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws
     /// The server session this connection's transactions run in, when the database can name
     /// one (see ``SQLSession``). Read at ``begin()``, kept in the saga's `prepared` record.
     /// The default is nil.

@@ -75,6 +75,9 @@ public final class SagaCoordinator: Sendable {
         /// Prepared sagas whose outcome could not be decided or finished; recovery retries them.
         var inDoubt: Set<SagaID> = []
         var closed = false
+        /// Sagas inside ``run(_:)``: the KV store stays claimed until the last one has ended,
+        /// also after ``close()``.
+        var running = 0
         /// Set when a KV write failed: the store may hold part of it, so nothing may run on
         /// top of it until a reopen lets recovery decide.
         var stopped: String?
@@ -90,6 +93,8 @@ public final class SagaCoordinator: Sendable {
     private let ids: IDLease
     /// This coordinator's instance: every marker row it reads, writes or deletes carries it.
     public let instance: InstanceID
+    /// The instance with the claim this open made: every marker write checks it.
+    let owner: MarkerOwner
     private let claim: StoreClaim
     private let gcLock = Lock()
     private let recoveryLock = Lock()
@@ -118,9 +123,12 @@ public final class SagaCoordinator: Sendable {
             journal = try kv.journalEntries()
             record = try InstanceRecord.load(from: kv, journal: journal)
             // The claim this open makes, recorded before it is made (a crash in between
-            // leaves the table holding one of the journal's two values).
-            record.pending = InstanceRecord.newClaim()
-            try record.store(in: kv)
+            // leaves the table holding one of the journal's two values). A pending claim left
+            // by an open that did not finish may be in the table already: it is made again.
+            if record.pending == 0 {
+                record.pending = InstanceRecord.newClaim()
+                try record.store(in: kv)
+            }
         } catch let e as SagaError {
             throw e
         } catch {
@@ -154,6 +162,7 @@ public final class SagaCoordinator: Sendable {
         } catch {
             throw .stopped(reason: "cannot store the instance record: \(error)")
         }
+        owner = MarkerOwner(instance: record.id, claim: record.current)
         if let maxMarker {
             guard maxMarker.isValid else { throw .sqlFailed(saga: nil, step: .begin, underlying: SagaID.OutOfRange(id: maxMarker, place: "the marker table")) }
             floor = maxMarker.rawValue + 1
@@ -193,11 +202,18 @@ public final class SagaCoordinator: Sendable {
     public var inDoubt: [SagaID] { state.withLock { $0.inDoubt.sorted() } }
 
     /// Closes the idle SQL connections; later sagas fail with ``SagaError/Misuse/closed``.
-    /// The stores themselves belong to the caller.
+    /// Sagas already running finish (their connections are closed as they end), and the KV
+    /// store is let go for another coordinator once the last of them has ended. The stores
+    /// themselves belong to the caller.
     public func close() {
-        state.withLock { $0.closed = true }
+        let idle = state.withLock { s -> Bool in
+            s.closed = true
+            return s.running == 0
+        }
         pool.closeAll()
-        claim.release()
+        // Sagas still running keep the store: no other coordinator may open on it before the
+        // last one has ended.
+        if idle { claim.release() }
     }
 
     // MARK: - Running a saga
@@ -214,7 +230,17 @@ public final class SagaCoordinator: Sendable {
         if let outer = Self.running.first(where: { $0.coordinator == ObjectIdentifier(self) }) {
             throw .misuse(.nestedSaga(outer.saga))
         }
-        if state.withLock({ $0.closed }) { throw .misuse(.closed) }
+        try state.withLock { s throws(SagaError) in
+            if s.closed { throw .misuse(.closed) }
+            s.running += 1
+        }
+        defer {
+            let last = state.withLock { s -> Bool in
+                s.running -= 1
+                return s.closed && s.running == 0
+            }
+            if last { claim.release() }
+        }
         if let reason = state.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
         let id: SagaID
         do { id = try ids.next() } catch {
@@ -324,7 +350,7 @@ public final class SagaCoordinator: Sendable {
             // the marker would commit on its own.
             guard conn.isInTransaction else { throw TransactionEnded() }
             try hook(.commit, id)
-            outcome = conn.commit(insertingMarker: id, instance: instance)
+            outcome = conn.commit(insertingMarker: id, owner: owner)
         } catch {
             // COMMIT was never sent, so the transaction cannot commit.
             if conn.isInTransaction { try? conn.rollback() }
@@ -341,7 +367,10 @@ public final class SagaCoordinator: Sendable {
             log.warning("COMMIT failed: \(error); compensating")
             // Proved failed, so undoing the KV side is right even after an I/O error; but
             // nothing runs on top of a store that failed a write until it is reopened.
-            defer { if error.requiresReopen { stop("the SQL database failed I/O at COMMIT of \(id): \(error)") } }
+            defer {
+                if error.requiresReopen { stop("the SQL database failed I/O at COMMIT of \(id): \(error)") }
+                stopIfClaimLost(error)
+            }
             let restored: Int
             do { restored = try compensateOrHold(id, record, after: error, log: log) } catch {
                 // The saga stays prepared, and its record names this connection's session,
@@ -402,6 +431,13 @@ public final class SagaCoordinator: Sendable {
                 logger.debug("a pooled connection was found lost at BEGIN (\(error)); trying another")
             }
         }
+    }
+
+    /// Another journal claimed the instance: nothing of this coordinator may decide, write or
+    /// delete by the marker table any more. Stops it (the next open of this journal is refused).
+    private func stopIfClaimLost(_ error: any Error) {
+        guard error is InstanceClaimLost else { return }
+        stop("\(error); reopening this journal will be refused while the other one holds the instance")
     }
 
     /// Refuses every later saga until the stores are reopened (and recovery has run).
@@ -597,11 +633,12 @@ public final class SagaCoordinator: Sendable {
             defer { conn.close() }
             for id in ids { try hook(.resolve, id, phase: phase) }
             if !sessions.isEmpty { try conn.endSessions(sessions) }
-            let decisions = try conn.fence(ids, instance: instance)
+            let decisions = try conn.fence(ids, owner: owner)
             logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(what))")
             return decisions
         } catch {
             logger.warning("cannot resolve \(what): \(error)")
+            stopIfClaimLost(error)
             return nil
         }
     }
@@ -732,11 +769,12 @@ public final class SagaCoordinator: Sendable {
             defer { pool.giveBack(conn) }
             let orphans = try conn.markerIDs(instance: instance).filter { !journaled.contains($0) }
             if !orphans.isEmpty {
-                try conn.deleteMarkers(orphans, instance: instance)
+                try conn.deleteMarkers(orphans, owner: owner)
                 logger.debug("removed \(orphans.count) orphan marker row(s)")
             }
         } catch {
             logger.warning("orphan marker cleanup failed: \(error)")
+            stopIfClaimLost(error)
         }
     }
 
@@ -777,9 +815,10 @@ public final class SagaCoordinator: Sendable {
                 try hook(.gcMarkers, nil, phase: .gc)
                 let conn = try pool.take().connection
                 defer { pool.giveBack(conn) }
-                try conn.deleteMarkers(markers, instance: instance)
+                try conn.deleteMarkers(markers, owner: owner)
             } catch {
                 state.withLock { $0.markersToDelete.append(contentsOf: markers) }
+                stopIfClaimLost(error)
                 throw .sqlFailed(saga: nil, step: .gcMarkers, underlying: error)
             }
             return markers.count

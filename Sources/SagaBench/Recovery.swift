@@ -54,7 +54,7 @@ struct RecoveryBench {
             try conn.begin()
             for i in ids where i % 2 == 0 {
                 try conn.execute("INSERT INTO bench_recovery (id, v) VALUES (?, 1)", [.integer(Int64(i))])
-                try conn.insertMarker(SagaID(base + UInt64(i)), instance: instance)
+                try conn.execute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, ?, 'committed')", [.integer(Int64(instance.rawValue)), .integer(Int64(base + UInt64(i)))])
             }
             if case .failed(let e) = conn.commit() { throw e }
         }

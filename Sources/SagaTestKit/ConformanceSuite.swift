@@ -212,7 +212,7 @@ public enum ConformanceSuite {
             defer { conn.close() }
             try conn.begin()
             try conn.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("p"), .integer(1)])
-            try conn.insertMarker(id, instance: try SagaCoordinator.instance(in: env.kv))
+            try insertMarkerRow(id, instance: try SagaCoordinator.instance(in: env.kv), on: conn)
             guard case .committed = conn.commit() else { throw ConformanceFailure(description: "set-up commit failed") }
         }
     }
@@ -267,7 +267,7 @@ public enum ConformanceSuite {
         let conn = try env.sql.connect()
         defer { conn.close() }
         try conn.begin()
-        try conn.insertMarker(id, instance: try SagaCoordinator.instance(in: env.kv))
+        try insertMarkerRow(id, instance: try SagaCoordinator.instance(in: env.kv), on: conn)
         guard case .committed = conn.commit() else { throw ConformanceFailure(description: "set-up commit failed") }
     }
 
@@ -655,7 +655,7 @@ public enum ConformanceSuite {
         try conn.begin()
         for i in stride(from: 0, to: count, by: 2) {
             try conn.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("p\(i)"), .integer(Int64(i))])
-            try conn.insertMarker(SagaID(UInt64(1_000 + i)), instance: try SagaCoordinator.instance(in: env.kv))
+            try insertMarkerRow(SagaID(UInt64(1_000 + i)), instance: try SagaCoordinator.instance(in: env.kv), on: conn)
         }
         guard case .committed = conn.commit() else { throw ConformanceFailure(description: "set-up commit failed") }
 

@@ -122,5 +122,12 @@ extension HarnessEnvironment {
     }
 }
 
+/// Inserts a `committed` marker row straight into the table (test set-up: what a saga that
+/// committed before a crash left behind), inside the caller's transaction on `conn`.
+public func insertMarkerRow(_ id: SagaID, instance: InstanceID, on conn: any SQLExecutor) throws {
+    try conn.execute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, ?, 'committed')",
+                     [.integer(Int64(bitPattern: instance.rawValue)), .integer(Int64(bitPattern: id.rawValue))])
+}
+
 /// Portable DDL for the suite's table (works on SQLite and MySQL).
 public let conformanceTableDDL = "CREATE TABLE IF NOT EXISTS saga_test (k VARCHAR(64) NOT NULL PRIMARY KEY, v BIGINT NOT NULL)"

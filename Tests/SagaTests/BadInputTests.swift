@@ -347,13 +347,13 @@ final class ReportingConnection: SQLConnection {
     var isInTransaction: Bool { base.isInTransaction }
     var isBroken: Bool { base.isBroken }
     func transactionState(after error: any Error) -> TransactionState { base.transactionState(after: error) }
-    func insertMarker(_ id: SagaID, instance: InstanceID) throws { try base.insertMarker(id, instance: instance) }
-    func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult { base.commit(insertingMarker: id, instance: instance) }
-    func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision] { try base.fence(ids, instance: instance) }
+    func insertMarker(_ id: SagaID, owner: MarkerOwner) throws { try base.insertMarker(id, owner: owner) }
+    func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult { base.commit(insertingMarker: id, owner: owner) }
+    func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision] { try base.fence(ids, owner: owner) }
     func markerIDs(instance: InstanceID) throws -> [SagaID] { try base.markerIDs(instance: instance) }
     func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? { try base.claimInstance(instance, accepting: accepting, claim: claim) }
     func maxMarkerID(instance: InstanceID) throws -> SagaID? { try base.maxMarkerID(instance: instance) }
-    func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws { try base.deleteMarkers(ids, instance: instance) }
+    func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws { try base.deleteMarkers(ids, owner: owner) }
     var session: SQLSession? { base.session }
     func endSessions(_ sessions: [SQLSession]) throws { try base.endSessions(sessions) }
     func isUsableAfterIdling() -> Bool { base.isUsableAfterIdling() }

@@ -117,8 +117,10 @@ struct MySQLFailureTests {
         let id = SagaID(424_242)
         let old = try env.mysql.openConnection()
         defer { old.close() }
+        let owner = MarkerOwner(instance: InstanceID(7), claim: 77)
+        #expect(try old.claimInstance(owner.instance, accepting: [], claim: owner.claim) == nil)
         try old.begin()
-        try old.insertMarker(id, instance: InstanceID(7))
+        try old.insertMarker(id, owner: owner)
         let decided = LockedBox<String>()
         let done = DispatchSemaphore(value: 0)
         let url = env.directURL
@@ -126,7 +128,7 @@ struct MySQLFailureTests {
             do {
                 let fresh = try MySQLDatabase(url: url).openConnection()
                 defer { fresh.close() }
-                decided.value = (try fresh.fence([id], instance: InstanceID(7))[id]).map { "\($0)" } ?? "none"
+                decided.value = (try fresh.fence([id], owner: owner)[id]).map { "\($0)" } ?? "none"
             } catch {
                 decided.value = "error: \(error)"
             }
@@ -144,7 +146,7 @@ struct MySQLFailureTests {
         // Fenced: the old transaction's id can never commit later.
         if !commits {
             try old.begin()
-            #expect(throws: MySQLError.self) { try old.insertMarker(id, instance: InstanceID(7)) }
+            #expect(throws: MySQLError.self) { try old.insertMarker(id, owner: owner) }
             try old.rollback()
         }
     }

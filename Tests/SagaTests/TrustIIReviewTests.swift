@@ -220,3 +220,211 @@ extension TrustIIReviewTests {
         c.close()
     }
 }
+
+// MARK: - Second review: the claim's crash safety, hot copies, close()
+
+/// A KV store that fails one chosen synced journal write of the instance record (the n-th).
+private final class FailNthInstanceWrite: KVStore, @unchecked Sendable {
+    let base: any KVStore
+    let failAt: Int
+    private let count = Locked(0)
+    init(_ base: any KVStore, failAt: Int) { self.base = base; self.failAt = failAt }
+    struct Refused: Error {}
+    func multiGet(_ keys: [Bytes]) throws -> [Bytes?] { try base.multiGet(keys) }
+    func write(_ batch: KVWriteBatch, sync: Bool) throws {
+        let touchesInstance = batch.operations.contains { if case .put(.journal, let k, _) = $0 { k == InstanceID.journalKey } else { false } }
+        if touchesInstance {
+            let n = count.withLock { c -> Int in c += 1; return c }
+            if n == failAt { throw Refused() }
+        }
+        try base.write(batch, sync: sync)
+    }
+    func journalGet(_ key: Bytes) throws -> Bytes? { try base.journalGet(key) }
+    func journalEntries() throws -> [(key: Bytes, value: Bytes)] { try base.journalEntries() }
+}
+
+extension TrustIIReviewTests {
+    /// kill -9 after the SQL claim committed and before the journal made the pending claim
+    /// current: the journal holds (current c, pending p1), the table p1. The next open writes
+    /// a NEW pending p2 over p1, then accepts only {c, p2}: refused forever.
+    @Test(arguments: ["sqlite", "mariadb"])
+    func crashBetweenSQLClaimAndFinalJournalWrite(_ backend: String) throws {
+        let env: any HarnessEnvironment = backend == "sqlite" ? try SQLiteEnvironment() : try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        var c: SagaCoordinator? = try env.coordinator()
+        try c!.run { saga in
+            _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('a', 1)", [])
+            try saga.kv.put("a", "1")
+        }
+        let instance = c!.instance
+        c!.close(); c = nil
+        // What the next open did before the kill: pending written (synced), SQL claim committed.
+        var rec = try InstanceRecord(decoding: env.kv.journalGet(InstanceID.journalKey)!)
+        print("journal before: current \(rec.current) pending \(rec.pending); table: \(try env.sqlQuery("SELECT instance, claim FROM saga_markers_instances").map { "\($0.values)" })")
+        rec.pending = 4242
+        try rec.store(in: env.kv)
+        _ = try env.sqlExecute("UPDATE saga_markers_instances SET claim = 4242 WHERE instance = ?", [.integer(Int64(bitPattern: instance.rawValue))])
+        try env.reopen()
+        do {
+            let r = try env.coordinator()
+            print("reopened fine as \(r.instance)")
+            r.close()
+        } catch {
+            Issue.record("the store's own journal is refused after a crash inside the claim: \(error)")
+        }
+    }
+
+    /// No crash needed: the last instance-record write of an open fails once (a transient KV
+    /// error); the open throws. Every later open is refused.
+    @Test func transientFailureOfTheFinalInstanceWrite() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        var c: SagaCoordinator? = try env.coordinator()
+        c!.close(); c = nil
+        // writes at this open: #1 pending, #2 current
+        do {
+            let bad = try SagaCoordinator(kv: FailNthInstanceWrite(env.kv, failAt: 2), sql: env.sql)
+            bad.close()
+            Issue.record("expected the open to fail")
+        } catch { print("open with the failing write: \(error)") }
+        for attempt in 1...2 {
+            do {
+                let r = try env.coordinator()
+                print("attempt \(attempt): opened")
+                r.close()
+            } catch {
+                Issue.record("attempt \(attempt): refused after a transient write failure: \(error)")
+            }
+        }
+    }
+}
+
+private struct LoseReplyThenNoFence: SagaHooks {
+    let proxy: MySQLProxy
+    func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
+        guard phase == .run else { return }
+        if step == .commit { proxy.arm(.loseReply) }
+        if step == .resolve { throw InjectedFault(step: step, phase: phase) }
+    }
+}
+
+extension TrustIIReviewTests {
+    /// A snapshot of a RUNNING node's KV store (a checkpoint to bootstrap another node) opened
+    /// on the same database while the original still runs: the claim is only checked at open,
+    /// so the copy is accepted (it holds the table's current claim), and its orphan removal
+    /// deletes the original's committed marker of a saga in doubt. The original's recover()
+    /// then fences that saga as aborted and undoes a committed saga.
+    @Test func hotCopyOpenedWhileTheOriginalRuns() throws {
+        let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        let a = try SagaCoordinator(kv: env.kv, sql: env.sql, configuration: .init(hooks: LoseReplyThenNoFence(proxy: env.proxy)))
+        // The snapshot, taken now (after A opened): its journal as it is.
+        let copyDir = try SQLiteEnvironment.makeTempDir("hot-copy")
+        defer { try? FileManager.default.removeItem(atPath: copyDir) }
+        let copy = try RocksDBStore(path: copyDir + "/kv")
+        defer { copy.close() }
+        var b = KVWriteBatch()
+        for (k, v) in try env.kv.journalEntries() { b.put(k, v, in: .journal) }
+        try copy.write(b, sync: true)
+
+        do {
+            try a.run { saga in
+                _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('a', 1)", [])
+                try saga.kv.put("a", "1")
+            }
+        } catch { print("A's saga: \(error)") }
+        print("A in doubt: \(a.inDoubt); markers: \(try env.markers())")
+        // The copy opens (the new node), while A still runs.
+        do {
+            let c = try SagaCoordinator(kv: copy, sql: try MySQLDatabase(url: env.directURL))
+            print("copy opened as \(c.instance) (A is \(a.instance)); markers now: \(try env.markers())")
+            c.close()
+        } catch { print("copy refused: \(error)") }
+        do {
+            let report = try a.recover()
+            print("A.recover(): \(report)")
+        } catch { print("A.recover() threw: \(error)") }
+        let kvA = try env.kvGet("a"), sqlA = try env.row("a")
+        print("KV a = \(kvA ?? "nil"), SQL a = \(sqlA.map(String.init) ?? "nil")")
+        #expect((kvA == "1") == (sqlA == 1), "the two stores disagree")
+        // The original finds its claim gone at its first marker write after the copy opened:
+        // it stops instead of deciding, and its next open is refused.
+        let next = Result { () throws(SagaError) in try a.run { saga in try saga.kv.put("z", "1") } }
+        guard case .failure(.stopped(let reason)) = next else { Issue.record("expected the original to have stopped, got \(next)"); return }
+        #expect(reason.contains("claimed by another journal"), "\(reason)")
+        a.close()
+    }
+}
+
+extension TrustIIReviewTests {
+    /// A real kill -9 inside the claim: aa-demo's second start goes through a proxy that
+    /// forwards the claim's COMMIT to the server and then SIGKILLs the process before the
+    /// reply reaches it (so the journal never makes the claim current). The third start,
+    /// straight to the server, must open.
+    @Test func sigkillAfterTheSQLClaimCommitted() throws {
+        let node = try AADemoNode.make(.mysql, "hb-claim")
+        defer { node.destroy() }
+        let first = try TimedDemo.run(node.runArguments(), timeout: 120)
+        print("first run: exit \(first.exitCode)")
+        let url = node.server!
+        let proxy = try MySQLProxy(targetHost: "127.0.0.1", targetPort: UInt16(url.port))
+        let proxied = "mysql://\(url.user):\(url.password)@127.0.0.1:\(proxy.port)/\(node.database!)"
+        let child = Locked<pid_t>(0)
+        proxy.arm(.afterForwarding { kill(child.withLock { $0 }, SIGKILL); usleep(300_000) })
+        let args = ["run", "--data", node.dir, "--sql", proxied, "--triggers", CrashTests.triggers, "--seed", CrashTests.seed]
+        let pid = try spawnProcess(Demo.executable, args, stdoutPath: "/dev/null", stderrPath: "/dev/null")
+        child.withLock { $0 = pid }
+        var status: Int32 = 0
+        _ = waitpid(pid, &status, 0)
+        print("second run: signal \(status & 0x7F) exit \((status >> 8) & 0xFF), proxy fired \(proxy.firedCount)")
+        let conn = try node.sql()
+        print("table after the kill: \(try conn.query("SELECT instance, claim FROM saga_markers_instances", []).map { "\($0.values)" })")
+        conn.close()
+        let third = try TimedDemo.run(node.runArguments(), timeout: 120)
+        print("third run: \(third.tail)")
+        #expect(third.exitCode == 0)
+    }
+}
+
+extension TrustIIReviewTests {
+    /// close() while a saga runs: the saga's connection goes back into the pool after
+    /// close() emptied it, and stays open (a live server session) for as long as the closed
+    /// coordinator object lives. Meanwhile close() has released the store, and a second
+    /// coordinator opens on the same journal while the first one's saga is still running.
+    @Test func closeWhileASagaRuns() throws {
+        let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        let c = try SagaCoordinator(kv: env.kv, sql: try MySQLDatabase(url: env.directURL))
+        func sessions() throws -> Int64 {
+            try env.sqlQuery("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()", [.text(env.database)])[0][0].int64!
+        }
+        let inBody = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0), done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            do {
+                try c.run { saga in
+                    _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('a', 1)", [])
+                    try saga.kv.put("a", "1")
+                    inBody.signal()
+                    proceed.wait()
+                }
+                print("saga committed")
+            } catch { print("saga: \(error)") }
+            done.signal()
+        }
+        inBody.wait()
+        c.close()
+        var second: SagaCoordinator?
+        var secondOpened = false
+        do { second = try SagaCoordinator(kv: env.kv, sql: try MySQLDatabase(url: env.directURL)); secondOpened = true; print("a second coordinator opened on the same journal while the first one's saga runs") } catch { print("second refused: \(error)") }
+        proceed.signal()
+        done.wait()
+        second?.close()
+        second = nil
+        Thread.sleep(forTimeInterval: 0.3)
+        let left = try sessions()
+        print("server sessions of this database after close(), saga done, coordinator still referenced: \(left)")
+        #expect(!secondOpened, "two coordinators on one journal")
+        #expect(left == 0, "connections leaked past close()")
+        _ = c
+    }
+}

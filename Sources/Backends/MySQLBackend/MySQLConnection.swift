@@ -409,16 +409,18 @@ public final class MySQLConnection: SQLConnection {
     }
 
     /// The marker insert and `COMMIT` in one round trip (a multi-statement text query, the
-    /// instance and saga id literal integers). The server runs `COMMIT` only if the insert
-    /// succeeded; a failed insert (a fencing row holds the id) leaves the transaction open, and
-    /// it is rolled back: failed. A lost connection: unknown.
-    public func commit(insertingMarker id: SagaID, instance: InstanceID) -> CommitResult {
-        let sql = "INSERT INTO \(markerTable) (instance, saga_id, status) VALUES (\(Int64(bitPattern: instance.rawValue)), \(Int64(bitPattern: id.rawValue)), 'committed'); COMMIT"
+    /// instance, saga id and claim literal integers). The server runs `COMMIT` only if the
+    /// insert succeeded; a failed insert (a fencing row holds the id, or the instance's claim
+    /// moved: ``InstanceClaimLost``) leaves the transaction open, and it is rolled back:
+    /// failed. A lost connection: unknown.
+    public func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult {
+        let sql = markers.insertCommittedSQL(owner: owner, id: id) + "; COMMIT"
         guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
         if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
             // The insert failed, so COMMIT never ran.
             let error = record(MySQLError(connection: db, context: sql))
             if error.isConnectionLost { return .unknown(error) }
+            let reported: any Error = error.code == 1048 ? InstanceClaimLost(owner: owner) : error
             switch probeTransaction() {
             case true?:
                 do { try rollback() } catch { return .unknown(error) }
@@ -427,7 +429,7 @@ public final class MySQLConnection: SQLConnection {
             case nil:
                 giveUpOnState()
             }
-            return .failed(error)
+            return .failed(reported)
         }
         // The insert's result, then COMMIT's.
         switch mysql_next_result(db) {
@@ -542,7 +544,12 @@ public final class MySQLConnection: SQLConnection {
         }
     }
 
-    public func insertMarker(_ id: SagaID, instance: InstanceID) throws { try markers.insertCommitted(id, instance: instance, on: self) }
+    /// A NULL status (1048) is the claim check failing.
+    public func insertMarker(_ id: SagaID, owner: MarkerOwner) throws {
+        do { try markers.insertCommitted(id, owner: owner, on: self) } catch let e as MySQLError where e.code == 1048 {
+            throw InstanceClaimLost(owner: owner)
+        }
+    }
 
     public func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? {
         try markers.claim(instance, accepting: accepting, claim: claim, on: self)
@@ -551,15 +558,15 @@ public final class MySQLConnection: SQLConnection {
     /// `INSERT IGNORE` on the primary key, in a transaction of its own: InnoDB makes it wait
     /// until any transaction holding that key has finished, either way. A locking read of the
     /// rows decides.
-    public func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision] {
-        try markers.fenceInTransaction(ids, instance: instance, on: self)
+    public func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision] {
+        try markers.fenceInTransaction(ids, owner: owner, on: self)
     }
 
     public func markerIDs(instance: InstanceID) throws -> [SagaID] { try markers.ids(instance: instance, on: self) }
 
     public func maxMarkerID(instance: InstanceID) throws -> SagaID? { try markers.maxID(instance: instance, on: self) }
 
-    public func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws { try markers.delete(ids, instance: instance, on: self) }
+    public func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws { try markers.deleteInTransaction(ids, owner: owner, on: self) }
 }
 
 @available(*, unavailable)

@@ -278,7 +278,12 @@ public final class SQLiteConnection: SQLConnection {
         }
     }
 
-    public func insertMarker(_ id: SagaID, instance: InstanceID) throws { try markers.insertCommitted(id, instance: instance, on: self) }
+    /// A NOT NULL failure of the marker's status is the claim check failing.
+    public func insertMarker(_ id: SagaID, owner: MarkerOwner) throws {
+        do { try markers.insertCommitted(id, owner: owner, on: self) } catch let e as SQLiteError where e.extendedCode == SQLITE_CONSTRAINT | (5 << 8) {  // SQLITE_CONSTRAINT_NOTNULL
+            throw InstanceClaimLost(owner: owner)
+        }
+    }
 
     public func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? {
         try markers.claim(instance, accepting: accepting, claim: claim, on: self)
@@ -286,8 +291,8 @@ public final class SQLiteConnection: SQLConnection {
 
     /// In a transaction of its own, so that it queues at the writer gate like every writer of
     /// this process instead of sleeping in SQLite's busy handler.
-    public func fence(_ ids: [SagaID], instance: InstanceID) throws -> [SagaID: FenceDecision] {
-        try markers.fenceInTransaction(ids, instance: instance, on: self)
+    public func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision] {
+        try markers.fenceInTransaction(ids, owner: owner, on: self)
     }
 
     public func markerIDs(instance: InstanceID) throws -> [SagaID] { try markers.ids(instance: instance, on: self) }
@@ -295,16 +300,8 @@ public final class SQLiteConnection: SQLConnection {
     public func maxMarkerID(instance: InstanceID) throws -> SagaID? { try markers.maxID(instance: instance, on: self) }
 
     /// In one transaction: one fsync for all the chunks.
-    public func deleteMarkers(_ ids: [SagaID], instance: InstanceID) throws {
-        guard !ids.isEmpty else { return }
-        try begin()
-        do {
-            try markers.delete(ids, instance: instance, on: self)
-            try execute("COMMIT", [])
-        } catch {
-            try? rollback()
-            throw error
-        }
+    public func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws {
+        try markers.deleteInTransaction(ids, owner: owner, on: self)
     }
 }
 
