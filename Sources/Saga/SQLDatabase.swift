@@ -96,7 +96,7 @@ extension SQLConnection {
     public func markTransaction() throws {}
     public func transactionSurvived() -> Bool { isInTransaction }
     public var session: SQLSession? { nil }
-    public func endSessions(_ sessions: [SQLSession]) throws {}
+    public func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> { [] }
     public func isUsableAfterIdling() -> Bool { !isBroken && !isInTransaction }
 
     public func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult {
@@ -311,10 +311,10 @@ public protocol SQLConnection: SQLExecutor {
     var session: SQLSession? { get }
     /// Ends the named sessions if they still exist and waits until the server has let them go
     /// (their transactions rolled back), so that no COMMIT sent on one of them can still land.
-    /// Sessions of an earlier run of the server are gone already. Throws if one cannot be
-    /// seen gone: nothing may then be decided. The default does nothing (a database whose
-    /// connections live only in this process).
-    func endSessions(_ sessions: [SQLSession]) throws
+    /// Sessions of an earlier run of the server are gone already. Returns the sessions still
+    /// there when the wait ran out: nothing of their sagas may be decided. The default ends
+    /// nothing and returns none (a database whose connections live only in this process).
+    func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession>
     /// Before an idle pooled connection is lent again: whether it is still alive, with no
     /// transaction open (MySQL asks the server: it may have closed the connection after
     /// `wait_timeout`). The default answers from what the connection knows.

@@ -632,7 +632,10 @@ public final class SagaCoordinator: Sendable {
             let conn = try (connection ?? Result { try sql.connect() }).get()
             defer { conn.close() }
             for id in ids { try hook(.resolve, id, phase: phase) }
-            if !sessions.isEmpty { try conn.endSessions(sessions) }
+            if !sessions.isEmpty {
+                let left = try conn.endSessions(sessions)
+                if !left.isEmpty { throw SessionsStillThere(sessions: left) }
+            }
             let decisions = try conn.fence(ids, owner: owner)
             logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(what))")
             return decisions
@@ -730,10 +733,17 @@ public final class SagaCoordinator: Sendable {
             }
             candidates.append(record)
         }
+        // The sessions the sagas ran in end first, all at once (pooled connections: a few
+        // sessions name many records). A saga whose session cannot be seen gone stays in doubt.
+        let stuck = endSessions(Set(candidates.compactMap(\.session)))
+        if !stuck.isEmpty {
+            let held = candidates.filter { $0.session.map { stuck.contains($0) } ?? false }
+            report.inDoubt += held.map(\.saga)
+            candidates.removeAll { $0.session.map { stuck.contains($0) } ?? false }
+        }
         for start in stride(from: 0, to: candidates.count, by: Self.recoveryChunk) {
             let chunk = Array(candidates[start..<min(start + Self.recoveryChunk, candidates.count)])
-            let sessions = Array(Set(chunk.compactMap(\.session)))
-            guard let decisions = fence(chunk.map(\.saga), ending: sessions, phase: .recovery) else {
+            guard let decisions = fence(chunk.map(\.saga), ending: [], phase: .recovery) else {
                 report.inDoubt += chunk.map(\.saga)
                 continue
             }
@@ -755,6 +765,31 @@ public final class SagaCoordinator: Sendable {
                 case .failure(let error): report.problems.append(error)
                 }
             }
+        }
+    }
+
+    /// Ends `sessions` on a fresh connection; returns those that could not be seen gone (all of
+    /// them when the database cannot be reached).
+    private func endSessions(_ sessions: Set<SQLSession>) -> Set<SQLSession> {
+        guard !sessions.isEmpty else { return [] }
+        do {
+            let conn = try sql.connect()
+            defer { conn.close() }
+            let left = try conn.endSessions(Array(sessions))
+            if !left.isEmpty { logger.warning("\(SessionsStillThere(sessions: left)); their sagas stay in doubt") }
+            return left
+        } catch {
+            logger.warning("cannot end the sessions of the sagas to recover: \(error); they stay in doubt")
+            return sessions
+        }
+    }
+
+    /// Sessions that did not go within the backend's wait after `KILL`: a COMMIT sent on one
+    /// may still land, so its sagas are not decided.
+    struct SessionsStillThere: Error, CustomStringConvertible {
+        let sessions: Set<SQLSession>
+        var description: String {
+            "the old SQL session(s) \(sessions.map { String($0.id) }.sorted().joined(separator: ", ")) are still there after KILL; a COMMIT sent on one may still land"
         }
     }
 

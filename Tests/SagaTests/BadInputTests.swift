@@ -321,14 +321,21 @@ final class OpenConnectionCounter: SQLDatabase, @unchecked Sendable {
     private let lock = NSLock()
     private var openCount = 0
     private var openedCount = 0
+    private var stuckSessions: Set<SQLSession> = []
     init(_ base: SQLiteDatabase) { self.base = base }
     var open: Int { lock.withLock { openCount } }
     var opened: Int { lock.withLock { openedCount } }
+    /// Sessions that `endSessions` reports still there (as a server would for a session that
+    /// does not go after KILL).
+    var stuck: Set<SQLSession> {
+        get { lock.withLock { stuckSessions } }
+        set { lock.withLock { stuckSessions = newValue } }
+    }
 
     func connect() throws -> any SQLConnection {
         let conn = try base.openConnection()
         lock.withLock { openCount += 1; openedCount += 1 }
-        return ReportingConnection(conn) { [weak self] in self?.lock.withLock { self?.openCount -= 1 } }
+        return ReportingConnection(conn, stuck: { [weak self] in self?.stuck ?? [] }) { [weak self] in self?.lock.withLock { self?.openCount -= 1 } }
     }
 }
 
@@ -336,7 +343,10 @@ final class OpenConnectionCounter: SQLDatabase, @unchecked Sendable {
 final class ReportingConnection: SQLConnection {
     private let base: any SQLConnection
     private var onClose: (() -> Void)?
-    init(_ base: any SQLConnection, onClose: @escaping () -> Void) { self.base = base; self.onClose = onClose }
+    private let stuck: () -> Set<SQLSession>
+    init(_ base: any SQLConnection, stuck: @escaping () -> Set<SQLSession> = { [] }, onClose: @escaping () -> Void) {
+        self.base = base; self.stuck = stuck; self.onClose = onClose
+    }
 
     func execute(_ sql: String, _ arguments: [SQLValue]) throws -> Int { try base.execute(sql, arguments) }
     func query(_ sql: String, _ arguments: [SQLValue]) throws -> [SQLRow] { try base.query(sql, arguments) }
@@ -355,7 +365,7 @@ final class ReportingConnection: SQLConnection {
     func maxMarkerID(instance: InstanceID) throws -> SagaID? { try base.maxMarkerID(instance: instance) }
     func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws { try base.deleteMarkers(ids, owner: owner) }
     var session: SQLSession? { base.session }
-    func endSessions(_ sessions: [SQLSession]) throws { try base.endSessions(sessions) }
+    func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> { try base.endSessions(sessions).union(stuck().intersection(sessions)) }
     func isUsableAfterIdling() -> Bool { base.isUsableAfterIdling() }
     func close() {
         base.close()

@@ -110,4 +110,34 @@ struct ManyCoordinatorsTests {
         }
         #expect(try node.queued() == queuedBefore, "the refused process ran no trigger")
     }
+
+    /// Recovery ends the sessions its sagas ran in, all at once, before it fences: a saga whose
+    /// session cannot be seen gone stays in doubt (keys locked), and only that one: the others
+    /// are decided at once; once the session has gone, `recover()` decides it too.
+    @Test func aSessionThatWillNotGoHoldsOnlyItsOwnSagas() throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        let stuck = SQLSession(id: 7, serverStart: 1), gone = SQLSession(id: 8, serverStart: 1)
+        var batch = KVWriteBatch()
+        for (id, session) in [(1, stuck), (2, gone), (3, nil), (4, stuck)] as [(UInt64, SQLSession?)] {
+            let key = Bytes("s\(id)".utf8)
+            batch.put(key, Bytes("after".utf8))
+            batch.put(JournalRecord.key(for: SagaID(id)), JournalRecord(saga: SagaID(id), state: .prepared, entries: [
+                .init(key: key, preImage: nil, afterImage: Bytes("after".utf8)),
+            ], session: session).encoded(), in: .journal)
+        }
+        try env.kv.write(batch, sync: true)
+        let sql = OpenConnectionCounter(env.sqlite)
+        sql.stuck = [stuck]
+        let c = try SagaCoordinator(kv: env.kv, sql: sql, configuration: .init(lockTimeout: .milliseconds(200)))
+        #expect(c.inDoubt == [SagaID(1), SagaID(4)], "only the sagas of the session that did not go: \(c.inDoubt)")
+        #expect(try env.kvGet("s2") == nil && env.kvGet("s3") == nil, "the others are decided (no marker: undone)")
+        #expect(try env.kvGet("s1") == "after", "nothing of a held saga is undone")
+        let blocked = try expectSagaError { try c.run { saga in try saga.kv.put("s1", "x") } }
+        guard case .lockTimeout = blocked else { Issue.record("its keys stay locked, got \(blocked)"); return }
+        sql.stuck = []
+        let report = try c.recover()
+        #expect(report.compensated == [SagaID(1), SagaID(4)] && c.inDoubt.isEmpty, "\(report)")
+        #expect(try env.kvGet("s1") == nil)
+    }
 }

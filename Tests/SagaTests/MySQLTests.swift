@@ -99,10 +99,10 @@ struct MySQLFailureTests {
         let now = try killer.query("SELECT UNIX_TIMESTAMP()", []).first?[0].int64 ?? 0
         #expect(session.serverStart > 1_700_000_000 && Int64(session.serverStart) <= now, "server start \(session.serverStart)")
         #expect(session.serverStart.distance(to: own.serverStart).magnitude <= 1, "both connections see the same start")
-        try killer.endSessions([SQLSession(id: session.id, serverStart: session.serverStart + 60), SQLSession(id: 4_000_000_000, serverStart: session.serverStart), own])
+        #expect(try killer.endSessions([SQLSession(id: session.id, serverStart: session.serverStart + 60), SQLSession(id: 4_000_000_000, serverStart: session.serverStart), own]).isEmpty)
         #expect(try victim.query("SELECT 1", []).count == 1, "a session of another server run is not killed")
         #expect(try killer.query("SELECT 1", []).count == 1, "the caller's own session is not killed")
-        try killer.endSessions([session])
+        #expect(try killer.endSessions([session]).isEmpty)
         let listed = try killer.query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?", [.integer(Int64(session.id))]).first?[0].int64
         #expect(listed == 0, "gone from the process list when endSessions returns")
         #expect(throws: MySQLError.self, "the killed session is gone") { _ = try victim.query("SELECT 1", []) }
