@@ -47,7 +47,7 @@ struct SeedGenerator {
             // Version 2: a prepared record that names its SQL session.
             JournalRecord(saga: SagaID(8), state: .prepared, entries: [
                 .init(key: Array("st\nPJE3ZQGB2Y4GUO5KV3WGNDWDOXJ2JQ3F\nbalance".utf8), preImage: Array("n\n1250".utf8), afterImage: Array("n\n1500".utf8)),
-            ], session: SQLSession(id: 4242, serverStart: 1_795_803_140)),
+            ], session: SQLSession(id: 4242, serverStart: 1_795_803_140, client: 0x0123_4567_89AB_CDEF)),
         ]
         for (i, r) in records.enumerated() {
             let bytes = r.encoded()

@@ -24,43 +24,55 @@ public struct InstanceID: RawRepresentable, Hashable, Comparable, Sendable, Cust
 }
 
 /// What the journal keeps about its instance (under ``InstanceID/journalKey``): the id, and the
-/// claim of the last open on the SQL side. Every open claims the instance in the SQL
-/// database's instance table with a new random value, which the journal records; an open whose
-/// journal does not hold the value the table holds is refused. So two journals can never share
-/// an instance id (two journals written before instance ids on one database, a copied KV store
-/// opened after the original, or the original after its copy), each deleting the other's
-/// marker rows as orphans.
+/// claims it made on the SQL side. Every open claims the instance in the SQL database's
+/// instance table with a new random value, which the journal records; an open whose journal
+/// does not know the value the table holds is refused. So two journals can never share an
+/// instance id (two journals written before instance ids on one database, a copied or
+/// restored KV store opened after the original, or the original after its copy), each
+/// deleting the other's marker rows as orphans.
 ///
-/// A claim is made in three steps that a crash may cut anywhere: the new value is written to
-/// the journal as `pending` (synced), the table moves from the journal's `current` value to it,
-/// and the journal makes it `current`. The table holding `current` or `pending` is this journal.
+/// A claim is made in three steps that a crash may cut anywhere: the new value is added to the
+/// journal's `pending` values (synced), the table moves from `current` or a pending value to
+/// it, and the journal makes it `current`. Every open moves the table to a value of its own,
+/// also after an open that did not finish: two copies of a journal with the same values can
+/// never both pass. The table holding `current` or a pending value is this journal.
 struct InstanceRecord: Equatable {
     var id: InstanceID
     var current: UInt64
-    var pending: UInt64
+    /// Claims of opens that did not finish, oldest first; the table may hold any of them.
+    var pending: [UInt64]
 
-    /// The record: id, current, pending, each big-endian, then a CRC-32C (28 bytes).
+    /// At most this many pending claims are kept (the oldest go first): an open adds one only
+    /// once the SQL database has answered, so only opens cut off inside the claim add one.
+    static let maxPending = 16
+
+    /// The record: id, current, each u64 big-endian; a u8 count and that many pending u64;
+    /// then a CRC-32C of everything before it.
     func encoded() -> Bytes {
         var value: Bytes = []
         value.appendBigEndian(id.rawValue)
         value.appendBigEndian(current)
-        value.appendBigEndian(pending)
+        value.append(UInt8(pending.count))
+        for p in pending { value.appendBigEndian(p) }
         value.appendBigEndian(CRC32C.checksum(value))
         return value
     }
 
-    init(id: InstanceID, current: UInt64, pending: UInt64) {
+    init(id: InstanceID, current: UInt64, pending: [UInt64]) {
         self.id = id; self.current = current; self.pending = pending
     }
 
     init(decoding raw: Bytes) throws(SagaError) {
         func damaged(_ why: String) -> SagaError { .journalCorrupt(saga: nil, key: InstanceID.journalKey, reason: "instance record \(why)") }
-        guard raw.count == 28 else { throw damaged("has \(raw.count) bytes, expected 28") }
+        guard raw.count >= 21 else { throw damaged("has \(raw.count) bytes, at least 21 expected") }
         func u64(_ at: Int) -> UInt64 { raw[at..<(at + 8)].reduce(0) { $0 << 8 | UInt64($1) } }
-        let stored = raw[24..<28].reduce(0) { $0 << 8 | UInt32($1) }
-        guard stored == CRC32C.checksum(raw[0..<24]) else { throw damaged("fails its checksum") }
+        let body = raw.count - 4
+        let stored = raw[body...].reduce(0) { $0 << 8 | UInt32($1) }
+        guard stored == CRC32C.checksum(raw[..<body]) else { throw damaged("fails its checksum") }
+        let count = Int(raw[16])
+        guard count <= Self.maxPending, body == 17 + 8 * count else { throw damaged("has \(raw.count) bytes for \(count) pending claims") }
         guard u64(0) <= UInt64(Int64.max) else { throw damaged("holds instance \(u64(0)), past 2^63-1") }
-        self.init(id: InstanceID(u64(0)), current: u64(8), pending: u64(16))
+        self.init(id: InstanceID(u64(0)), current: u64(8), pending: (0..<count).map { u64(17 + 8 * $0) })
     }
 
     /// A claim value: random in 1...2^63-1.
@@ -81,7 +93,7 @@ struct InstanceRecord: Equatable {
     static func load(from kv: any KVStore, journal: [(key: Bytes, value: Bytes)]) throws -> InstanceRecord {
         if let raw = journal.first(where: { $0.key == InstanceID.journalKey })?.value { return try InstanceRecord(decoding: raw) }
         let used = journal.contains { $0.key == IDLease.ceilingKey || JournalRecord.saga(fromKey: $0.key) != nil }
-        let record = InstanceRecord(id: used ? .legacy : .random(), current: newClaim(), pending: 0)
+        let record = InstanceRecord(id: used ? .legacy : .random(), current: newClaim(), pending: [])
         try record.store(in: kv)
         return record
     }

@@ -6,7 +6,7 @@
 ///     1       1     format version: 1, or 2 for a prepared record that names its SQL session
 ///     2       1     state: 1 prepared, 2 committed, 3 compensated
 ///     3       8     saga id, big-endian
-///     11      16    version 2 only: the SQL session, u64 id and u64 server start
+///     11      24    version 2 only: the SQL session, u64 id, u64 server start, u64 client
 ///     ...     ...   prepared only: u32 entry count, then per entry
 ///                   u32 key length, key, pre-image, after-image;
 ///                   an image is 0x00 (absent) or 0x01, u32 length, bytes
@@ -71,6 +71,7 @@ public struct JournalRecord: Sendable, Equatable {
         if let session {
             out.appendBigEndian(session.id)
             out.appendBigEndian(session.serverStart)
+            out.appendBigEndian(session.client)
         }
         if state == .prepared {
             out.appendBigEndian(UInt32(entries.count))
@@ -119,7 +120,7 @@ public struct JournalRecord: Sendable, Equatable {
         var session: SQLSession?
         if version == Self.sessionVersion {
             guard state == .prepared else { throw DecodingError(reason: "a \(state) record of version \(version): only prepared records name a session") }
-            session = SQLSession(id: try r.u64(), serverStart: try r.u64())
+            session = SQLSession(id: try r.u64(), serverStart: try r.u64(), client: try r.u64())
         }
         var entries: [Entry] = []
         if state == .prepared {

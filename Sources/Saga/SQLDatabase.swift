@@ -132,9 +132,28 @@ public protocol SQLDatabase: AnyObject, Sendable {
     /// keys, and a writer queued behind it may be waiting for one of them. The default closes
     /// and connects.
     func connect(replacing failed: any SQLConnection) throws -> any SQLConnection
+    /// Holds `instance` while the returned hold lives, so that no other coordinator (another
+    /// process, on a copy of the same KV store) can open with it meanwhile; nil if another one
+    /// holds it now. A hold that the database drops (a server restart) only lets another
+    /// coordinator open: the instance claims then stop this one at its next marker write.
+    func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)?
+}
+
+/// A database's hold on one instance for as long as a coordinator runs with it (see
+/// ``SQLDatabase/holdInstance(_:)``). Let go by ``release()``, or when freed.
+public protocol InstanceHold: AnyObject, Sendable {
+    func release()
+}
+
+/// The hold of a database that has no way to hold an instance: nothing is held.
+final class NoInstanceHold: InstanceHold {
+    func release() {}
 }
 
 extension SQLDatabase {
+    /// The default holds nothing: only the instance claims keep journals apart.
+    public func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? { NoInstanceHold() }
+
     public func connect(replacing failed: any SQLConnection) throws -> any SQLConnection {
         failed.close()
         return try connect()

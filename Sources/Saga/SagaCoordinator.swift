@@ -96,6 +96,8 @@ public final class SagaCoordinator: Sendable {
     /// The instance with the claim this open made: every marker write checks it.
     let owner: MarkerOwner
     private let claim: StoreClaim
+    /// The SQL database's hold on the instance, released with the store claim.
+    private let hold: any InstanceHold
     private let gcLock = Lock()
     private let recoveryLock = Lock()
 
@@ -122,19 +124,22 @@ public final class SagaCoordinator: Sendable {
         do {
             journal = try kv.journalEntries()
             record = try InstanceRecord.load(from: kv, journal: journal)
-            // The claim this open makes, recorded before it is made (a crash in between
-            // leaves the table holding one of the journal's two values). A pending claim left
-            // by an open that did not finish may be in the table already: it is made again.
-            if record.pending == 0 {
-                record.pending = InstanceRecord.newClaim()
-                try record.store(in: kv)
-            }
         } catch let e as SagaError {
             throw e
         } catch {
             throw .stopped(reason: "cannot read the journal or store the instance record: \(error)")
         }
         instance = record.id
+        // While this coordinator runs, no other may open with its instance (a copy of this KV
+        // store, opened by another process on the same database).
+        do {
+            guard let hold = try sql.holdInstance(record.id) else { throw SagaError.misuse(.instanceInUse(record.id)) }
+            self.hold = hold
+        } catch let e as SagaError {
+            throw e
+        } catch {
+            throw .sqlFailed(saga: nil, step: .begin, underlying: error)
+        }
         var floor: UInt64 = 0
         let maxMarker: SagaID?
         let heldByAnother: UInt64?
@@ -144,20 +149,33 @@ public final class SagaCoordinator: Sendable {
             do {
                 try conn.ensureMarkerTable()
                 // Before any marker row is read or touched: the instance must be this journal's.
-                heldByAnother = try conn.claimInstance(record.id, accepting: [record.current, record.pending], claim: record.pending)
+                // The claim this open makes is recorded before it is made (a crash in between
+                // leaves the table holding a value the journal knows), once the database has
+                // answered.
+                let claim = InstanceRecord.newClaim()
+                let accepting = [record.current] + record.pending
+                record.pending = Array((record.pending + [claim]).suffix(InstanceRecord.maxPending))
+                do { try record.store(in: kv) } catch {
+                    throw SagaError.stopped(reason: "cannot store the instance record: \(error)")
+                }
+                heldByAnother = try conn.claimInstance(record.id, accepting: accepting, claim: claim)
+                if heldByAnother == nil {
+                    record.current = claim
+                    record.pending = []
+                }
                 maxMarker = heldByAnother == nil ? try conn.maxMarkerID(instance: instance) : nil
             } catch {
                 conn.close()
                 throw error
             }
             pool.giveBack(conn)
+        } catch let e as SagaError {
+            throw e
         } catch {
             throw .sqlFailed(saga: nil, step: .begin, underlying: error)
         }
         if heldByAnother != nil { throw .misuse(.instanceClaimedByAnotherJournal(record.id)) }
         do {
-            record.current = record.pending
-            record.pending = 0
             try record.store(in: kv)
         } catch {
             throw .stopped(reason: "cannot store the instance record: \(error)")
@@ -213,7 +231,7 @@ public final class SagaCoordinator: Sendable {
         pool.closeAll()
         // Sagas still running keep the store: no other coordinator may open on it before the
         // last one has ended.
-        if idle { claim.release() }
+        if idle { releaseStores() }
     }
 
     // MARK: - Running a saga
@@ -239,7 +257,7 @@ public final class SagaCoordinator: Sendable {
                 s.running -= 1
                 return s.closed && s.running == 0
             }
-            if last { claim.release() }
+            if last { releaseStores() }
         }
         if let reason = state.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
         let id: SagaID
@@ -432,6 +450,13 @@ public final class SagaCoordinator: Sendable {
             }
         }
     }
+
+    private func releaseStores() {
+        hold.release()
+        claim.release()
+    }
+
+    deinit { hold.release() }
 
     /// Another journal claimed the instance: nothing of this coordinator may decide, write or
     /// delete by the marker table any more. Stops it (the next open of this journal is refused).

@@ -79,6 +79,9 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         /// Nothing was read or changed; the node must not run on this journal and database
         /// as they are.
         case instanceClaimedByAnotherJournal(InstanceID)
+        /// A coordinator runs with this instance right now (another process, on a copy of
+        /// this KV store, on the same SQL database). Nothing was read or changed.
+        case instanceInUse(InstanceID)
         /// A configuration value out of range, named with the reason.
         case invalidConfiguration(String)
 
@@ -94,6 +97,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             case .sagaTooLarge(let size, let limit): "the saga's journal record (its keys with their pre- and after-images) takes \(size) bytes, over the limit of \(limit) bytes (Configuration.maxRecordSize); split the work into smaller sagas"
             case .closed: "the coordinator is closed"
             case .instanceClaimedByAnotherJournal(let instance): "\(instance) of this SQL database was opened by another journal since this journal last opened it: two journals share one instance id (two journals written before instance ids on one database, a copy of a KV store opened beside its original, or a KV store restored from a backup); refused before any marker row was read. Give each node its own journal, or its own SQL database"
+            case .instanceInUse(let instance): "\(instance) is open in another coordinator right now (another process on a copy of this KV store, on the same SQL database); refused before any marker row was read"
             case .storeInUse: "the KV store already has an open coordinator in this process; close it first (two coordinators on one journal would decide each other's sagas)"
             case .invalidConfiguration(let why): "invalid configuration: \(why)"
             }

@@ -21,11 +21,11 @@ struct JournalRecordTests {
     /// A prepared record that names its SQL session is version 2; one without stays version 1,
     /// byte for byte as before, so records of earlier versions re-encode unchanged.
     @Test func theSessionMakesVersionTwo() throws {
-        let session = SQLSession(id: 0xDEAD_BEEF, serverStart: 1_795_803_140)
+        let session = SQLSession(id: 0xDEAD_BEEF, serverStart: 1_795_803_140, client: SQLSession.clientHash("127.0.0.1:51234"))
         let withSession = JournalRecord(saga: sample.saga, state: .prepared, entries: sample.entries, session: session)
         let bytes = withSession.encoded()
         #expect(bytes[1] == 2 && sample.encoded()[1] == 1)
-        #expect(bytes.count == sample.encoded().count + 16)
+        #expect(bytes.count == sample.encoded().count + 24)
         let decoded = try JournalRecord(decoding: bytes)
         #expect(decoded == withSession && decoded.session == session)
         // Only prepared records carry one; a finished record of version 2 is damage.

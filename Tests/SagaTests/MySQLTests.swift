@@ -99,8 +99,13 @@ struct MySQLFailureTests {
         let now = try killer.query("SELECT UNIX_TIMESTAMP()", []).first?[0].int64 ?? 0
         #expect(session.serverStart > 1_700_000_000 && Int64(session.serverStart) <= now, "server start \(session.serverStart)")
         #expect(session.serverStart.distance(to: own.serverStart).magnitude <= 1, "both connections see the same start")
-        #expect(try killer.endSessions([SQLSession(id: session.id, serverStart: session.serverStart + 60), SQLSession(id: 4_000_000_000, serverStart: session.serverStart), own]).isEmpty)
-        #expect(try victim.query("SELECT 1", []).count == 1, "a session of another server run is not killed")
+        #expect(session.client != 0 && session.client != own.client, "each session names its client address")
+        #expect(try killer.endSessions([
+            SQLSession(id: session.id, serverStart: session.serverStart + 60, client: session.client),  // another server run
+            SQLSession(id: session.id, serverStart: session.serverStart, client: session.client ^ 1),   // the id reused by another client
+            SQLSession(id: 4_000_000_000, serverStart: session.serverStart), own,
+        ]).isEmpty)
+        #expect(try victim.query("SELECT 1", []).count == 1, "a session of another server run or another client is not killed")
         #expect(try killer.query("SELECT 1", []).count == 1, "the caller's own session is not killed")
         #expect(try killer.endSessions([session]).isEmpty)
         let listed = try killer.query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?", [.integer(Int64(session.id))]).first?[0].int64

@@ -42,6 +42,13 @@ struct TrustIIReviewTests {
             return saga.id
         }
         print("A: \(a!.instance) committed \(idA)")
+        // While A runs, B is refused by A's hold on the instance.
+        let whileRunning = try expectSagaError { try SagaCoordinator(kv: kvB, sql: sqlB) }
+        guard case .misuse(.instanceInUse(.legacy)) = whileRunning else {
+            Issue.record("expected B to be refused with instanceInUse while A runs, got \(whileRunning)"); return
+        }
+        // A stops; B is refused all the same, by the claim.
+        a = nil
         let refusal = try expectSagaError { try SagaCoordinator(kv: kvB, sql: sqlB) }
         guard case .misuse(.instanceClaimedByAnotherJournal(.legacy)) = refusal else {
             Issue.record("expected B to be refused with instanceClaimedByAnotherJournal, got \(refusal)"); return
@@ -261,7 +268,7 @@ extension TrustIIReviewTests {
         // What the next open did before the kill: pending written (synced), SQL claim committed.
         var rec = try InstanceRecord(decoding: env.kv.journalGet(InstanceID.journalKey)!)
         print("journal before: current \(rec.current) pending \(rec.pending); table: \(try env.sqlQuery("SELECT instance, claim FROM saga_markers_instances").map { "\($0.values)" })")
-        rec.pending = 4242
+        rec.pending = [4242]
         try rec.store(in: env.kv)
         _ = try env.sqlExecute("UPDATE saga_markers_instances SET claim = 4242 WHERE instance = ?", [.integer(Int64(bitPattern: instance.rawValue))])
         try env.reopen()
@@ -299,7 +306,9 @@ extension TrustIIReviewTests {
     }
 }
 
-private struct LoseReplyThenNoFence: SagaHooks {
+/// Loses the reply to the saga's COMMIT (run phase) and refuses the fence that would decide it:
+/// the saga stays in doubt.
+struct LoseReplyThenNoFence: SagaHooks {
     let proxy: MySQLProxy
     func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
         guard phase == .run else { return }
@@ -334,9 +343,14 @@ extension TrustIIReviewTests {
             }
         } catch { print("A's saga: \(error)") }
         print("A in doubt: \(a.inDoubt); markers: \(try env.markers())")
-        // The copy opens (the new node), while A still runs.
+        // The copy opens (the new node) while A still runs: refused by A's hold.
+        let refused = try expectSagaError { try SagaCoordinator(kv: copy, sql: try MySQLDatabase(url: env.directURL)) }
+        guard case .misuse(.instanceInUse) = refused else { Issue.record("expected instanceInUse, got \(refused)"); return }
+        #expect(try env.markers().count == 1, "nothing of A's touched")
+        // Had the hold been lost (a server restart drops it; here: a database without holds),
+        // the copy would open and claim the instance:
         do {
-            let c = try SagaCoordinator(kv: copy, sql: try MySQLDatabase(url: env.directURL))
+            let c = try SagaCoordinator(kv: copy, sql: WithoutHolds(try MySQLDatabase(url: env.directURL)))
             print("copy opened as \(c.instance) (A is \(a.instance)); markers now: \(try env.markers())")
             c.close()
         } catch { print("copy refused: \(error)") }
@@ -427,4 +441,12 @@ extension TrustIIReviewTests {
         #expect(left == 0, "connections leaked past close()")
         _ = c
     }
+}
+
+/// A database that holds no instance (as a backend without holds, or after the server dropped
+/// the hold's connection): only the instance claims keep journals apart.
+final class WithoutHolds: SQLDatabase {
+    let base: any SQLDatabase
+    init(_ base: any SQLDatabase) { self.base = base }
+    func connect() throws -> any SQLConnection { try base.connect() }
 }

@@ -77,7 +77,13 @@ public final class MySQLConnection: SQLConnection {
             throw MySQLUsageError(description: "the server did not turn autocommit on for the connection to \(url)")
         }
         serverStart = readServerStart() ?? 0
+        if let host = (try? query("SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()", []))?.first?[0].string {
+            client = SQLSession.clientHash(host)
+        }
     }
+
+    /// A hash of this connection's client address as the server sees it (0: unknown).
+    private var client: UInt64 = 0
 
     /// When the server started, from its clock and its `Uptime` (MariaDB and MySQL alike);
     /// nil if it cannot be read.
@@ -325,7 +331,7 @@ public final class MySQLConnection: SQLConnection {
 
     public var session: SQLSession? {
         guard let handle, !lost else { return nil }
-        return SQLSession(id: UInt64(mysql_thread_id(handle)), serverStart: serverStart)
+        return SQLSession(id: UInt64(mysql_thread_id(handle)), serverStart: serverStart, client: client)
     }
 
     /// A savepoint belongs to its transaction: if a statement commits the transaction (a
@@ -494,17 +500,28 @@ public final class MySQLConnection: SQLConnection {
             s.id != mine && (s.serverStart == 0 || serverStart == 0 || s.serverStart.distance(to: serverStart).magnitude <= 2)
         }
         guard !live.isEmpty else { return [] }
-        for s in live {
+        // A listed id whose client address differs is someone else's session that got the id
+        // after a restart the start times could not tell (the old one is gone): never killed.
+        var listed: [UInt64: UInt64] = [:]
+        for row in try query("SELECT ID, HOST FROM information_schema.PROCESSLIST WHERE ID IN (\(live.map { String($0.id) }.joined(separator: ",")))", []) {
+            if let id = row[0].int64 { listed[UInt64(bitPattern: id)] = row[1].string.map(SQLSession.clientHash) ?? 0 }
+        }
+        let ours = live.filter { s in
+            guard let host = listed[s.id] else { return false }  // not listed: gone already
+            return s.client == 0 || host == 0 || host == s.client
+        }
+        guard !ours.isEmpty else { return [] }
+        for s in ours {
             do { try simple("KILL CONNECTION \(s.id)") } catch let e as MySQLError where e.code == 1094 {
                 continue  // unknown thread id: gone already
             }
         }
-        let ids = live.map { String($0.id) }.joined(separator: ",")
+        let ids = ours.map { String($0.id) }.joined(separator: ",")
         let deadline = ContinuousClock.now + Self.sessionEndTimeout
         while true {
             let left = Set(try query("SELECT ID FROM information_schema.PROCESSLIST WHERE ID IN (\(ids))", []).compactMap { $0[0].int64 }.map { UInt64(bitPattern: $0) })
             if left.isEmpty { return [] }
-            if ContinuousClock.now > deadline { return Set(live.filter { left.contains($0.id) }) }
+            if ContinuousClock.now > deadline { return Set(ours.filter { left.contains($0.id) }) }
             Thread.sleep(forTimeInterval: 0.005)
         }
     }

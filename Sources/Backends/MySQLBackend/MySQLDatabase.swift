@@ -1,3 +1,4 @@
+import Foundation
 import Saga
 
 /// A MySQL or MariaDB database (InnoDB) as a saga ``SQLDatabase``.
@@ -66,8 +67,54 @@ public final class MySQLDatabase: SQLDatabase {
 
     public func connect() throws -> any SQLConnection { try openConnection() }
 
+    /// `GET_LOCK` on a connection of its own, kept open while the coordinator runs (its
+    /// `wait_timeout` raised to a year); the lock names the database, the marker table and the
+    /// instance. nil if another session holds it. If the server drops the connection, the lock
+    /// goes with it (see ``SQLDatabase/holdInstance(_:)``).
+    public func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? {
+        let conn = try openConnection()
+        do {
+            try conn.execute("SET SESSION wait_timeout = 31536000", [])
+            let name = Self.lockName(database: url.database, table: configuration.markerTable, instance: instance)
+            let got = try conn.query("SELECT GET_LOCK(?, 0)", [.text(name)]).first?[0].int64
+            guard got == 1 else {
+                conn.close()
+                return nil
+            }
+            return ConnectionHold(conn)
+        } catch {
+            conn.close()
+            throw error
+        }
+    }
+
+    /// At most 64 characters, as the server requires: the database and table hashed.
+    static func lockName(database: String, table: String, instance: InstanceID) -> String {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325  // FNV-1a
+        for byte in "\(database).\(table)".utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
+        return "saga:\(String(hash, radix: 16)):\(instance.rawValue)"
+    }
+
     /// A connection of the concrete type, for work outside sagas.
     public func openConnection() throws -> MySQLConnection {
         try MySQLConnection(url: url, configuration: configuration)
     }
+}
+
+/// A connection kept open for the named lock it holds; closing it lets go.
+final class ConnectionHold: InstanceHold, @unchecked Sendable {
+    private let lock = NSLock()
+    private var connection: MySQLConnection?
+
+    init(_ connection: MySQLConnection) { self.connection = connection }
+
+    func release() {
+        let held = lock.withLock { () -> MySQLConnection? in
+            defer { connection = nil }
+            return connection
+        }
+        held?.close()
+    }
+
+    deinit { release() }
 }

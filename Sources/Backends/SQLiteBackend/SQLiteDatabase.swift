@@ -1,4 +1,5 @@
 import CSQLite
+import Foundation
 import Saga
 
 /// An SQLite database file as a saga ``SQLDatabase``.
@@ -87,8 +88,45 @@ public final class SQLiteDatabase: SQLDatabase {
         return successor
     }
 
+    /// An exclusive `flock` on `<path>-saga-<table>-<instance>.lock` beside the database
+    /// file, held while the coordinator runs (also across processes; a dead process holds
+    /// nothing). nil if another holder has it.
+    public func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? {
+        let lockPath = "\(path)-saga-\(configuration.markerTable)-\(instance.rawValue).lock"
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            throw SQLiteUsageError(description: "cannot open the instance lock file \(lockPath): \(String(cString: strerror(errno)))")
+        }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let busy = errno == EWOULDBLOCK
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            if busy { return nil }
+            throw SQLiteUsageError(description: "cannot lock \(lockPath): \(reason)")
+        }
+        return FileLockHold(fd: fd)
+    }
+
     /// A connection of the concrete type, for work outside sagas (schema set-up, reads).
     public func openConnection() throws -> SQLiteConnection {
         try SQLiteConnection(path: path, configuration: configuration, gate: gate)
     }
+}
+
+/// An open file descriptor with an exclusive `flock`; closing it lets go.
+final class FileLockHold: InstanceHold, @unchecked Sendable {
+    private let lock = NSLock()
+    private var fd: Int32
+
+    init(fd: Int32) { self.fd = fd }
+
+    func release() {
+        let held = lock.withLock { () -> Int32 in
+            defer { fd = -1 }
+            return fd
+        }
+        if held >= 0 { close(held) }
+    }
+
+    deinit { release() }
 }
