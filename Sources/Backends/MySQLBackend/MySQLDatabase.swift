@@ -67,26 +67,30 @@ public final class MySQLDatabase: SQLDatabase {
 
     public func connect() throws -> any SQLConnection { try openConnection() }
 
-    /// `GET_LOCK` on a connection of its own, kept open while the coordinator runs (its
-    /// `wait_timeout` raised to a year); the lock names the database, the marker table and the
-    /// instance. nil if another session holds it. If the server drops the connection, the lock
-    /// goes with it (see ``SQLDatabase/holdInstance(_:)``).
+    /// `GET_LOCK` on a connection of its own, kept open while the coordinator runs; the lock
+    /// names the database, the marker table and the instance. It waits up to
+    /// ``instanceHoldWait`` for a holder that is going away (a coordinator that just closed, a
+    /// killed process whose connection the server has not dropped yet); nil if another session
+    /// still holds it then. If the server drops the connection, the lock goes with it (see
+    /// ``SQLDatabase/holdInstance(_:)``).
     public func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? {
         let conn = try openConnection()
         do {
-            try conn.execute("SET SESSION wait_timeout = 31536000", [])
             let name = Self.lockName(database: url.database, table: configuration.markerTable, instance: instance)
-            let got = try conn.query("SELECT GET_LOCK(?, 0)", [.text(name)]).first?[0].int64
+            let wait = Int64(Self.instanceHoldWait.components.seconds)
+            let got = try conn.query("SELECT GET_LOCK(?, ?)", [.text(name), .integer(wait)]).first?[0].int64
             guard got == 1 else {
                 conn.close()
                 return nil
             }
-            return ConnectionHold(conn)
+            return ConnectionHold(conn, lock: name)
         } catch {
             conn.close()
             throw error
         }
     }
+
+    static let instanceHoldWait: Duration = .seconds(10)
 
     /// At most 64 characters, as the server requires: the database and table hashed.
     static func lockName(database: String, table: String, instance: InstanceID) -> String {
@@ -101,19 +105,27 @@ public final class MySQLDatabase: SQLDatabase {
     }
 }
 
-/// A connection kept open for the named lock it holds; closing it lets go.
+/// A connection kept open for the named lock it holds. Letting go releases the lock first
+/// (`RELEASE_LOCK` returns once it is free, so a coordinator opened right after this one
+/// closed finds it free), then closes the connection.
 final class ConnectionHold: InstanceHold, @unchecked Sendable {
     private let lock = NSLock()
     private var connection: MySQLConnection?
+    private let name: String
 
-    init(_ connection: MySQLConnection) { self.connection = connection }
+    init(_ connection: MySQLConnection, lock name: String) {
+        self.connection = connection
+        self.name = name
+    }
 
     func release() {
         let held = lock.withLock { () -> MySQLConnection? in
             defer { connection = nil }
             return connection
         }
-        held?.close()
+        guard let held else { return }
+        _ = try? held.query("SELECT RELEASE_LOCK(?)", [.text(name)])
+        held.close()
     }
 
     deinit { release() }
