@@ -2,7 +2,8 @@
 /// stores and what the caller can do about it.
 public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// The body threw. The SQL transaction was rolled back and the KV store was never touched:
-    /// nothing was written anywhere. Safe to retry.
+    /// nothing was written anywhere. Worth retrying only if `underlying` is transient (see
+    /// ``isRetryable``): an error of the application's own will be thrown again.
     case bodyFailed(saga: SagaID, underlying: any Error)
     /// The SQL transaction ended under the saga (the database rolled it back: deadlock victim,
     /// lost connection...). The saga refused to run further statements or commit a marker.
@@ -21,7 +22,8 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// reopening undoes it (it is journaled). Reopen the store before retrying.
     case kvWriteFailed(saga: SagaID, underlying: any Error)
     /// `COMMIT` failed (proved by the database) and every KV write of the saga was undone.
-    /// Both stores are as before the saga. Safe to retry.
+    /// Both stores are as before the saga. Worth retrying only if `underlying` is transient (a
+    /// deadlock or a busy database at `COMMIT`), not after a constraint violation.
     case commitFailed(saga: SagaID, underlying: any Error, restoredKeys: Int)
     /// The outcome of `COMMIT` could not be decided (the database is unreachable). The saga
     /// stays `prepared` and its keys stay locked; ``SagaCoordinator/recover()`` (or the next
@@ -116,11 +118,51 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         }
     }
 
-    /// Whether both stores are known to hold none of the saga's writes, so that running the
-    /// same work again is safe.
+    /// Whether both stores are known to hold none of the saga's writes: running the same work
+    /// again cannot apply it twice. Says nothing about whether it would succeed (a body that
+    /// threw "insufficient funds" wrote nothing, and will throw it again); see ``isRetryable``.
+    public var nothingWritten: Bool {
+        switch self {
+        case .bodyFailed, .transactionLost, .sqlFailed, .commitFailed, .lockTimeout, .deadlock, .misuse: true
+        default: false
+        }
+    }
+
+    /// Whether running the same saga again may well succeed: nothing was written
+    /// (``nothingWritten``) and the cause was transient: a key lock timed out, a deadlock, a
+    /// transaction the database rolled back under the saga (deadlock victim, lost connection),
+    /// or a store error its backend classifies as transient (``TransientClassifiable``: a lock
+    /// wait timeout, a busy database, a lost connection), whether it reached the caller through
+    /// the body, `BEGIN` or `COMMIT`. A body's own error (an application check that failed)
+    /// is not transient, nor is a constraint that made `COMMIT` fail: retrying would fail the
+    /// same way.
+    ///
+    /// A correct retry loop retries only on this, a bounded number of times, with a backoff,
+    /// and runs the whole saga (reads included) again each time:
+    ///
+    /// ```swift
+    /// var attempt = 0
+    /// while true {
+    ///     do { return try coordinator.run(body) }
+    ///     catch let error where error.isRetryable && attempt < 5 {
+    ///         attempt += 1
+    ///         Thread.sleep(forTimeInterval: 0.01 * Double(1 << attempt))
+    ///     }
+    /// }
+    /// ```
     public var isRetryable: Bool {
         switch self {
-        case .bodyFailed, .transactionLost, .sqlFailed, .commitFailed, .lockTimeout, .deadlock: true
+        case .lockTimeout, .deadlock, .transactionLost: true
+        case .bodyFailed(_, let e), .sqlFailed(_, _, let e), .commitFailed(_, let e, _): Self.isTransient(e)
+        default: false
+        }
+    }
+
+    /// Whether `error`, or the store error it wraps, is transient.
+    static func isTransient(_ error: any Error) -> Bool {
+        switch error {
+        case let e as SagaError: e.isRetryable
+        case let e as any TransientClassifiable: e.isTransient
         default: false
         }
     }
@@ -159,4 +201,12 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             "the coordinator stopped: \(reason); reopen the stores, recovery will decide the sagas in flight"
         }
     }
+}
+
+/// A store error that knows whether the same work may succeed when simply run again. Backends
+/// conform their error types: MariaDB's deadlock (1213), lock wait timeout (1205) and lost
+/// connections, SQLite's `SQLITE_BUSY` and `SQLITE_LOCKED`. ``SagaError/isRetryable`` asks it.
+public protocol TransientClassifiable: Error {
+    /// Whether the same work may succeed when run again, unchanged.
+    var isTransient: Bool { get }
 }

@@ -88,7 +88,8 @@ public enum ConformanceSuite {
         guard case .bodyFailed(_, let underlying) = error, underlying is Boom else {
             throw ConformanceFailure(description: "expected bodyFailed(Boom), got \(error)")
         }
-        try check(error.isRetryable, "a body failure is retryable")
+        try check(error.nothingWritten, "a body failure wrote nothing")
+        try check(!error.isRetryable, "the body's own error is not transient: retrying would throw it again")
         try check(try env.row("t") == nil, "SQL rolled back")
         try check(try env.kvGet("t") == "old", "KV untouched")
         try check(try env.journal().isEmpty, "no journal record")
@@ -114,6 +115,7 @@ public enum ConformanceSuite {
             throw ConformanceFailure(description: "expected commitFailed, got \(error)")
         }
         try check(restored == 3, "three keys restored, got \(restored)")
+        try check(error.nothingWritten, "compensated: nothing written")
         try check(try env.row("x") == 10, "SQL unchanged")
         try check(try env.kvGet("x") == "x0", "x restored")
         try check(try env.kvGet("y") == "y0", "deleted y restored")
@@ -445,6 +447,9 @@ public enum ConformanceSuite {
                         try saga.kv.put(second, first)
                     }
                     results.add("ok")
+                } catch let error as SagaError {
+                    // A deadlock victim wrote nothing and may well succeed next time.
+                    results.add(error.isRetryable && error.nothingWritten ? "\(error)" : "NOT RETRYABLE: \(error)")
                 } catch {
                     results.add("\(error)")
                 }
@@ -452,6 +457,7 @@ public enum ConformanceSuite {
         }
         group.wait()
         let outcomes = results.all
+        try check(!outcomes.contains { $0.hasPrefix("NOT RETRYABLE") }, "a deadlock is retryable: \(outcomes)")
         let committed = outcomes.filter { $0 == "ok" }.count
         if env.serializesWriters {
             try check(committed == 2, "both sagas commit one after the other: \(outcomes)")
@@ -494,7 +500,7 @@ public enum ConformanceSuite {
                             if fail { try env.arrangeCommitFailure(in: saga) }
                         }
                         for k in Set([a, b]) { model.add(k) }
-                    } catch let e as SagaError where e.isRetryable {
+                    } catch let e as SagaError where e.nothingWritten {
                         // rolled back or compensated: counts for nothing
                     } catch {
                         model.add("unexpected: \(error)")

@@ -81,7 +81,7 @@ struct TrustIITests {
             #expect(kv == "u0", "KV u = \(kv ?? "nil")")
             // The state was read (the probe needs no prepared-statement slot): a statement
             // that failed alone is no "transaction lost", and nothing may be committed.
-            #expect(error.isRetryable, "nothing is committed, so the error must say so: \(error)")
+            #expect(error.nothingWritten, "nothing is committed, so the error must say so: \(error)")
         case .success:
             // A body that caught the statement's error goes on in the same, still open
             // transaction (MySQL rolls back the statement only): both stores hold the saga.

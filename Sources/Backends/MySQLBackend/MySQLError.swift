@@ -1,4 +1,5 @@
 import CMariaDB
+import Saga
 
 /// A MySQL/MariaDB failure: the server's (or client library's) error code, the SQLSTATE, the
 /// message, and what was being done.
@@ -55,4 +56,14 @@ public struct MySQLError: Error, CustomStringConvertible, Sendable, Equatable {
 /// A problem found before the server was asked: a bad URL, a wrong number of arguments.
 public struct MySQLUsageError: Error, CustomStringConvertible, Sendable {
     public let description: String
+}
+
+extension MySQLError: TransientClassifiable {
+    /// Deadlock victim (1213, SQLSTATE 40001), lock wait timeout (1205), too many connections
+    /// (1040), the server unreachable (2002, 2003) or shutting down (1053), a lost connection:
+    /// the same work may succeed when run again.
+    public var isTransient: Bool {
+        code == Self.deadlock || code == Self.lockWaitTimeout || sqlState == "40001"
+            || [1040, 2002, 2003].contains(code) || isConnectionLost
+    }
 }

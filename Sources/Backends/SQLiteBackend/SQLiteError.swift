@@ -61,3 +61,10 @@ extension SQLiteError: DurabilityError {
 public struct SQLiteUsageError: Error, CustomStringConvertible, Sendable {
     public let description: String
 }
+
+extension SQLiteError: TransientClassifiable {
+    /// `SQLITE_BUSY` and `SQLITE_LOCKED` (another connection holds the lock past the busy
+    /// timeout): the same work may succeed when run again. I/O errors are not transient: they
+    /// stop the coordinator (``DurabilityError``).
+    public var isTransient: Bool { primaryCode == SQLITE_BUSY || primaryCode == SQLITE_LOCKED }
+}
