@@ -223,6 +223,15 @@ final class CountingDatabase: SQLDatabase {
         count.add(1, ordering: .relaxed)
         return conn
     }
+    // Everything else is the real database's: its writer queue, its instance hold, its tables.
+    func connect(replacing failed: any SQLConnection) throws -> any SQLConnection {
+        let conn = try base.connect(replacing: failed)
+        count.add(1, ordering: .relaxed)
+        return conn
+    }
+    func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? { try base.holdInstance(instance) }
+    var markerTable: String { base.markerTable }
+    var dialect: SQLDialect { base.dialect }
 }
 
 /// Makes the COMMIT of a chosen saga fail for real, right before it is sent: an fsync failure

@@ -46,10 +46,28 @@ extension MarkerTable {
         ///   - lockingRead: what makes a `SELECT` read the newest committed rows inside a
         ///     transaction, waiting for writers (MySQL: ` LOCK IN SHARE MODE`; SQLite, whose
         ///     writer holds the whole database: empty).
-        public init(table: String, insertIgnore: String, lockingRead: String = "") {
+        public let isNotNullViolation: @Sendable (any Error) -> Bool
+
+        public init(table: String, insertIgnore: String, lockingRead: String = "", isNotNullViolation: @escaping @Sendable (any Error) -> Bool = { _ in false }) {
             self.table = table
             self.insertIgnore = insertIgnore
             self.lockingRead = lockingRead
+            self.isNotNullViolation = isNotNullViolation
+        }
+
+        /// The statements for `database`'s marker table, in its dialect.
+        public init(for database: any SQLDatabase) {
+            let dialect = database.dialect
+            self.init(table: database.markerTable, insertIgnore: dialect.insertIgnore, lockingRead: dialect.lockingRead, isNotNullViolation: dialect.isNotNullViolation)
+        }
+
+        /// The saga's marker, then `COMMIT`: the decision point (one round trip where the
+        /// backend can). A marker the claim check refused is ``InstanceClaimLost``.
+        public func commit(insertingMarker id: SagaID, owner: MarkerOwner, on conn: any SQLConnection) -> CommitResult {
+            switch conn.commit(afterRunning: insertCommittedSQL(owner: owner, id: id)) {
+            case .failed(let e) where isNotNullViolation(e): .failed(InstanceClaimLost(owner: owner))
+            case let outcome: outcome
+            }
         }
 
         /// The sizes id lists are bound in.
@@ -112,7 +130,15 @@ extension MarkerTable {
                 + "(SELECT 'committed' FROM \(instanceTable) WHERE instance = \(owner.instance.rawValue) AND claim = \(owner.claim)\(lockingRead)))"
         }
 
+        /// The saga's marker inside the open transaction, without committing; a refused claim
+        /// check is ``InstanceClaimLost``.
         public func insertCommitted(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
+            do { try insertCommittedUnchecked(id, owner: owner, on: db) } catch where isNotNullViolation(error) {
+                throw InstanceClaimLost(owner: owner)
+            }
+        }
+
+        func insertCommittedUnchecked(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
             try db.execute("INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, (SELECT 'committed' FROM \(instanceTable) WHERE instance = ? AND claim = ?\(lockingRead)))",
                            [Self.key(owner.instance), Self.key(id), Self.key(owner.instance), Self.claimKey(owner.claim)])
         }

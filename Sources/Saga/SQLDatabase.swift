@@ -99,8 +99,8 @@ extension SQLConnection {
     public func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> { [] }
     public func isUsableAfterIdling() -> Bool { !isBroken && !isInTransaction }
 
-    public func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult {
-        do { try insertMarker(id, owner: owner) } catch {
+    public func commit(afterRunning statement: String) -> CommitResult {
+        do { try execute(statement, []) } catch {
             if isInTransaction { try? rollback() }
             return .failed(error)
         }
@@ -137,6 +137,32 @@ public protocol SQLDatabase: AnyObject, Sendable {
     /// holds it now. A hold that the database drops (a server restart) only lets another
     /// coordinator open: the instance claims then stop this one at its next marker write.
     func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)?
+    /// The name of the marker table (checked with `MarkerTable.isValidName`); its instance
+    /// table is the same name with `_instances` appended.
+    var markerTable: String { get }
+    /// What differs in the SQL the core runs on the marker tables.
+    var dialect: SQLDialect { get }
+}
+
+/// What differs between SQL databases in the statements the core runs on its own tables: the
+/// core writes every marker statement (see <doc:Protocol>), a backend says how its database
+/// spells these few things.
+public struct SQLDialect: Sendable {
+    /// "Insert unless the key exists": `INSERT OR IGNORE` (SQLite), `INSERT IGNORE` (MySQL).
+    public var insertIgnore: String
+    /// Appended to a `SELECT` to make it read the newest committed rows inside a transaction
+    /// and wait for their writers: ` LOCK IN SHARE MODE` (MySQL); empty for a database whose
+    /// writer holds the whole database (SQLite).
+    public var lockingRead: String
+    /// Whether an error of an `INSERT` is a NOT NULL violation (the marker insert's claim
+    /// check failing: the instance was claimed by another journal).
+    public var isNotNullViolation: @Sendable (any Error) -> Bool
+
+    public init(insertIgnore: String, lockingRead: String, isNotNullViolation: @escaping @Sendable (any Error) -> Bool) {
+        self.insertIgnore = insertIgnore
+        self.lockingRead = lockingRead
+        self.isNotNullViolation = isNotNullViolation
+    }
 }
 
 /// A database's hold on one instance for as long as a coordinator runs with it (see
@@ -273,8 +299,10 @@ public enum TransactionState: Sendable, Equatable {
 
 /// One connection to an SQL database. Used by one saga at a time, never concurrently.
 public protocol SQLConnection: SQLExecutor {
-    /// Creates the marker table and the instance table if they are missing, and migrates a
-    /// marker table of an earlier version. Runs outside any transaction.
+    /// Creates the marker table and its instance table if they are missing, and migrates a
+    /// marker table of an earlier version (see <doc:WritingABackend> for their columns). Runs
+    /// outside any transaction. The only DDL a backend writes: every other statement on these
+    /// tables is the core's.
     func ensureMarkerTable() throws
     /// Starts a transaction.
     func begin() throws
@@ -301,29 +329,12 @@ public protocol SQLConnection: SQLExecutor {
     /// After such a statement: whether the transaction marked before it is still the open one.
     /// The default answers ``isInTransaction``.
     func transactionSurvived() -> Bool
-    /// Inserts the marker row `(instance, id, committed)` inside the open transaction, if the
-    /// instance still holds the owner's claim; throws ``InstanceClaimLost`` if not.
-    func insertMarker(_ id: SagaID, owner: MarkerOwner) throws
-    /// Inserts the marker row, then commits: the saga's decision point. A backend may send both
-    /// in one round trip; the default runs ``insertMarker(_:owner:)`` then ``commit()``. A
-    /// failed insert means COMMIT was never sent: `.failed`, with the transaction rolled back.
-    func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult
-    /// In a transaction of its own: checks that the instance still holds the owner's claim
-    /// (``InstanceClaimLost`` if not), inserts `(instance, id, aborted)` for every id that has no
-    /// row, waiting for any transaction that holds one, reads whose row holds each id, and
-    /// commits before returning the decisions.
-    func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision]
-    /// Claims `instance` for the journal that opens it (see ``InstanceRecord``), in a
-    /// transaction of its own: sets the instance's claim to `claim` if there is none yet or it
-    /// is one of `accepting`. Returns nil when claimed, or the claim another journal holds.
-    func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64?
-    /// The ids of the instance's marker rows.
-    func markerIDs(instance: InstanceID) throws -> [SagaID]
-    /// The largest saga id among the instance's marker rows, if any.
-    func maxMarkerID(instance: InstanceID) throws -> SagaID?
-    /// Deletes marker rows of the owner's instance, in a transaction of its own that first
-    /// checks the owner's claim (``InstanceClaimLost`` if it moved).
-    func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws
+    /// Runs `statement` (text with no parameters, written by the core: the saga's marker
+    /// insert), then commits: the saga's decision point. A backend may send both in one round
+    /// trip, if its database runs `COMMIT` only when the statement succeeded; the default
+    /// runs one, then the other. A failed statement means COMMIT was never sent: `.failed`,
+    /// with the transaction rolled back.
+    func commit(afterRunning statement: String) -> CommitResult
     /// The server session this connection's transactions run in, when the database can name
     /// one (see ``SQLSession``). Read at ``begin()``, kept in the saga's `prepared` record.
     /// The default is nil.

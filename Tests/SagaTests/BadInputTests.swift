@@ -323,6 +323,8 @@ final class OpenConnectionCounter: SQLDatabase, @unchecked Sendable {
     private var openedCount = 0
     private var stuckSessions: Set<SQLSession> = []
     init(_ base: SQLiteDatabase) { self.base = base }
+    var markerTable: String { base.markerTable }
+    var dialect: SQLDialect { base.dialect }
     var open: Int { lock.withLock { openCount } }
     var opened: Int { lock.withLock { openedCount } }
     /// Sessions that `endSessions` reports still there (as a server would for a session that
@@ -357,13 +359,7 @@ final class ReportingConnection: SQLConnection {
     var isInTransaction: Bool { base.isInTransaction }
     var isBroken: Bool { base.isBroken }
     func transactionState(after error: any Error) -> TransactionState { base.transactionState(after: error) }
-    func insertMarker(_ id: SagaID, owner: MarkerOwner) throws { try base.insertMarker(id, owner: owner) }
-    func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult { base.commit(insertingMarker: id, owner: owner) }
-    func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision] { try base.fence(ids, owner: owner) }
-    func markerIDs(instance: InstanceID) throws -> [SagaID] { try base.markerIDs(instance: instance) }
-    func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? { try base.claimInstance(instance, accepting: accepting, claim: claim) }
-    func maxMarkerID(instance: InstanceID) throws -> SagaID? { try base.maxMarkerID(instance: instance) }
-    func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws { try base.deleteMarkers(ids, owner: owner) }
+    func commit(afterRunning statement: String) -> CommitResult { base.commit(afterRunning: statement) }
     var session: SQLSession? { base.session }
     func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> { try base.endSessions(sessions).union(stuck().intersection(sessions)) }
     func isUsableAfterIdling() -> Bool { base.isUsableAfterIdling() }

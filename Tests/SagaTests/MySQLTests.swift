@@ -123,9 +123,10 @@ struct MySQLFailureTests {
         let old = try env.mysql.openConnection()
         defer { old.close() }
         let owner = MarkerOwner(instance: InstanceID(7), claim: 77)
-        #expect(try old.claimInstance(owner.instance, accepting: [], claim: owner.claim) == nil)
+        let markers = MarkerTable.Statements(for: env.mysql)
+        #expect(try markers.claim(owner.instance, accepting: [], claim: owner.claim, on: old) == nil)
         try old.begin()
-        try old.insertMarker(id, owner: owner)
+        try markers.insertCommitted(id, owner: owner, on: old)
         let decided = LockedBox<String>()
         let done = DispatchSemaphore(value: 0)
         let url = env.directURL
@@ -133,7 +134,7 @@ struct MySQLFailureTests {
             do {
                 let fresh = try MySQLDatabase(url: url).openConnection()
                 defer { fresh.close() }
-                decided.value = (try fresh.fence([id], owner: owner)[id]).map { "\($0)" } ?? "none"
+                decided.value = (try markers.fenceInTransaction([id], owner: owner, on: fresh)[id]).map { "\($0)" } ?? "none"
             } catch {
                 decided.value = "error: \(error)"
             }
@@ -151,7 +152,7 @@ struct MySQLFailureTests {
         // Fenced: the old transaction's id can never commit later.
         if !commits {
             try old.begin()
-            #expect(throws: MySQLError.self) { try old.insertMarker(id, owner: owner) }
+            #expect(throws: MySQLError.self) { try markers.insertCommitted(id, owner: owner, on: old) }
             try old.rollback()
         }
     }

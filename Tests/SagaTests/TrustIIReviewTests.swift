@@ -449,4 +449,6 @@ final class WithoutHolds: SQLDatabase {
     let base: any SQLDatabase
     init(_ base: any SQLDatabase) { self.base = base }
     func connect() throws -> any SQLConnection { try base.connect() }
+    var markerTable: String { base.markerTable }
+    var dialect: SQLDialect { base.dialect }
 }

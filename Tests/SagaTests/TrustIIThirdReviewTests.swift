@@ -11,6 +11,8 @@ import Testing
 private final class Unreachable: SQLDatabase, @unchecked Sendable {
     struct Down: Error {}
     func connect() throws -> any SQLConnection { throw Down() }
+    var markerTable: String { "saga_markers" }
+    var dialect: SQLDialect { SQLDialect(insertIgnore: "INSERT OR IGNORE", lockingRead: "") { _ in false } }
 }
 
 /// Findings and probes of a third review of the issue-10 fixes.

@@ -15,7 +15,6 @@ public final class MySQLConnection: SQLConnection {
     private var handle: UnsafeMutablePointer<MYSQL>?
     private let statements: StatementCache<UnsafeMutablePointer<MYSQL_STMT>>
     private let markerTable: String
-    private let markers: MarkerTable.Statements
     public let url: MySQLURL
     /// The connection died: nothing more can run on it.
     private var lost = false
@@ -33,7 +32,6 @@ public final class MySQLConnection: SQLConnection {
         }
         self.url = url
         self.markerTable = configuration.markerTable
-        self.markers = MarkerTable.Statements(table: configuration.markerTable, insertIgnore: "INSERT IGNORE", lockingRead: " LOCK IN SHARE MODE")
         self.statements = StatementCache(capacity: configuration.statementCacheSize) { mysql_stmt_close($0) }
         guard let mysql = mysql_init(nil) else { throw MySQLUsageError(description: "mysql_init failed (out of memory)") }
         var off: my_bool = 0
@@ -414,19 +412,18 @@ public final class MySQLConnection: SQLConnection {
         }
     }
 
-    /// The marker insert and `COMMIT` in one round trip (a multi-statement text query, the
-    /// instance, saga id and claim literal integers). The server runs `COMMIT` only if the
-    /// insert succeeded; a failed insert (a fencing row holds the id, or the instance's claim
-    /// moved: ``InstanceClaimLost``) leaves the transaction open, and it is rolled back:
-    /// failed. A lost connection: unknown.
-    public func commit(insertingMarker id: SagaID, owner: MarkerOwner) -> CommitResult {
-        let sql = markers.insertCommittedSQL(owner: owner, id: id) + "; COMMIT"
+    /// The marker insert and `COMMIT` in one round trip (a multi-statement text query; the
+    /// core writes the insert with literal integers only). The server runs `COMMIT` only if
+    /// the insert succeeded; a failed insert (a fencing row holds the id, or the instance's
+    /// claim moved) leaves the transaction open, and it is rolled back: failed. A lost
+    /// connection: unknown.
+    public func commit(afterRunning statement: String) -> CommitResult {
+        let sql = statement + "; COMMIT"
         guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
         if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
             // The insert failed, so COMMIT never ran.
             let error = record(MySQLError(connection: db, context: sql))
             if error.isConnectionLost { return .unknown(error) }
-            let reported: any Error = error.code == 1048 ? InstanceClaimLost(owner: owner) : error
             switch probeTransaction() {
             case true?:
                 do { try rollback() } catch { return .unknown(error) }
@@ -435,7 +432,7 @@ public final class MySQLConnection: SQLConnection {
             case nil:
                 giveUpOnState()
             }
-            return .failed(reported)
+            return .failed(error)
         }
         // The insert's result, then COMMIT's.
         switch mysql_next_result(db) {
@@ -534,7 +531,7 @@ public final class MySQLConnection: SQLConnection {
     /// alone) with one `ALTER TABLE`: its rows go to ``InstanceID/legacy``.
     public func ensureMarkerTable() throws {
         try simple("""
-            CREATE TABLE IF NOT EXISTS \(markers.instanceTable) (
+            CREATE TABLE IF NOT EXISTS \(markerTable)_instances (
                 instance BIGINT UNSIGNED NOT NULL PRIMARY KEY,
                 claim BIGINT UNSIGNED NOT NULL
             ) ENGINE=InnoDB
@@ -558,30 +555,6 @@ public final class MySQLConnection: SQLConnection {
             // Duplicate column: another client migrated it meanwhile.
         }
     }
-
-    /// A NULL status (1048) is the claim check failing.
-    public func insertMarker(_ id: SagaID, owner: MarkerOwner) throws {
-        do { try markers.insertCommitted(id, owner: owner, on: self) } catch let e as MySQLError where e.code == 1048 {
-            throw InstanceClaimLost(owner: owner)
-        }
-    }
-
-    public func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? {
-        try markers.claim(instance, accepting: accepting, claim: claim, on: self)
-    }
-
-    /// `INSERT IGNORE` on the primary key, in a transaction of its own: InnoDB makes it wait
-    /// until any transaction holding that key has finished, either way. A locking read of the
-    /// rows decides.
-    public func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision] {
-        try markers.fenceInTransaction(ids, owner: owner, on: self)
-    }
-
-    public func markerIDs(instance: InstanceID) throws -> [SagaID] { try markers.ids(instance: instance, on: self) }
-
-    public func maxMarkerID(instance: InstanceID) throws -> SagaID? { try markers.maxID(instance: instance, on: self) }
-
-    public func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws { try markers.deleteInTransaction(ids, owner: owner, on: self) }
 }
 
 @available(*, unavailable)

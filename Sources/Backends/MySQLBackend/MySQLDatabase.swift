@@ -51,6 +51,11 @@ public final class MySQLDatabase: SQLDatabase {
 
     public let url: MySQLURL
     public let configuration: Configuration
+    public var markerTable: String { configuration.markerTable }
+    /// `INSERT IGNORE`, `LOCK IN SHARE MODE`; a NULL into a NOT NULL column is error 1048.
+    public var dialect: SQLDialect {
+        SQLDialect(insertIgnore: "INSERT IGNORE", lockingRead: " LOCK IN SHARE MODE") { ($0 as? MySQLError)?.code == 1048 }
+    }
 
     public convenience init(url: String, configuration: Configuration = Configuration()) throws {
         try self.init(url: try MySQLURL(url), configuration: configuration)

@@ -8,7 +8,6 @@ public final class SQLiteConnection: SQLConnection {
     private var handle: OpaquePointer?
     private let statements: StatementCache<OpaquePointer>
     private let markerTable: String
-    private let markers: MarkerTable.Statements
     public let path: String
     private let gate: WriterGate?
     private var holdsGate = false
@@ -19,7 +18,6 @@ public final class SQLiteConnection: SQLConnection {
         self.gate = gate
         self.busyTimeout = configuration.busyTimeout
         self.markerTable = configuration.markerTable
-        self.markers = MarkerTable.Statements(table: configuration.markerTable, insertIgnore: "INSERT OR IGNORE")
         self.statements = StatementCache(capacity: configuration.statementCacheSize) { sqlite3_finalize($0) }
         var db: OpaquePointer?
         let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE
@@ -245,7 +243,7 @@ public final class SQLiteConnection: SQLConnection {
     /// Creates the marker table, or migrates one of an earlier version (keyed by `saga_id`
     /// alone) in one transaction: its rows go to ``InstanceID/legacy``.
     public func ensureMarkerTable() throws {
-        try execute("CREATE TABLE IF NOT EXISTS \(markers.instanceTable) (instance INTEGER PRIMARY KEY, claim INTEGER NOT NULL)", [])
+        try execute("CREATE TABLE IF NOT EXISTS \(markerTable)_instances (instance INTEGER PRIMARY KEY, claim INTEGER NOT NULL)", [])
         func columns() throws -> [String] { try query("PRAGMA table_info(\(markerTable))", []).compactMap { $0["name"]?.string } }
         if try columns().contains("instance") { return }
         try begin()
@@ -276,32 +274,6 @@ public final class SQLiteConnection: SQLConnection {
             try? rollback()
             throw error
         }
-    }
-
-    /// A NOT NULL failure of the marker's status is the claim check failing.
-    public func insertMarker(_ id: SagaID, owner: MarkerOwner) throws {
-        do { try markers.insertCommitted(id, owner: owner, on: self) } catch let e as SQLiteError where e.extendedCode == SQLITE_CONSTRAINT | (5 << 8) {  // SQLITE_CONSTRAINT_NOTNULL
-            throw InstanceClaimLost(owner: owner)
-        }
-    }
-
-    public func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64? {
-        try markers.claim(instance, accepting: accepting, claim: claim, on: self)
-    }
-
-    /// In a transaction of its own, so that it queues at the writer gate like every writer of
-    /// this process instead of sleeping in SQLite's busy handler.
-    public func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision] {
-        try markers.fenceInTransaction(ids, owner: owner, on: self)
-    }
-
-    public func markerIDs(instance: InstanceID) throws -> [SagaID] { try markers.ids(instance: instance, on: self) }
-
-    public func maxMarkerID(instance: InstanceID) throws -> SagaID? { try markers.maxID(instance: instance, on: self) }
-
-    /// In one transaction: one fsync for all the chunks.
-    public func deleteMarkers(_ ids: [SagaID], owner: MarkerOwner) throws {
-        try markers.deleteInTransaction(ids, owner: owner, on: self)
     }
 }
 

@@ -52,6 +52,12 @@ public final class SQLiteDatabase: SQLDatabase {
 
     public let path: String
     public let configuration: Configuration
+    public var markerTable: String { configuration.markerTable }
+    /// `INSERT OR IGNORE`; no locking read is needed (the writer holds the whole database);
+    /// `SQLITE_CONSTRAINT_NOTNULL`.
+    public var dialect: SQLDialect {
+        SQLDialect(insertIgnore: "INSERT OR IGNORE", lockingRead: "") { ($0 as? SQLiteError)?.extendedCode == SQLITE_CONSTRAINT | (5 << 8) }
+    }
     /// Write transactions of this database's connections queue here (see ``WriterGate``).
     let gate = WriterGate()
 

@@ -1,0 +1,131 @@
+/// What a coordinator knows about its sagas: which are running, prepared, in doubt, finished
+/// and waiting for garbage collection, and whether the coordinator is closed or stopped. One
+/// value behind one lock (``SagaCoordinator`` keeps it in a ``Locked``); every change is one of
+/// the named transitions below, so the rules live here and are tested without a store.
+///
+/// A saga moves like this (see <doc:Protocol>):
+///
+///     entered ──► prepared ──► finished ──► collected (journal) ──► markers deleted
+///        │            │
+///        │            └──► in doubt ──► finished (recovery)
+///        └──► abandoned (nothing reached the KV store)
+struct SagaBook: Sendable {
+    /// Finished sagas whose journal records are still to be deleted, oldest first.
+    private(set) var finished: [SagaID] = []
+    /// The same ids, for lookups: a committed saga's record stays `prepared` until garbage
+    /// collection deletes it, and recovery on demand must leave it alone.
+    private(set) var recentlyFinished: Set<SagaID> = []
+    /// Sagas whose journal records are gone but whose marker rows are still to be deleted.
+    private(set) var markersToDelete: [SagaID] = []
+    /// Sagas past `prepare` and not yet finished in this process.
+    private(set) var active: Set<SagaID> = []
+    /// Prepared sagas whose outcome could not be decided or finished; recovery retries them.
+    private(set) var inDoubt: Set<SagaID> = []
+    private(set) var closed = false
+    /// Sagas inside `run`: the KV store stays claimed until the last one has ended, also after
+    /// `close()`.
+    private(set) var running = 0
+    /// Set when a store failed a write (or the instance claim was lost): nothing may run on top
+    /// of it until a reopen lets recovery decide. The first reason is kept.
+    private(set) var stopped: String?
+
+    // MARK: The coordinator
+
+    /// A saga enters `run`; refused once the coordinator is closed.
+    mutating func enter() throws(SagaError) {
+        if closed { throw .misuse(.closed) }
+        running += 1
+    }
+
+    /// A saga left `run`. Returns whether the stores are to be let go now: the coordinator is
+    /// closed and this was the last saga running.
+    mutating func leave() -> Bool {
+        precondition(running > 0, "leave without enter")
+        running -= 1
+        return closed && running == 0
+    }
+
+    /// Closes the coordinator. Returns whether the stores can be let go at once (no saga
+    /// running); otherwise the last one to ``leave()`` lets them go.
+    mutating func close() -> Bool {
+        closed = true
+        return running == 0
+    }
+
+    /// Stops the coordinator for good (until the stores are reopened); the first reason stays.
+    mutating func stop(_ reason: String) {
+        if stopped == nil { stopped = reason }
+    }
+
+    // MARK: A saga
+
+    /// Its forward batch is about to be written: from here it is this process's to finish.
+    mutating func prepared(_ id: SagaID) {
+        active.insert(id)
+    }
+
+    /// Prepared and undecided (or not undoable): kept until recovery decides it.
+    mutating func heldInDoubt(_ id: SagaID) {
+        active.insert(id)
+        inDoubt.insert(id)
+    }
+
+    /// Nothing of it is in the KV store: forgotten, nothing to collect.
+    mutating func abandoned(_ id: SagaID) {
+        active.remove(id)
+        inDoubt.remove(id)
+    }
+
+    /// Committed or compensated: its journal record waits for garbage collection. Returns
+    /// whether `gcThreshold` finished sagas are now waiting.
+    mutating func finished(_ id: SagaID, gcThreshold: Int) -> Bool {
+        active.remove(id)
+        inDoubt.remove(id)
+        finished.append(id)
+        recentlyFinished.insert(id)
+        return finished.count >= gcThreshold
+    }
+
+    /// A record found finished (`compensated`) when the journal was read at open.
+    mutating func foundFinished(_ id: SagaID) {
+        finished.append(id)
+        recentlyFinished.insert(id)
+    }
+
+    /// Whether a `prepared` record belongs to a saga this process runs or has finished, and
+    /// is therefore not recovery's to decide. In-doubt sagas are recovery's.
+    func isOwnedHere(_ id: SagaID) -> Bool {
+        (active.contains(id) && !inDoubt.contains(id)) || recentlyFinished.contains(id)
+    }
+
+    // MARK: Garbage collection
+
+    /// The finished sagas whose journal records are to be deleted now; they leave the book
+    /// until ``collected(_:)`` or ``notCollected(_:)`` says how that went.
+    mutating func takeFinished() -> [SagaID] {
+        defer { finished.removeAll() }
+        return finished
+    }
+
+    /// Their journal records are deleted (synced): their marker rows are next.
+    mutating func collected(_ ids: [SagaID]) {
+        for id in ids { recentlyFinished.remove(id) }
+        markersToDelete.append(contentsOf: ids)
+    }
+
+    /// Deleting their journal records failed: they wait for the next collection, first.
+    mutating func notCollected(_ ids: [SagaID]) {
+        finished.insert(contentsOf: ids, at: 0)
+    }
+
+    /// The marker rows to delete now.
+    mutating func takeMarkersToDelete() -> [SagaID] {
+        defer { markersToDelete.removeAll() }
+        return markersToDelete
+    }
+
+    /// Deleting them failed: they wait for the next collection.
+    mutating func markersNotDeleted(_ ids: [SagaID]) {
+        markersToDelete.append(contentsOf: ids)
+    }
+}

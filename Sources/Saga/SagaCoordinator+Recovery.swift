@@ -1,0 +1,192 @@
+import Logging
+
+// Deciding sagas whose COMMIT outcome is unknown: ending old sessions, fencing, and recovery of
+// every prepared saga at open or on demand (see <doc:Protocol>).
+
+extension SagaCoordinator {
+    /// Resolves every saga still `prepared` in the journal (other than those running in this
+    /// process): a fencing insert decides each; committed ones are recorded, failed ones are
+    /// compensated. Idempotent: running it twice, or after a crash inside it, changes nothing
+    /// the second time. Then collects garbage.
+    @discardableResult
+    public func recover() throws(SagaError) -> RecoveryReport {
+        if book.withLock({ $0.closed }) { throw .misuse(.closed) }
+        if let reason = book.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
+        return try recover(atOpen: false)
+    }
+
+    /// - Parameter journal: the journal as already read at open; nil reads it now.
+    func recover(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]? = nil) throws(SagaError) -> RecoveryReport {
+        try recoveryLock.withLock { () throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen, journal: journal) }
+    }
+
+    private func recoverLocked(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]?) throws(SagaError) -> RecoveryReport {
+        var report = RecoveryReport()
+        let entries: [(key: Bytes, value: Bytes)]
+        if let journal {
+            entries = journal
+        } else {
+            do { entries = try kv.journalEntries() } catch {
+                throw .stopped(reason: "cannot read the journal: \(error)")
+            }
+        }
+        var journaled: Set<SagaID> = []
+        var pending: [JournalRecord] = []
+        for (key, value) in entries {
+            guard let id = JournalRecord.saga(fromKey: key) else { continue }
+            journaled.insert(id)
+            let record: JournalRecord
+            do {
+                record = try JournalRecord(decoding: value)
+                guard record.saga == id else {
+                    throw JournalRecord.DecodingError(reason: "record names \(record.saga) but is stored under \(id)")
+                }
+            } catch {
+                report.problems.append(.journalCorrupt(saga: id, key: key, reason: "\(error)"))
+                continue
+            }
+            switch record.state {
+            case .committed, .compensated:
+                if atOpen { book.withLock { $0.foundFinished(id) } }
+            case .prepared:
+                if !atOpen {
+                    // Running or finished in this process: not recovery's to decide.
+                    let mine = book.withLock { $0.isOwnedHere(id) }
+                    if mine { continue }
+                    // It may have finished since the scan: a fresh read tells.
+                    guard let fresh = try? kv.journalGet(key), let now = try? JournalRecord(decoding: fresh), now.state == .prepared else { continue }
+                }
+                pending.append(record)
+            }
+        }
+        resolve(pending, adoptLocks: atOpen, into: &report)
+        if atOpen { removeOrphanMarkers(keeping: journaled) }
+        do { _ = try collectGarbage() } catch { logger.warning("garbage collection after recovery failed: \(error)") }
+        return report
+    }
+
+    /// Decides prepared sagas in chunks: one fencing transaction per chunk, then one synced
+    /// batch compensates every aborted saga of the chunk. Committed ones need no write.
+    ///
+    /// A committed saga's record stays `prepared` until garbage collection, so an older record
+    /// can share keys with a newer one: the newer saga took those locks only after the older
+    /// one had finished, so the older one is committed and the keys are the newer one's.
+    /// Newest first, each saga adopts the locks of its keys that no newer saga holds.
+    private func resolve(_ records: [JournalRecord], adoptLocks: Bool, into report: inout RecoveryReport) {
+        var candidates: [JournalRecord] = []
+        for record in records.sorted(by: { $0.saga > $1.saga }) {
+            let id = record.saga
+            if adoptLocks {
+                let conflicts = locks.adopt(record.entries.map(\.key), for: id)
+                if let (key, holder) = conflicts.first(where: { $0.1 < id }) {
+                    report.problems.append(.lockTimeout(saga: id, keys: [key], heldBy: [holder]))
+                    continue
+                }
+            }
+            book.withLock { $0.heldInDoubt(id) }
+            candidates.append(record)
+        }
+        // The sessions the sagas ran in end first, all at once (pooled connections: a few
+        // sessions name many records). A saga whose session cannot be seen gone stays in doubt.
+        let stuck = endSessions(Set(candidates.compactMap(\.session)))
+        if !stuck.isEmpty {
+            let held = candidates.filter { $0.session.map { stuck.contains($0) } ?? false }
+            report.inDoubt += held.map(\.saga)
+            candidates.removeAll { $0.session.map { stuck.contains($0) } ?? false }
+        }
+        for start in stride(from: 0, to: candidates.count, by: Self.recoveryChunk) {
+            let chunk = Array(candidates[start..<min(start + Self.recoveryChunk, candidates.count)])
+            guard let decisions = fence(chunk.map(\.saga), ending: [], phase: .recovery) else {
+                report.inDoubt += chunk.map(\.saga)
+                continue
+            }
+            var aborted: [JournalRecord] = []
+            for record in chunk {
+                switch decisions[record.saga] {
+                case .committed?:
+                    finishCommitted(record.saga, phase: .recovery, log: logger)
+                    report.committed.append(record.saga)
+                case .aborted?:
+                    aborted.append(record)
+                case nil:
+                    report.inDoubt.append(record.saga)
+                }
+            }
+            for (id, result) in compensate(aborted, phase: .recovery).sorted(by: { $0.key < $1.key }) {
+                switch result {
+                case .success: report.compensated.append(id)
+                case .failure(let error): report.problems.append(error)
+                }
+            }
+        }
+    }
+
+    /// Ends `sessions` on a fresh connection; returns those that could not be seen gone (all of
+    /// them when the database cannot be reached).
+    private func endSessions(_ sessions: Set<SQLSession>) -> Set<SQLSession> {
+        guard !sessions.isEmpty else { return [] }
+        do {
+            let conn = try sql.connect()
+            defer { conn.close() }
+            let left = try conn.endSessions(Array(sessions))
+            if !left.isEmpty { logger.warning("\(SessionsStillThere(sessions: left)); their sagas stay in doubt") }
+            return left
+        } catch {
+            logger.warning("cannot end the sessions of the sagas to recover: \(error); they stay in doubt")
+            return sessions
+        }
+    }
+
+    /// Sessions that did not go within the backend's wait after `KILL`: a COMMIT sent on one
+    /// may still land, so its sagas are not decided.
+    struct SessionsStillThere: Error, CustomStringConvertible {
+        let sessions: Set<SQLSession>
+        var description: String {
+            "the old SQL session(s) \(sessions.map { String($0.id) }.sorted().joined(separator: ", ")) are still there after KILL; a COMMIT sent on one may still land"
+        }
+    }
+
+    /// Sagas decided by one fencing transaction during recovery.
+    static let recoveryChunk = 500
+
+    /// A marker may outlive its journal record (a crash between the two GC steps). At open,
+    /// before any saga runs, a marker with no record belongs to a finished saga.
+    private func removeOrphanMarkers(keeping journaled: Set<SagaID>) {
+        do {
+            let conn = try pool.take().connection
+            defer { pool.giveBack(conn) }
+            let orphans = try markers.ids(instance: instance, on: conn).filter { !journaled.contains($0) }
+            if !orphans.isEmpty {
+                try markers.deleteInTransaction(orphans, owner: owner, on: conn)
+                logger.debug("removed \(orphans.count) orphan marker row(s)")
+            }
+        } catch {
+            logger.warning("orphan marker cleanup failed: \(error)")
+            stopIfClaimLost(error)
+        }
+    }
+
+    /// Fences sagas in one transaction on a fresh connection (or `connection`, opened for the
+    /// purpose), once the sessions their transactions ran in are gone. nil when the database
+    /// cannot be reached, a session cannot be seen gone (or a hook refused): none of them is
+    /// decided.
+    func fence(_ ids: [SagaID], ending sessions: [SQLSession], phase: SagaPhase, on connection: Result<any SQLConnection, any Error>? = nil) -> [SagaID: FenceDecision]? {
+        let what = ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"
+        do {
+            let conn = try (connection ?? Result { try sql.connect() }).get()
+            defer { conn.close() }
+            for id in ids { try hook(.resolve, id, phase: phase) }
+            if !sessions.isEmpty {
+                let left = try conn.endSessions(sessions)
+                if !left.isEmpty { throw SessionsStillThere(sessions: left) }
+            }
+            let decisions = try markers.fenceInTransaction(ids, owner: owner, on: conn)
+            logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(what))")
+            return decisions
+        } catch {
+            logger.warning("cannot resolve \(what): \(error)")
+            stopIfClaimLost(error)
+            return nil
+        }
+    }
+}

@@ -1,0 +1,324 @@
+import Logging
+
+// Running one saga: the forward path of the protocol, top to bottom, one named step at a time
+// (see <doc:Protocol>). Compensation, fencing and recovery live in their own files.
+
+extension SagaCoordinator {
+    @TaskLocal static var running: [RunningSaga] = []
+    struct RunningSaga: Sendable { let coordinator: ObjectIdentifier; let saga: SagaID }
+
+    /// Runs one saga: `body` executes SQL through `saga.sql` and stages KV writes through
+    /// `saga.kv`; when it returns, the KV writes and the SQL transaction commit together or
+    /// not at all. Returns what `body` returned.
+    ///
+    /// Blocking: call it from a thread of your own, not from Swift's cooperative pool (from
+    /// async code, use the `async` overload).
+    public func run<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
+        if let outer = Self.running.first(where: { $0.coordinator == ObjectIdentifier(self) }) {
+            throw .misuse(.nestedSaga(outer.saga))
+        }
+        try book.withLock { b throws(SagaError) in try b.enter() }
+        defer { if book.withLock({ $0.leave() }) { releaseStores() } }
+        if let reason = book.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
+        let id: SagaID
+        do { id = try ids.next() } catch {
+            stop("cannot persist the saga id lease: \(error)")
+            throw .stopped(reason: "cannot persist the saga id lease: \(error)")
+        }
+        do {
+            return try Self.$running.withValue(Self.running + [RunningSaga(coordinator: ObjectIdentifier(self), saga: id)]) {
+                try execute(id, body)
+            }
+        } catch let e as SagaError {
+            throw e
+        } catch {
+            preconditionFailure("execute only throws SagaError, got \(error)")
+        }
+    }
+
+    /// The saga state machine: begin, body, prepare, marker and commit, then one of the three
+    /// outcomes of COMMIT.
+    private func execute<T>(_ id: SagaID, _ body: (Saga) throws -> T) throws(SagaError) -> T {
+        var log = logger
+        log[metadataKey: "saga"] = "\(id.rawValue)"
+
+        // 1. Begin.
+        let conn = try begin(id)
+        // The server session the transaction runs in: a COMMIT sent on it may arrive late, so
+        // it must be seen gone before an unknown outcome is decided (after a crash too).
+        let session = conn.session
+
+        // 2. Body (3. locks are taken as keys are touched).
+        let saga = Saga(id: id, connection: conn, context: SagaContext(kv: kv, locks: locks, lockTimeout: configuration.lockTimeout))
+        let value = try runBody(body, of: saga, on: conn)
+
+        // 4. Prepare: the forward writes and the `prepared` record, in one synced batch.
+        let prepared = try prepare(saga, session: session, on: conn, log: log)
+
+        // 5. Marker, and 6. Commit: the decision point.
+        let outcome = commit(id, prepared: prepared, on: conn)
+
+        // 7. The outcome.
+        switch outcome {
+        case .committed:
+            giveBack(conn, after: saga)
+            finishCommitted(id, phase: .run, log: log)
+            return value
+        case .failed(let error):
+            try compensateFailedCommit(saga, prepared.record, error: error, on: conn, log: log)
+        case .unknown(let error) where error.requiresReopen:
+            try stopAtFailedCommitIO(id, prepared.record, error: error, on: conn, log: log)
+        case .unknown(let error):
+            try decideUnknownCommit(id, prepared.record, error: error, session: session, on: conn, log: log)
+            return value
+        }
+    }
+
+    // MARK: 1. Begin
+
+    /// A connection with a transaction begun on it. A pooled connection that BEGIN finds lost
+    /// is closed and the next one tried (the server may have closed it while it sat idle;
+    /// nothing of a saga had run on it). Any other failure (a busy database, a lost new
+    /// connection) is the saga's: retrying it on every pooled connection would only multiply
+    /// the wait.
+    private func begin(_ id: SagaID) throws(SagaError) -> any SQLConnection {
+        do {
+            try hook(.begin, id)
+            while true {
+                let (conn, reused) = try pool.take()
+                do {
+                    try conn.begin()
+                    return conn
+                } catch {
+                    let lost = conn.isBroken
+                    conn.close()
+                    guard reused, lost else { throw error }
+                    logger.debug("a pooled connection was found lost at BEGIN (\(error)); trying another")
+                }
+            }
+        } catch {
+            throw .sqlFailed(saga: id, step: .begin, underlying: error)
+        }
+    }
+
+    // MARK: 2. Body
+
+    /// Runs the body. On any failure the SQL transaction is rolled back and the locks go:
+    /// nothing was written.
+    private func runBody<T>(_ body: (Saga) throws -> T, of saga: Saga, on conn: any SQLConnection) throws(SagaError) -> T {
+        do {
+            let value = try body(saga)
+            saga.ended = true
+            // The body may have caught the statement's error: the saga stays poisoned.
+            if let poison = saga.poison { throw poison.error(saga: saga.id) }
+            try hook(.body, saga.id)
+            return value
+        } catch {
+            saga.ended = true
+            abandon(saga, conn)
+            throw classifyBodyError(error, saga: saga)
+        }
+    }
+
+    private func classifyBodyError(_ error: any Error, saga: Saga) -> SagaError {
+        if let poison = saga.poison { return poison.error(saga: saga.id) }
+        if let e = error as? SagaError {
+            switch e {
+            case .lockTimeout, .deadlock, .misuse, .transactionLost, .transactionEndedByStatement: return e
+            default: break
+            }
+        }
+        return .bodyFailed(saga: saga.id, underlying: error)
+    }
+
+    // MARK: 4. Prepare
+
+    /// What prepare left for the decision: the saga's journal record (nil when it wrote no
+    /// key), and a KV failure after which the batch was found durable all the same.
+    struct Prepared {
+        var record: JournalRecord?
+        var kvFailure: (any Error)?
+    }
+
+    /// Reads the pre-images in one multi-get, then writes the forward writes and the
+    /// `prepared` record in one synced batch. A saga that wrote no key writes nothing.
+    private func prepare(_ saga: Saga, session: SQLSession?, on conn: any SQLConnection, log: Logger) throws(SagaError) -> Prepared {
+        let id = saga.id
+        let writes = saga.writes
+        var prepared = Prepared()
+        guard !writes.isEmpty else { return prepared }
+        do {
+            let pre = try kv.multiGet(writes.map(\.key))
+            let entries = zip(writes, pre).map { JournalRecord.Entry(key: $0.key, preImage: $1, afterImage: $0.image) }
+            let record = JournalRecord(saga: id, state: .prepared, entries: entries, session: session)
+            let encoded = record.encoded()
+            if encoded.count > configuration.maxRecordSize {
+                throw SagaError.misuse(.sagaTooLarge(size: encoded.count, limit: configuration.maxRecordSize))
+            }
+            var batch = KVWriteBatch()
+            for w in writes { batch.set(w.key, to: w.image) }
+            batch.put(JournalRecord.key(for: id), encoded, in: .journal)
+            try hook(.prepare, id)
+            book.withLock { $0.prepared(id) }
+            prepared.record = record
+            try kv.write(batch, sync: true)
+        } catch {
+            // A synced batch is atomic: either it is durable or not. If the store says it
+            // failed but the record is readable, it landed: compensate. Otherwise nothing
+            // landed in this process, and if it reaches disk later, recovery on reopen fences
+            // the saga (no marker) and undoes it.
+            if let misuse = error as? SagaError {
+                abandon(saga, conn)
+                throw misuse
+            }
+            let landed = prepared.record != nil && ((try? kv.journalGet(JournalRecord.key(for: id))) ?? nil) != nil
+            // An injected fault stops before the write; a real failure may have left the batch
+            // on disk (RocksDB replays an unsynced WAL record): nothing more runs on top of
+            // the store until a reopen (a compensation, if any, is this saga's last write).
+            if !(error is InjectedFault) { stop("the KV store failed a write of \(id): \(error)") }
+            guard landed else {
+                abandon(saga, conn)
+                log.error("KV write failed, SQL rolled back: \(error)")
+                throw .kvWriteFailed(saga: id, underlying: error)
+            }
+            log.error("KV write reported failure but the batch is durable; compensating: \(error)")
+            prepared.kvFailure = error
+        }
+        return prepared
+    }
+
+    // MARK: 5. Marker and 6. Commit
+
+    /// Inserts the marker row and commits, in one round trip where the backend can. A failure
+    /// before COMMIT was sent is a proved failure: the transaction is rolled back.
+    private func commit(_ id: SagaID, prepared: Prepared, on conn: any SQLConnection) -> CommitResult {
+        do {
+            if let kvFailure = prepared.kvFailure { throw kvFailure }
+            if prepared.record != nil { try hook(.prepared, id) }
+            try hook(.marker, id)
+            // A transaction that ended under us must never be "continued": in autocommit mode
+            // the marker would commit on its own.
+            guard conn.isInTransaction else { throw TransactionEnded() }
+            try hook(.commit, id)
+            return markers.commit(insertingMarker: id, owner: owner, on: conn)
+        } catch {
+            // COMMIT was never sent, so the transaction cannot commit.
+            if conn.isInTransaction { try? conn.rollback() }
+            return .failed(error)
+        }
+    }
+
+    // MARK: 7. The outcome of COMMIT
+
+    /// COMMIT failed, as the database proves: undo the KV side, then throw `commitFailed`.
+    private func compensateFailedCommit(_ saga: Saga, _ record: JournalRecord?, error: any Error, on conn: any SQLConnection, log: Logger) throws(SagaError) -> Never {
+        // An expected outcome (a deferred constraint, a deadlock at COMMIT): the caller hears
+        // of it as an error, so it is no warning.
+        log.debug("COMMIT failed: \(error); compensating")
+        // Proved failed, so undoing the KV side is right even after an I/O error; but nothing
+        // runs on top of a store that failed a write until it is reopened.
+        defer {
+            if error.requiresReopen { stop("the SQL database failed I/O at COMMIT of \(saga.id): \(error)") }
+            stopIfClaimLost(error)
+        }
+        let restored: Int
+        do throws(SagaError) { restored = try compensateOrHold(saga.id, record, after: error, log: log) } catch let undo {
+            // The saga stays prepared, and its record names this connection's session, which
+            // recovery ends before it decides: closed, never lent to another saga that the
+            // KILL would then hit.
+            conn.close()
+            throw undo
+        }
+        giveBack(conn, after: saga)
+        throw .commitFailed(saga: saga.id, underlying: error, restoredKeys: restored)
+    }
+
+    /// An fsync or write failed inside COMMIT. The database's own files decide the outcome,
+    /// and only after a reopen (its log may replay the transaction or not): never fence or
+    /// continue on top of them in this process.
+    private func stopAtFailedCommitIO(_ id: SagaID, _ record: JournalRecord?, error: any Error, on conn: any SQLConnection, log: Logger) throws(SagaError) -> Never {
+        conn.close()
+        stop("the SQL database failed I/O at COMMIT of \(id): \(error)")
+        end(id, record != nil ? .inDoubt : .abandoned)
+        log.error("COMMIT failed with an I/O error: \(error); stopped, recovery after reopening decides")
+        throw .inDoubt(saga: id, underlying: error)
+    }
+
+    /// The outcome is unknown. Never assume a rollback: close the failed connection (SQLite
+    /// recovers its journal), then decide with a fencing insert on a fresh connection that
+    /// keeps the saga's turn at the database (it still holds its keys), once the old session
+    /// is gone: its COMMIT may still be on the way. Returns when the saga committed.
+    private func decideUnknownCommit(_ id: SagaID, _ record: JournalRecord?, error: any Error, session: SQLSession?, on conn: any SQLConnection, log: Logger) throws(SagaError) {
+        log.notice("COMMIT outcome unknown: \(error); fencing")
+        let fenceConnection = Result { try sql.connect(replacing: conn) }
+        switch fence([id], ending: session.map { [$0] } ?? [], phase: .run, on: fenceConnection)?[id] {
+        case .committed:
+            finishCommitted(id, phase: .run, log: log)
+        case .aborted:
+            let restored = try compensateOrHold(id, record, after: error, log: log)
+            throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
+        case nil:
+            end(id, record != nil ? .inDoubt : .abandoned)
+            throw .inDoubt(saga: id, underlying: error)
+        }
+    }
+
+    // MARK: Endings
+
+    /// Rolls back a saga that wrote nothing to the KV store, releases its locks and returns the
+    /// connection (closed instead when the rollback failed: the server then rolls back).
+    func abandon(_ saga: Saga, _ conn: any SQLConnection) {
+        if conn.isInTransaction {
+            do { try conn.rollback() } catch {
+                logger.warning("ROLLBACK of \(saga.id) failed: \(error); closing the connection")
+                conn.close()
+            }
+        }
+        giveBack(conn, after: saga)
+        end(saga.id, .abandoned)
+    }
+
+    /// Returns a saga's connection to the pool, unless its body ran a statement that may have
+    /// left session state behind (table locks, `SET autocommit`, pragmas): that one is closed,
+    /// and the next saga gets a clean connection.
+    private func giveBack(_ conn: any SQLConnection, after saga: Saga) {
+        if saga.ranSessionStatement { conn.close() } else { pool.giveBack(conn) }
+    }
+
+    /// How a saga leaves the coordinator. Every terminal path goes through ``end(_:_:)``: the
+    /// one place that releases a saga's locks or keeps them.
+    enum Ending {
+        /// Committed or compensated: locks released, the journal record collected later.
+        case finished
+        /// Prepared and undecided (or not undoable): keys stay locked until recovery.
+        case inDoubt
+        /// Nothing of it is in the KV store: locks released, nothing to collect.
+        case abandoned
+    }
+
+    func end(_ id: SagaID, _ ending: Ending) {
+        switch ending {
+        case .finished:
+            let due = book.withLock { $0.finished(id, gcThreshold: configuration.gcThreshold) }
+            locks.releaseAll(id)
+            if due {
+                do { _ = try collectGarbage() } catch { logger.warning("garbage collection failed: \(error)") }
+            }
+        case .inDoubt:
+            book.withLock { $0.heldInDoubt(id) }
+        case .abandoned:
+            book.withLock { $0.abandoned(id) }
+            locks.releaseAll(id)
+        }
+    }
+
+    /// Committed. No journal write: the marker row proves the outcome, and garbage collection
+    /// deletes the `prepared` record (a separate write here would cost a WAL append per saga
+    /// and split RocksDB's group commits of synced batches).
+    func finishCommitted(_ id: SagaID, phase: SagaPhase, log: Logger) {
+        do { try hook(.committed, id, phase: phase) } catch {
+            log.warning("hook failure after COMMIT of \(id) ignored: \(error)")
+        }
+        end(id, .finished)
+    }
+}
