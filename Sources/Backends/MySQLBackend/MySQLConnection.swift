@@ -253,8 +253,11 @@ public final class MySQLConnection: SQLConnection {
                 binds[i].buffer_type = MYSQL_TYPE_DOUBLE
                 size = 8
             default:
-                // charsetnr 63 is "binary": BLOB, BINARY, VARBINARY.
-                kinds.append(.bytes(binary: f.charsetnr == 63))
+                // charsetnr 63 is "binary": BLOB, BINARY, VARBINARY. Decimals and dates carry
+                // it too, but the client hands them over as text ("12.50", "2024-01-02 03:04:05.678").
+                let textual = [MYSQL_TYPE_DECIMAL, MYSQL_TYPE_NEWDECIMAL, MYSQL_TYPE_DATE, MYSQL_TYPE_NEWDATE, MYSQL_TYPE_TIME,
+                               MYSQL_TYPE_DATETIME, MYSQL_TYPE_TIMESTAMP].contains(f.type)
+                kinds.append(.bytes(binary: f.charsetnr == 63 && !textual))
                 binds[i].buffer_type = MYSQL_TYPE_BLOB
                 size = Int(f.max_length) + 1
             }
