@@ -313,7 +313,7 @@ public protocol SQLConnection: SQLExecutor {
     /// row, waiting for any transaction that holds one, reads whose row holds each id, and
     /// commits before returning the decisions.
     func fence(_ ids: [SagaID], owner: MarkerOwner) throws -> [SagaID: FenceDecision]
-    /// Claims `instance` for the journal that opens it (see ``InstanceRecord``), in a
+    /// Claims `instance` for the journal that opens it (see `InstanceRecord`), in a
     /// transaction of its own: sets the instance's claim to `claim` if there is none yet or it
     /// is one of `accepting`. Returns nil when claimed, or the claim another journal holds.
     func claimInstance(_ instance: InstanceID, accepting: [UInt64], claim: UInt64) throws -> UInt64?

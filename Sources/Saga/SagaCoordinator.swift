@@ -15,7 +15,7 @@ import Logging
 /// The SQL `COMMIT` is the single decision point: a saga is committed if and only if its SQL
 /// transaction committed. The KV writes are made durable together with a journal record before
 /// `COMMIT`; if `COMMIT` fails they are undone, and after a crash recovery finishes the job.
-/// The steps below follow PROTOCOL.md and are named by ``SagaStep``.
+/// The steps below follow <doc:Protocol> and are named by ``SagaStep``.
 public final class SagaCoordinator: Sendable {
     public struct Configuration: Sendable {
         /// How long a saga waits for a key lock before giving up (also ends deadlocks that run
