@@ -27,6 +27,19 @@ if grep -E "^/.*(warning|error):" "$log" >/dev/null; then
 fi
 grep -q "Build complete" "$log" || { echo "build failed" >&2; tail -30 "$log" >&2; exit 1; }
 
+echo "==> DocC (warnings are errors)"
+# The Saga module's documentation and its catalog, Sources/Saga/Saga.docc: a broken symbol or
+# article link, or a parameter list that does not match its declaration, fails the run. The
+# archive goes to .build/plugins/Swift-DocC/outputs/Saga.doccarchive, the plugin's own work
+# directory: neither --disable-sandbox nor --allow-writing-to-directory is needed.
+if ! swift package generate-documentation --target Saga --warnings-as-errors --disable-indexing >"$log" 2>&1 \
+    || grep -E "warning:" "$log" >/dev/null; then
+    echo "the documentation has warnings or errors:" >&2
+    grep -v "^\[" "$log" >&2
+    exit 1
+fi
+grep -E "^Finished building documentation" "$log"
+
 echo "==> swift test"
 # The library's own log lines (expected warnings from injected failures) are left out.
 timeout 1800 swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\|warning\|info\|error\) "

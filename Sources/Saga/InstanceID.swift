@@ -1,6 +1,6 @@
 /// The identity of one coordinator's journal: created at its first open, kept in the journal,
 /// and carried by every marker row it writes. Coordinators that share one SQL database read,
-/// fence and delete only the marker rows of their own instance (PROTOCOL.md, "Many
+/// fence and delete only the marker rows of their own instance (<doc:Protocol>, "Many
 /// coordinators, one SQL database").
 public struct InstanceID: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
     public let rawValue: UInt64

@@ -1,5 +1,5 @@
 /// Whose marker rows a statement may write: the coordinator's instance, and the claim its open
-/// made on that instance (see ``InstanceRecord``). Every write to marker rows (the saga's own
+/// made on that instance (see `InstanceRecord`). Every write to marker rows (the saga's own
 /// marker, the fence, GC's and orphan removal's deletes) checks in its own transaction that
 /// the instance still holds the claim; once another journal has claimed it, nothing of this
 /// coordinator reaches the marker table again.

@@ -2,7 +2,7 @@
 /// (MySQL: the connection id, when the server started and a hash of the client address the
 /// server saw, so that an id reused after a restart is never taken for the old one). A COMMIT sent on it may still reach the server
 /// after the client gave up; the session must be seen gone before the saga's outcome is
-/// decided (PROTOCOL.md, "Late COMMITs"). SQLite has none: a closed connection in this
+/// decided (<doc:Protocol#Late-COMMITs>). SQLite has none: a closed connection in this
 /// process, or a dead process, holds no transaction.
 public struct SQLSession: Hashable, Sendable, CustomStringConvertible {
     /// The server's id for the session.

@@ -23,6 +23,8 @@ public final class StepTrigger: SagaHooks {
     private let seen = Atomic<Int>(0)
 
     /// - Parameters:
+    ///   - action: what to do when the step fires: crash the process or throw ``InjectedFault``.
+    ///   - step: the step to watch.
     ///   - occurrence: fires on the n-th time the step is reached (1 = the first).
     ///   - phase: only count the step in this phase (nil: any phase).
     ///   - repeats: keep firing on every later occurrence too.

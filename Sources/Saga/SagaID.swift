@@ -1,5 +1,5 @@
 /// The identity of one saga. Never reused by a coordinator, across restarts too: a reused id
-/// would let an old marker row decide a new saga (see ``IDLease``).
+/// would let an old marker row decide a new saga (see `IDLease`).
 public struct SagaID: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
     public let rawValue: UInt64
     public init(rawValue: UInt64) { self.rawValue = rawValue }

@@ -1,4 +1,4 @@
-/// The named points of the protocol (PROTOCOL.md). Every one of them is a place where a
+/// The named points of the protocol (<doc:Protocol>). Every one of them is a place where a
 /// ``SagaHooks`` implementation can crash the process or inject a failure.
 public enum SagaStep: String, CaseIterable, Sendable, CustomStringConvertible {
     /// Before `BEGIN` on the SQL connection.

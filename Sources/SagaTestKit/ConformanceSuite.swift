@@ -8,7 +8,7 @@ public struct ConformanceCase: Sendable, CustomStringConvertible {
     public var description: String { name }
 }
 
-/// The conformance suite: PROTOCOL.md's guarantees, checked against real stores through the
+/// The conformance suite: the guarantees of Saga's Protocol article, checked against real stores through the
 /// protocols only. Every SQL backend runs all of it, unchanged.
 public enum ConformanceSuite {
     public static let cases: [ConformanceCase] = [
