@@ -9,6 +9,9 @@ let package = Package(
         .library(name: "RocksDBBackend", targets: ["RocksDBBackend"]),
         .library(name: "SQLiteBackend", targets: ["SQLiteBackend"]),
         .library(name: "MySQLBackend", targets: ["MySQLBackend"]),
+        // For tests only, never a shipping program: the conformance suite every backend runs,
+        // step hooks that crash or fail the process, SQLite's fault VFS, throwaway servers.
+        .library(name: "SagaTesting", targets: ["SagaTestKit", "SagaFaultKit"]),
         .executable(name: "aa-demo", targets: ["AATrigger"]),
         .executable(name: "saga-torture", targets: ["SagaTorture"]),
         .executable(name: "saga-bench", targets: ["SagaBench"]),
@@ -39,20 +42,23 @@ let package = Package(
         // The core: protocols, coordinator, journal, locks, recovery. Knows no backend.
         .target(name: "Saga", dependencies: [.product(name: "Logging", package: "swift-log")]),
         .target(name: "RocksDBBackend", dependencies: ["Saga", "CRocksDB"], path: "Sources/Backends/RocksDBBackend"),
-        .target(name: "SQLiteBackend", dependencies: ["Saga", "CSQLite", "CSagaFaults"], path: "Sources/Backends/SQLiteBackend"),
+        .target(name: "SQLiteBackend", dependencies: ["Saga", "CSQLite"], path: "Sources/Backends/SQLiteBackend"),
         .target(name: "MySQLBackend", dependencies: ["Saga", "CMariaDB"], path: "Sources/Backends/MySQLBackend"),
 
         // Faults made around real stores, shared by the tests and the torture program: a
         // throwaway MariaDB server, a TCP proxy that loses COMMIT replies, a process runner.
-        .target(name: "SagaFaultKit", dependencies: ["MySQLBackend"]),
+        // SQLite's fault VFS (SQLiteFaults) lives here too: out of the shipping backend.
+        .target(name: "SagaFaultKit", dependencies: ["Saga", "MySQLBackend", "SQLiteBackend", "CSQLite", "CSagaFaults"]),
 
-        // The conformance suite, written against the protocols only; every backend runs it.
+        // The conformance suite, written against the protocols only; every backend runs it. Also
+        // StepTrigger, the hooks that crash the process or fail a step.
         .target(name: "SagaTestKit", dependencies: ["Saga"]),
 
         .executableTarget(
             name: "AATrigger",
             dependencies: [
-                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend",
+                // The demo fails COMMITs and crashes on purpose: it uses the testing kits.
+                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit", "SagaTestKit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -63,7 +69,7 @@ let package = Package(
         .executableTarget(
             name: "SagaTorture",
             dependencies: [
-                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit", "CFsyncFaults",
+                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit", "SagaTestKit", "CFsyncFaults",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

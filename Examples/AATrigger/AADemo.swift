@@ -1,3 +1,4 @@
+import SagaTestKit
 import ArgumentParser
 import Foundation
 import Logging

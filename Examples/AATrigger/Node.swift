@@ -1,3 +1,5 @@
+import SagaFaultKit
+import SagaTestKit
 import Foundation
 import Logging
 import Synchronization

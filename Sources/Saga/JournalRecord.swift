@@ -11,35 +11,35 @@
 ///                   u32 key length, key, pre-image, after-image;
 ///                   an image is 0x00 (absent) or 0x01, u32 length, bytes
 ///     end-4   4     CRC-32C of every byte before it, big-endian
-public struct JournalRecord: Sendable, Equatable {
-    public enum State: UInt8, Sendable {
+package struct JournalRecord: Sendable, Equatable {
+    package enum State: UInt8, Sendable {
         case prepared = 1, committed = 2, compensated = 3
     }
 
     /// A key the saga wrote: its bytes before the saga and the bytes the saga wrote.
-    public struct Entry: Sendable, Equatable {
-        public let key: Bytes
-        public let preImage: Bytes?
-        public let afterImage: Bytes?
-        public init(key: Bytes, preImage: Bytes?, afterImage: Bytes?) {
+    package struct Entry: Sendable, Equatable {
+        package let key: Bytes
+        package let preImage: Bytes?
+        package let afterImage: Bytes?
+        package init(key: Bytes, preImage: Bytes?, afterImage: Bytes?) {
             self.key = key; self.preImage = preImage; self.afterImage = afterImage
         }
     }
 
-    public static let magic: UInt8 = 0x53
+    package static let magic: UInt8 = 0x53
     /// The format version of records without a session; ``sessionVersion`` for those with one.
-    public static let version: UInt8 = 1
-    public static let sessionVersion: UInt8 = 2
+    package static let version: UInt8 = 1
+    package static let sessionVersion: UInt8 = 2
 
-    public let saga: SagaID
-    public let state: State
+    package let saga: SagaID
+    package let state: State
     /// Empty for `committed` and `compensated`: a finished saga needs no images.
-    public let entries: [Entry]
+    package let entries: [Entry]
     /// The SQL session the saga's transaction ran in (`prepared` records only): it must be
     /// seen gone before recovery decides the saga. nil where the database has none to name.
-    public let session: SQLSession?
+    package let session: SQLSession?
 
-    public init(saga: SagaID, state: State, entries: [Entry] = [], session: SQLSession? = nil) {
+    package init(saga: SagaID, state: State, entries: [Entry] = [], session: SQLSession? = nil) {
         self.saga = saga; self.state = state; self.entries = entries
         self.session = state == .prepared ? session : nil
     }
@@ -47,13 +47,13 @@ public struct JournalRecord: Sendable, Equatable {
     // MARK: Keys of the journal space
 
     /// Record keys: `'r'` + the saga id, big-endian, so records iterate in id order.
-    public static func key(for saga: SagaID) -> Bytes {
+    package static func key(for saga: SagaID) -> Bytes {
         var k: Bytes = [0x72]
         k.appendBigEndian(saga.rawValue)
         return k
     }
     /// The saga id a record key names, or nil if the key is not a record key.
-    public static func saga(fromKey key: Bytes) -> SagaID? {
+    package static func saga(fromKey key: Bytes) -> SagaID? {
         guard key.count == 9, key[0] == 0x72 else { return nil }
         var r = ByteReader(key[1...])
         return (try? r.u64()).map(SagaID.init(rawValue:))
@@ -61,7 +61,7 @@ public struct JournalRecord: Sendable, Equatable {
 
     // MARK: Encoding
 
-    public func encoded() -> Bytes {
+    package func encoded() -> Bytes {
         var out: Bytes = []
         out.reserveCapacity(32 + entries.reduce(0) { $0 + 16 + $1.key.count + ($1.preImage?.count ?? 0) + ($1.afterImage?.count ?? 0) })
         out.append(Self.magic)
@@ -94,12 +94,12 @@ public struct JournalRecord: Sendable, Equatable {
     }
 
     /// Why a record could not be decoded.
-    public struct DecodingError: Error, CustomStringConvertible, Sendable {
-        public let reason: String
-        public var description: String { reason }
+    package struct DecodingError: Error, CustomStringConvertible, Sendable {
+        package let reason: String
+        package var description: String { reason }
     }
 
-    public init(decoding bytes: Bytes) throws(DecodingError) {
+    package init(decoding bytes: Bytes) throws(DecodingError) {
         guard bytes.count >= 15 else { throw DecodingError(reason: "record of \(bytes.count) bytes is shorter than the 15-byte minimum") }
         let body = bytes[..<(bytes.count - 4)]
         var trailer = ByteReader(bytes[(bytes.count - 4)...])

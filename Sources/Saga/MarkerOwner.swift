@@ -3,11 +3,11 @@
 /// marker, the fence, GC's and orphan removal's deletes) checks in its own transaction that
 /// the instance still holds the claim; once another journal has claimed it, nothing of this
 /// coordinator reaches the marker table again.
-public struct MarkerOwner: Hashable, Sendable, CustomStringConvertible {
-    public let instance: InstanceID
-    public let claim: UInt64
-    public init(instance: InstanceID, claim: UInt64) { self.instance = instance; self.claim = claim }
-    public var description: String { "\(instance) (claim \(claim))" }
+package struct MarkerOwner: Hashable, Sendable, CustomStringConvertible {
+    package let instance: InstanceID
+    package let claim: UInt64
+    package init(instance: InstanceID, claim: UInt64) { self.instance = instance; self.claim = claim }
+    package var description: String { "\(instance) (claim \(claim))" }
 }
 
 /// A marker write was refused: the instance's claim moved to another journal since this
@@ -15,8 +15,10 @@ public struct MarkerOwner: Hashable, Sendable, CustomStringConvertible {
 /// The coordinator stops: it must never decide or delete by a marker table that another
 /// journal now writes.
 public struct InstanceClaimLost: Error, CustomStringConvertible {
-    public let owner: MarkerOwner
-    public init(owner: MarkerOwner) { self.owner = owner }
+    package let owner: MarkerOwner
+    /// The instance that another journal claimed.
+    public var instance: InstanceID { owner.instance }
+    package init(owner: MarkerOwner) { self.owner = owner }
     public var description: String {
         "\(owner.instance) was claimed by another journal (a copy of this KV store opened on the same SQL database?) after this coordinator opened with claim \(owner.claim): its marker writes are refused"
     }

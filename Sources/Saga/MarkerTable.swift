@@ -2,16 +2,16 @@
 /// `(instance, saga_id)`, with status `committed` (inserted in the saga's transaction) or
 /// `aborted` (the fencing insert). Tables of earlier versions, keyed by `saga_id` alone, are
 /// migrated on open: their rows belong to ``InstanceID/legacy``.
-public enum MarkerTable {
+package enum MarkerTable {
     /// Table names are spliced into SQL text, so only letters, digits and underscores, not
     /// starting with a digit.
-    public static func isValidName(_ name: String) -> Bool {
+    package static func isValidName(_ name: String) -> Bool {
         guard let first = name.first, first.isLetter || first == "_" else { return false }
         return name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }
     }
 
     /// The decision a marker's status stands for, read right after the fencing insert.
-    public static func decision(status: String?, saga: SagaID) throws -> FenceDecision {
+    package static func decision(status: String?, saga: SagaID) throws -> FenceDecision {
         switch status {
         case "committed": return .committed
         case "aborted": return .aborted
@@ -19,11 +19,11 @@ public enum MarkerTable {
         }
     }
 
-    public struct MissingMarker: Error, CustomStringConvertible {
-        public let saga: SagaID
-        public let status: String?
-        public init(saga: SagaID, status: String?) { self.saga = saga; self.status = status }
-        public var description: String { "marker for \(saga) missing right after the fencing insert (status \(status ?? "none"))" }
+    package struct MissingMarker: Error, CustomStringConvertible {
+        package let saga: SagaID
+        package let status: String?
+        package init(saga: SagaID, status: String?) { self.saga = saga; self.status = status }
+        package var description: String { "marker for \(saga) missing right after the fencing insert (status \(status ?? "none"))" }
     }
 }
 
@@ -35,10 +35,10 @@ extension MarkerTable {
     ///
     /// Lists of ids are bound in a few fixed sizes (``listSizes``, padded by repeating the
     /// last id), so a backend's statement cache holds a handful of texts, not one per length.
-    public struct Statements: Sendable {
-        public let table: String
-        public let insertIgnore: String
-        public let lockingRead: String
+    package struct Statements: Sendable {
+        package let table: String
+        package let insertIgnore: String
+        package let lockingRead: String
 
         /// - Parameters:
         ///   - table: a name checked with ``MarkerTable/isValidName(_:)``.
@@ -46,9 +46,9 @@ extension MarkerTable {
         ///   - lockingRead: what makes a `SELECT` read the newest committed rows inside a
         ///     transaction, waiting for writers (MySQL: ` LOCK IN SHARE MODE`; SQLite, whose
         ///     writer holds the whole database: empty).
-        public let isNotNullViolation: @Sendable (any Error) -> Bool
+        package let isNotNullViolation: @Sendable (any Error) -> Bool
 
-        public init(table: String, insertIgnore: String, lockingRead: String = "", isNotNullViolation: @escaping @Sendable (any Error) -> Bool = { _ in false }) {
+        package init(table: String, insertIgnore: String, lockingRead: String = "", isNotNullViolation: @escaping @Sendable (any Error) -> Bool = { _ in false }) {
             self.table = table
             self.insertIgnore = insertIgnore
             self.lockingRead = lockingRead
@@ -56,14 +56,14 @@ extension MarkerTable {
         }
 
         /// The statements for `database`'s marker table, in its dialect.
-        public init(for database: any SQLDatabase) {
+        package init(for database: any SQLDatabase) {
             let dialect = database.dialect
             self.init(table: database.markerTable, insertIgnore: dialect.insertIgnore, lockingRead: dialect.lockingRead, isNotNullViolation: dialect.isNotNullViolation)
         }
 
         /// The saga's marker, then `COMMIT`: the decision point (one round trip where the
         /// backend can). A marker the claim check refused is ``InstanceClaimLost``.
-        public func commit(insertingMarker id: SagaID, owner: MarkerOwner, on conn: any SQLConnection) -> CommitResult {
+        package func commit(insertingMarker id: SagaID, owner: MarkerOwner, on conn: any SQLConnection) -> CommitResult {
             switch conn.commit(afterRunning: insertCommittedSQL(owner: owner, id: id)) {
             case .failed(let e) where isNotNullViolation(e): .failed(InstanceClaimLost(owner: owner))
             case let outcome: outcome
@@ -71,7 +71,7 @@ extension MarkerTable {
         }
 
         /// The sizes id lists are bound in.
-        public static let listSizes = [1, 4, 16, 64, 256]
+        package static let listSizes = [1, 4, 16, 64, 256]
 
         static func key(_ id: SagaID) -> SQLValue { .integer(Int64(bitPattern: id.rawValue)) }
         static func key(_ instance: InstanceID) -> SQLValue { .integer(Int64(bitPattern: instance.rawValue)) }
@@ -92,12 +92,12 @@ extension MarkerTable {
         }
 
         /// The table of instance claims beside the marker table: `(instance PRIMARY KEY, claim)`.
-        public var instanceTable: String { table + "_instances" }
+        package var instanceTable: String { table + "_instances" }
 
         /// Moves the instance's claim to `claim` if the table holds none yet, or one of
         /// `accepting` (the journal's own), in a transaction of its own on `conn`. Returns nil
         /// when the claim is made, or the claim the table holds for another journal.
-        public func claim(_ instance: InstanceID, accepting: [UInt64], claim: UInt64, on conn: any SQLConnection) throws -> UInt64? {
+        package func claim(_ instance: InstanceID, accepting: [UInt64], claim: UInt64, on conn: any SQLConnection) throws -> UInt64? {
             func key(_ v: UInt64) -> SQLValue { .integer(Int64(bitPattern: v)) }
             try conn.begin()
             do {
@@ -125,14 +125,14 @@ extension MarkerTable {
         /// The saga's marker, inside its transaction. The status comes from a locking read of
         /// the owner's claim: once another journal has claimed the instance it is NULL, the
         /// insert fails (NOT NULL), and the transaction can never commit with a marker.
-        public func insertCommittedSQL(owner: MarkerOwner, id: SagaID) -> String {
+        package func insertCommittedSQL(owner: MarkerOwner, id: SagaID) -> String {
             "INSERT INTO \(table) (instance, saga_id, status) VALUES (\(owner.instance.rawValue), \(id.rawValue), "
                 + "(SELECT 'committed' FROM \(instanceTable) WHERE instance = \(owner.instance.rawValue) AND claim = \(owner.claim)\(lockingRead)))"
         }
 
         /// The saga's marker inside the open transaction, without committing; a refused claim
         /// check is ``InstanceClaimLost``.
-        public func insertCommitted(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
+        package func insertCommitted(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
             do { try insertCommittedUnchecked(id, owner: owner, on: db) } catch where isNotNullViolation(error) {
                 throw InstanceClaimLost(owner: owner)
             }
@@ -148,7 +148,7 @@ extension MarkerTable {
         /// Inside the caller's transaction: throws ``InstanceClaimLost`` unless the instance
         /// still holds the owner's claim (a locking read: a new claim waits for this
         /// transaction, and this one sees any claim committed before it).
-        public func checkClaim(_ owner: MarkerOwner, on db: any SQLExecutor) throws {
+        package func checkClaim(_ owner: MarkerOwner, on db: any SQLExecutor) throws {
             let held = try db.query("SELECT claim FROM \(instanceTable) WHERE instance = ?\(lockingRead)", [Self.key(owner.instance)])
                 .first?[0].int64.map { UInt64(bitPattern: $0) }
             guard held == owner.claim else { throw InstanceClaimLost(owner: owner) }
@@ -158,7 +158,7 @@ extension MarkerTable {
         /// multi-row fencing insert, then one locking read of the rows that hold the ids (a
         /// locking read sees rows committed since the transaction's first read). The decisions
         /// hold once the caller's transaction has committed.
-        public func fence(_ ids: [SagaID], instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID: FenceDecision] {
+        package func fence(_ ids: [SagaID], instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID: FenceDecision] {
             var out: [SagaID: FenceDecision] = [:]
             for chunk in Self.chunks(ids) {
                 let rows = Self.list("(?, ?, 'aborted')", chunk.count)
@@ -175,7 +175,7 @@ extension MarkerTable {
 
         /// The claim check and ``fence(_:instance:on:)`` in one transaction of its own on
         /// `conn`, committed before the decisions are returned.
-        public func fenceInTransaction(_ ids: [SagaID], owner: MarkerOwner, on conn: any SQLConnection) throws -> [SagaID: FenceDecision] {
+        package func fenceInTransaction(_ ids: [SagaID], owner: MarkerOwner, on conn: any SQLConnection) throws -> [SagaID: FenceDecision] {
             try inTransaction(on: conn) {
                 try checkClaim(owner, on: conn)
                 return try fence(ids, instance: owner.instance, on: conn)
@@ -184,7 +184,7 @@ extension MarkerTable {
 
         /// The claim check and the deletes, in chunks of at most 256 bound ids, in one
         /// transaction of its own on `conn`.
-        public func deleteInTransaction(_ ids: [SagaID], owner: MarkerOwner, on conn: any SQLConnection) throws {
+        package func deleteInTransaction(_ ids: [SagaID], owner: MarkerOwner, on conn: any SQLConnection) throws {
             guard !ids.isEmpty else { return }
             try inTransaction(on: conn) {
                 try checkClaim(owner, on: conn)
@@ -209,12 +209,12 @@ extension MarkerTable {
             }
         }
 
-        public func ids(instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID] {
+        package func ids(instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID] {
             try db.query("SELECT saga_id FROM \(table) WHERE instance = ? ORDER BY saga_id", [Self.key(instance)])
                 .compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
         }
 
-        public func maxID(instance: InstanceID, on db: any SQLExecutor) throws -> SagaID? {
+        package func maxID(instance: InstanceID, on db: any SQLExecutor) throws -> SagaID? {
             try db.query("SELECT MAX(saga_id) FROM \(table) WHERE instance = ?", [Self.key(instance)])
                 .first?[0].int64.map { SagaID(UInt64(bitPattern: $0)) }
         }

@@ -114,7 +114,7 @@ extension Error {
 }
 
 /// The decision a fencing insert reached for a saga id.
-public enum FenceDecision: Sendable, Equatable {
+package enum FenceDecision: Sendable, Equatable {
     /// The saga's own marker row is there: its transaction committed.
     case committed
     /// The `aborted` row holds the id: the saga's transaction can never commit.

@@ -44,9 +44,9 @@ public protocol SagaHooks: Sendable {
 }
 
 /// An error injected by a hook, distinguishable from real store errors in reports.
-public struct InjectedFault: Error, CustomStringConvertible, Sendable {
-    public let step: SagaStep
-    public let phase: SagaPhase
-    public var description: String { "injected fault at step '\(step)' (\(phase))" }
-    public init(step: SagaStep, phase: SagaPhase) { self.step = step; self.phase = phase }
+package struct InjectedFault: Error, CustomStringConvertible, Sendable {
+    package let step: SagaStep
+    package let phase: SagaPhase
+    package var description: String { "injected fault at step '\(step)' (\(phase))" }
+    package init(step: SagaStep, phase: SagaPhase) { self.step = step; self.phase = phase }
 }

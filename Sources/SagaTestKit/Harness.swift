@@ -93,7 +93,7 @@ extension HarnessEnvironment {
     }
 
     /// The journal records, decoded, by saga id.
-    public func journal() throws -> [SagaID: JournalRecord] {
+    package func journal() throws -> [SagaID: JournalRecord] {
         var out: [SagaID: JournalRecord] = [:]
         for (key, value) in try kv.journalEntries() {
             guard let id = JournalRecord.saga(fromKey: key) else { continue }

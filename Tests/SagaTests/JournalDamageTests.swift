@@ -1,3 +1,4 @@
+import SagaFaultKit
 import Foundation
 @testable import Saga
 import SagaTestKit

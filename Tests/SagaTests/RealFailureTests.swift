@@ -1,3 +1,4 @@
+import SagaFaultKit
 import CFsyncFaults
 import Foundation
 import RocksDBBackend

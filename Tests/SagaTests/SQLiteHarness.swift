@@ -1,3 +1,4 @@
+import SagaFaultKit
 import Foundation
 import RocksDBBackend
 import CSQLite

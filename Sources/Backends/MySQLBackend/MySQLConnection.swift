@@ -306,13 +306,13 @@ public final class MySQLConnection: SQLConnection {
     // MARK: XA
 
     /// The statements of an XA (two-phase) transaction on this connection.
-    public enum XAStep: String, Sendable {
+    package enum XAStep: String, Sendable {
         case start = "XA START", end = "XA END", prepare = "XA PREPARE", commit = "XA COMMIT", rollback = "XA ROLLBACK"
     }
 
     /// Runs `XA START|END|PREPARE|COMMIT|ROLLBACK 'xid'` (over the text protocol: the server
     /// does not prepare XA statements). The xid is limited to letters, digits, `_` and `-`.
-    public func xa(_ step: XAStep, xid: String) throws {
+    package func xa(_ step: XAStep, xid: String) throws {
         guard !xid.isEmpty, xid.utf8.count <= 64, xid.utf8.allSatisfy({ $0 == 0x5F || $0 == 0x2D || (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) }) else {
             throw MySQLUsageError(description: "invalid XA transaction id \"\(xid)\": use 1-64 letters, digits, '_' or '-'")
         }

@@ -46,7 +46,7 @@ public final class SQLiteConnection: SQLConnection {
     deinit { close() }
 
     /// The raw handle, for what this wrapper does not cover. Valid until ``close()``.
-    public var sqliteHandle: OpaquePointer? { handle }
+    package var sqliteHandle: OpaquePointer? { handle }
 
     public func close() {
         defer { releaseGate() }

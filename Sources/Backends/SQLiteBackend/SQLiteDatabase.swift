@@ -16,7 +16,7 @@ public final class SQLiteDatabase: SQLDatabase {
         public var synchronous: Synchronous = .full
         public var busyTimeout: Duration = .seconds(5)
         public var foreignKeys = true
-        /// The SQLite VFS to open connections with (nil: the default). See ``SQLiteFaults``.
+        /// The SQLite VFS to open connections with (nil: the default). The testing product registers a fault-injecting one (`SQLiteFaults` in `SagaFaultKit`).
         public var vfs: String?
         /// The marker table's name: letters, digits and underscores.
         public var markerTable = "saga_markers"

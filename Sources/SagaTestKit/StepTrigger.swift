@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Saga
 import Synchronization
 
 /// Ready-made hooks: crash the process or fail a step on its n-th occurrence.

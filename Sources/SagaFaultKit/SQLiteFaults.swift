@@ -1,5 +1,6 @@
 import CSagaFaults
 import CSQLite
+import SQLiteBackend
 
 /// Real SQLite I/O failures on demand, through the "saga-fault" VFS that wraps the default
 /// one. Open a database with `configuration.vfs = SQLiteFaults.vfsName` to route it there.
