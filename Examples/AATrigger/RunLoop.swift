@@ -168,6 +168,12 @@ final class QueueRunner {
             // Nothing of it is committed in SQL; the undo's own error says what comes next.
             return try handle(undo, trigger: t, bodyFailures: &bodyFailures)
 
+        case .cancelled:
+            // Nothing was written; the node runs sagas synchronously, outside any task, so
+            // this is not expected: retry like any transient failure.
+            say("trigger mci=\(t.mci): \(error); retrying")
+            return .retry
+
         case .stopped:
             say("trigger mci=\(t.mci): \(error); reopening the stores")
             try reopenNode(trigger: t)

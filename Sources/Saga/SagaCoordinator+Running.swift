@@ -12,7 +12,9 @@ extension SagaCoordinator {
     /// not at all. Returns what `body` returned.
     ///
     /// Blocking: call it from a thread of your own, not from Swift's cooperative pool (from
-    /// async code, use the `async` overload).
+    /// async code, use the async `run(_:)`). Called inside a task, it honours the task's
+    /// cancellation until the KV batch is written (``SagaError/cancelled(saga:)``); outside any
+    /// task `Task.isCancelled` is false, and it is never cancelled.
     public func run<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
         if let outer = Self.running.first(where: { $0.coordinator == ObjectIdentifier(self) }) {
             throw .misuse(.nestedSaga(outer.saga))
@@ -82,6 +84,7 @@ extension SagaCoordinator {
     /// connection) is the saga's: retrying it on every pooled connection would only multiply
     /// the wait.
     private func begin(_ id: SagaID) throws(SagaError) -> any SQLConnection {
+        try throwIfCancelled(id)
         do {
             try hook(.begin, id)
             while true {
@@ -107,6 +110,7 @@ extension SagaCoordinator {
     /// nothing was written.
     private func runBody<T>(_ body: (Saga) throws -> T, of saga: Saga, on conn: any SQLConnection) throws(SagaError) -> T {
         do {
+            try throwIfCancelled(saga.id)
             let value = try body(saga)
             saga.ended = true
             // The body may have caught the statement's error: the saga stays poisoned.
@@ -122,9 +126,10 @@ extension SagaCoordinator {
 
     private func classifyBodyError(_ error: any Error, saga: Saga) -> SagaError {
         if let poison = saga.poison { return poison.error(saga: saga.id) }
+        if error is CancellationError { return .cancelled(saga: saga.id) }
         if let e = error as? SagaError {
             switch e {
-            case .lockTimeout, .deadlock, .misuse, .transactionLost, .transactionEndedByStatement: return e
+            case .lockTimeout, .deadlock, .misuse, .transactionLost, .transactionEndedByStatement, .cancelled: return e
             default: break
             }
         }
@@ -159,6 +164,8 @@ extension SagaCoordinator {
             for w in writes { batch.set(w.key, to: w.image) }
             batch.put(JournalRecord.key(for: id), encoded, in: .journal)
             try hook(.prepare, id)
+            // The last moment cancellation is honoured: after the batch, the saga finishes.
+            try throwIfCancelled(id)
             book.withLock { $0.prepared(id) }
             prepared.record = record
             try kv.write(batch, sync: true)
@@ -261,6 +268,14 @@ extension SagaCoordinator {
             end(id, record != nil ? .inDoubt : .abandoned)
             throw .inDoubt(saga: id, underlying: error)
         }
+    }
+
+    /// Cancellation of the task the saga runs in (`Task.isCancelled`: false outside any task,
+    /// so a saga run from a thread of one's own is never cancelled). Checked before BEGIN,
+    /// before the body and right before the forward KV batch is written, never after it: a
+    /// saga cancelled in time is rolled back with nothing written anywhere.
+    private func throwIfCancelled(_ id: SagaID) throws(SagaError) {
+        if Task.isCancelled { throw .cancelled(saga: id) }
     }
 
     // MARK: Endings

@@ -39,6 +39,10 @@ public final class SagaCoordinator: Sendable {
     private let hold: any InstanceHold
     let gcLock = Lock()
     let recoveryLock = Lock()
+    /// Where the async `run` runs sagas: `configuration.executor`, or `ownPool`.
+    let asyncExecutor: any TaskExecutor
+    /// The coordinator's own threads for async sagas, shut down once closed and idle.
+    let ownPool: SagaThreadPool?
 
     /// Opens a coordinator on the two stores and runs recovery before returning.
     ///
@@ -53,6 +57,8 @@ public final class SagaCoordinator: Sendable {
         self.logger = logger
         self.pool = ConnectionPool(database: sql, limit: configuration.poolSize)
         self.markers = MarkerTable.Statements(for: sql)
+        ownPool = configuration.executor == nil ? SagaThreadPool(threads: configuration.asyncThreads, name: "saga-async") : nil
+        asyncExecutor = configuration.executor ?? ownPool!
         // One journal, one coordinator: a second one on the same store (in this process; RocksDB
         // refuses a second process itself) would decide the first one's sagas.
         guard let claim = StoreClaim(kv) else { throw .misuse(.storeInUse) }
@@ -174,6 +180,7 @@ public final class SagaCoordinator: Sendable {
     func releaseStores() {
         hold.release()
         claim.release()
+        ownPool?.shutdown()
     }
 
     deinit { hold.release() }

@@ -54,6 +54,13 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     case journalCorrupt(saga: SagaID?, key: Bytes, reason: String)
     /// The API was used in a way it does not allow; nothing was written.
     case misuse(Misuse)
+    /// The task running the saga was cancelled before the forward KV batch was written
+    /// (before `BEGIN`, before the body, or between the body and the KV batch), or the body
+    /// threw a `CancellationError`. The SQL transaction was rolled back, the KV store was never
+    /// touched and the saga's locks were released: nothing was written anywhere. `saga` is nil
+    /// when the task was cancelled before the saga got an id. Cancellation after the KV batch
+    /// is ignored: the saga then finishes (commits or compensates) as if not cancelled.
+    case cancelled(saga: SagaID?)
     /// The coordinator stopped after a failure it cannot continue past (an fsync failed).
     /// Reopen the stores; recovery decides every saga that was in flight.
     case stopped(reason: String)
@@ -113,7 +120,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
              .commitFailed(let s, _, _), .inDoubt(let s, _), .foreignWrite(let s, _, _, _, _),
              .compensationFailed(let s, _), .compensationFailedAfterCommit(let s, _, _), .lockTimeout(let s, _, _), .deadlock(let s, _, _):
             s
-        case .sqlFailed(let s, _, _), .journalCorrupt(let s, _, _): s
+        case .sqlFailed(let s, _, _), .journalCorrupt(let s, _, _), .cancelled(let s): s
         case .misuse, .stopped: nil
         }
     }
@@ -123,7 +130,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// threw "insufficient funds" wrote nothing, and will throw it again); see ``isRetryable``.
     public var nothingWritten: Bool {
         switch self {
-        case .bodyFailed, .transactionLost, .sqlFailed, .commitFailed, .lockTimeout, .deadlock, .misuse: true
+        case .bodyFailed, .transactionLost, .sqlFailed, .commitFailed, .lockTimeout, .deadlock, .misuse, .cancelled: true
         default: false
         }
     }
@@ -195,6 +202,8 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             "\(s): deadlock on \(keys.map { "\"\($0.debugText)\"" }.joined(separator: ", ")) (cycle \(cycle.map(String.init(describing:)).joined(separator: " -> "))); rolled back, nothing written"
         case .journalCorrupt(let s, let key, let reason):
             "journal record \"\(key.debugText)\"\(s.map { " of \($0)" } ?? "") cannot be decoded: \(reason); recovery refuses to guess"
+        case .cancelled(let s):
+            "\(s.map(String.init(describing:)) ?? "saga"): cancelled before anything was written; SQL rolled back, KV untouched, nothing written"
         case .misuse(let m):
             "misuse: \(m)"
         case .stopped(let reason):

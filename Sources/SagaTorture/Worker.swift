@@ -274,6 +274,7 @@ extension SagaError {
         case .journalCorrupt: "journalCorrupt"
         case .misuse: "misuse"
         case .stopped: "stopped"
+        case .cancelled: "cancelled"
         }
     }
 }

@@ -32,6 +32,8 @@ struct RetryAdviceTests {
         (.commitFailed(saga: id, underlying: MySQLError(code: 1213, sqlState: "40001", message: "Deadlock found"), restoredKeys: 1), true),
         (.commitFailed(saga: id, underlying: SQLiteError(code: 787, message: "FOREIGN KEY constraint failed"), restoredKeys: 1), false),
         (.bodyFailed(saga: id, underlying: SQLiteError(code: 1, message: "no such table: x")), false),
+        // Cancelled in time: nothing written, and nothing to retry (the caller gave up).
+        (.cancelled(saga: id), false),
         // A saga error thrown inside a body of an outer helper keeps its own advice.
         (.bodyFailed(saga: id, underlying: SagaError.deadlock(saga: id, keys: [], cycle: [])), true),
     ])
