@@ -13,6 +13,7 @@ let package = Package(
         // step hooks that crash or fail the process, SQLite's fault VFS, throwaway servers.
         .library(name: "SagaTesting", targets: ["SagaTestKit", "SagaFaultKit"]),
         .executable(name: "aa-demo", targets: ["AATrigger"]),
+        .executable(name: "getting-started", targets: ["GettingStarted"]),
         .executable(name: "saga-torture", targets: ["SagaTorture"]),
         .executable(name: "saga-bench", targets: ["SagaBench"]),
     ],
@@ -63,6 +64,14 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             path: "Examples/AATrigger"),
+
+        // The README's "Use" code, runnable: `swift run getting-started`. The README and the
+        // DocC article show the part between its `README: begin`/`end` markers, and a test
+        // keeps them identical.
+        .executableTarget(
+            name: "GettingStarted",
+            dependencies: ["Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend"],
+            path: "Examples/GettingStarted"),
 
         // Tries hard to break the guarantee: crash points, random kills, I/O errors, power loss,
         // server kills, replicas. Prints its figures; exits 1 on anything lost or divergent.

@@ -27,6 +27,12 @@ if grep -E "^/.*(warning|error):" "$log" >/dev/null; then
 fi
 grep -q "Build complete" "$log" || { echo "build failed" >&2; tail -30 "$log" >&2; exit 1; }
 
+echo "==> the getting-started example"
+# The README's Use code, run: it checks its own results and exits non-zero if one is wrong. On
+# SQLite, then on the test server's MariaDB (it drops its table there when done).
+env -u SAGA_MYSQL_URL .build/debug/getting-started
+.build/debug/getting-started
+
 echo "==> DocC (warnings are errors)"
 # The Saga module's documentation and its catalog, Sources/Saga/Saga.docc: a broken symbol or
 # article link, or a parameter list that does not match its declaration, fails the run. The

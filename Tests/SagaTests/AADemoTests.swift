@@ -278,7 +278,8 @@ struct AADemoNode {
     }
 }
 
-/// Runs `aa-demo` with a deadline: past it the child is SIGKILLed and the result says so.
+/// Runs `aa-demo` (or another executable of the package, `executable`) with a deadline: past it
+/// the child is SIGKILLed and the result says so.
 enum TimedDemo {
     struct Result {
         let exitCode: Int32
@@ -297,7 +298,7 @@ enum TimedDemo {
         }
     }
 
-    static func run(_ arguments: [String], timeout: Double) throws -> Result {
+    static func run(_ arguments: [String], executable: String = Demo.executable, timeout: Double) throws -> Result {
         let tmp = FileManager.default.temporaryDirectory
         let out = tmp.appendingPathComponent("aa-out-\(UUID().uuidString)").path
         let err = tmp.appendingPathComponent("aa-err-\(UUID().uuidString)").path
@@ -306,7 +307,7 @@ enum TimedDemo {
             try? FileManager.default.removeItem(atPath: err)
         }
         let start = ContinuousClock.now
-        let pid = try spawnProcess(Demo.executable, arguments, stdoutPath: out, stderrPath: err)
+        let pid = try spawnProcess(executable, arguments, stdoutPath: out, stderrPath: err)
         var status: Int32 = 0
         var timedOut = false
         while true {
