@@ -27,6 +27,7 @@ extension SagaCoordinator {
     /// run there before this returns. It must not capture state isolated to an actor (the
     /// compiler refuses that: the body does not run on the actor).
     @concurrent
+    @discardableResult
     public func run<T: Sendable>(_ body: sending (Saga) throws -> T) async throws(SagaError) -> T {
         if Task.isCancelled { throw .cancelled(saga: nil) }
         return try await withTaskExecutorPreference(asyncExecutor) { () async throws(SagaError) -> T in

@@ -14,7 +14,9 @@ public enum SagaStep: String, CaseIterable, Sendable, CustomStringConvertible {
     /// The marker insert and `COMMIT` are about to be sent (one round trip where the backend
     /// can): the decision point.
     case commit
-    /// `COMMIT` succeeded; the `committed` record is not written yet.
+    /// `COMMIT` succeeded (or a fence found the saga committed); its locks are not released yet.
+    /// No journal write follows: the marker row proves the outcome, and garbage collection
+    /// deletes the `prepared` record.
     case committed
     /// The outcome is known to be "failed"; the compensating batch is about to be written.
     case compensate
