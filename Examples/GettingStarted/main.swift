@@ -101,9 +101,11 @@ for row in try reader.query("SELECT name, balance FROM accounts ORDER BY name") 
 reader.close()
 // README: end
 
-// The async API, for async code: the saga runs on a dispatch queue, off Swift's cooperative
-// pool, and its body is `@Sendable`. (Call it from an async function: in top-level code
-// `try await coordinator.run {...}` resolves to the blocking overload.)
+// The async API, for async code: the saga runs on the coordinator's own bounded thread pool,
+// off Swift's cooperative pool, in this task (task-local values reach the body; cancellation
+// is honoured until the KV batch is written). Call it from an async function: in top-level
+// code `try await coordinator.run {...}` resolves to the blocking overload, which the compiler
+// refuses in async code.
 func transferAsync(_ amount: Int, from: String, to: String) async throws(SagaError) -> Int {
     try await coordinator.run { saga in try move(amount, from: from, to: to, in: saga) }
 }
@@ -111,8 +113,11 @@ let left = try await transferAsync(20, from: "bob", to: "alice")
 print("async: moved 20 from bob to alice; bob has \(left) left")
 
 // A statement that ends the transaction is refused before it runs: the saga owns it.
-do {
+func commitInsideASaga() throws(SagaError) {
     try coordinator.run { saga in _ = try saga.sql.execute("COMMIT") }
+}
+do {
+    try commitInsideASaga()
     preconditionFailure("COMMIT inside a saga ran")
 } catch .misuse(let what) {
     print("refused: \(what)")

@@ -137,7 +137,8 @@ public protocol SQLDatabase: AnyObject, Sendable {
     /// holds it now. A hold that the database drops (a server restart) only lets another
     /// coordinator open: the instance claims then stop this one at its next marker write.
     func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)?
-    /// The name of the marker table (checked with `MarkerTable.isValidName`); its instance
+    /// The name of the marker table (letters, digits and underscores, not starting with a digit:
+    /// it is spliced into SQL text, and the core refuses anything else at open); its instance
     /// table is the same name with `_instances` appended.
     var markerTable: String { get }
     /// What differs in the SQL the core runs on the marker tables.

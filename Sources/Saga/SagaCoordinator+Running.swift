@@ -15,6 +15,7 @@ extension SagaCoordinator {
     /// async code, use the async `run(_:)`). Called inside a task, it honours the task's
     /// cancellation until the KV batch is written (``SagaError/cancelled(saga:)``); outside any
     /// task `Task.isCancelled` is false, and it is never cancelled.
+    @available(*, noasync, message: "it blocks the thread: from async code, call the async run(_:) (in top-level code, from an async function)")
     @discardableResult
     public func run<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
         if let outer = Self.running.first(where: { $0.coordinator == ObjectIdentifier(self) }) {

@@ -51,6 +51,11 @@ public final class SagaCoordinator: Sendable {
     /// (database unreachable, foreign write) stay prepared and locked: see ``inDoubt``.
     public init(kv: any KVStore, sql: any SQLDatabase, configuration: Configuration = .init(), logger: Logger = Logger(label: "saga")) throws(SagaError) {
         if let problem = configuration.problem { throw .misuse(.invalidConfiguration(problem)) }
+        // The name is spliced into SQL text: a backend of someone else's must not pass anything
+        // but a plain identifier.
+        guard MarkerTable.isValidName(sql.markerTable) else {
+            throw .misuse(.invalidConfiguration("invalid marker table name \"\(sql.markerTable)\": use letters, digits and underscores, not starting with a digit"))
+        }
         self.kv = kv
         self.sql = sql
         self.configuration = configuration

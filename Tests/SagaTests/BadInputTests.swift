@@ -369,3 +369,26 @@ final class ReportingConnection: SQLConnection {
         onClose = nil
     }
 }
+
+/// A database of someone else's whose marker table name is not a plain identifier: the core
+/// splices the name into SQL text, so it refuses the name before any statement runs.
+@Suite("Bad input: a backend's marker table name")
+struct MarkerTableNameTests {
+    final class Renamed: SQLDatabase {
+        let base: any SQLDatabase
+        let markerTable: String
+        init(_ base: any SQLDatabase, markerTable: String) { self.base = base; self.markerTable = markerTable }
+        func connect() throws -> any SQLConnection { try base.connect() }
+        var dialect: SQLDialect { base.dialect }
+    }
+
+    @Test(arguments: ["saga_markers; DROP TABLE saga_test", "", "1markers", "märker"])
+    func aNameThatIsNotAPlainIdentifierIsRefused(_ name: String) throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        let error = try expectSagaError { try SagaCoordinator(kv: env.kv, sql: Renamed(env.sql, markerTable: name)) }
+        guard case .misuse(.invalidConfiguration(let why)) = error else { Issue.record("got \(error)"); return }
+        #expect(why.contains("marker table name"), "\(why)")
+        #expect(try env.sqlQuery("SELECT COUNT(*) FROM saga_test").first?[0].int64 == 0, "the test table is still there")
+    }
+}
