@@ -10,7 +10,7 @@ case "$kind" in
 thread) scratch=.build-tsan; name=ThreadSanitizer; report="WARNING: ThreadSanitizer" ;;
 address) scratch=.build-asan; name=AddressSanitizer; report="ERROR: AddressSanitizer"
     # The test helpers that start servers and child processes use Foundation's Process and
-    # Pipe, which LeakSanitizer reports (FACTS.md): leak detection is off for the suite; the
+    # Pipe, which LeakSanitizer reports (measured on this setup): leak detection is off for the suite; the
     # library's memory errors are reported like everything else.
     export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 ;;
 *) echo "usage: sanitize.sh thread|address" >&2; exit 2 ;;

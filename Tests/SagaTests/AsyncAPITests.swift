@@ -124,6 +124,7 @@ struct AsyncAPITests {
         }
         let threads = bodyThreads.withLock { $0 }
         let names = bodyThreadNames.withLock { $0 }
+        print("200 tasks, asyncThreads 4: process threads \(baseline) before, at most \(maxTotal) during (pool threads at most \(maxPool)), \(after) after close; bodies ran on \(threads.count) thread(s): \(names.sorted().joined(separator: ", "))")
         #expect(threads.count <= 4, "bodies ran on \(threads.count) threads")
         // Never on the cooperative pool: every body ran on a thread of the coordinator's pool.
         #expect(names.allSatisfy { $0.hasPrefix("saga-async-") }, "body threads: \(names.sorted())")

@@ -7,7 +7,7 @@ import SagaTestKit
 import SQLiteBackend
 import Testing
 
-/// Instance ids (PROTOCOL.md, "Many coordinators, one SQL database"): the migration of marker
+/// Instance ids (the Protocol article, "Many coordinators, one SQL database"): the migration of marker
 /// tables written before them, and one coordinator per KV store.
 @Suite("Many coordinators: instances and migration", .serialized)
 struct ManyCoordinatorsTests {

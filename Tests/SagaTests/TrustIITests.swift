@@ -8,7 +8,7 @@ import SQLiteBackend
 import Testing
 
 /// Regression tests, one per finding of the second trust review. Each asserts the behaviour
-/// PROTOCOL.md asks for; on d6da515 each fails (see the doc comment of each test for how).
+/// the Protocol article (Sources/Saga/Saga.docc/Protocol.md) asks for; on d6da515 each fails (see the doc comment of each test for how).
 ///
 /// Only public API and the test harness are used. Every raw SQL statement against the marker
 /// table is in ``markerSQL(_:on:)`` at the bottom of this file.
@@ -184,7 +184,7 @@ struct TrustIITests {
 
     // MARK: 3. A server started with --autocommit=0
 
-    /// FACTS.md: with `--autocommit=0` every fresh connection is non-autocommit, so an
+    /// Measured: with `--autocommit=0` every fresh connection is non-autocommit, so an
     /// autocommit-style fencing insert is rolled back when its connection closes: a late COMMIT
     /// then commits. No GC involved.
     @Test func item3_lateCommitOnAServerWithAutocommitOff() throws {
