@@ -193,17 +193,19 @@ extension UUID: KVEncodable, KVDecodable {
     }
 }
 
-/// Seconds since 1970-01-01 00:00:00 UTC, as a `Double`'s encoding (eight bytes, big-endian
-/// IEEE-754).
+/// Seconds since 2001-01-01 00:00:00 UTC (Foundation's reference date, what a `Date` holds),
+/// as a `Double`'s encoding (eight bytes, big-endian IEEE-754): every `Date` reads back equal
+/// to the one written. (Seconds since 1970 would not: converting adds and subtracts
+/// 978,307,200 in `Double` arithmetic, which rounds.)
 extension Date: KVEncodable, KVDecodable {
-    /// `timeIntervalSince1970` in `Double`'s encoding.
-    public func kvEncoded() -> Bytes { timeIntervalSince1970.kvEncoded() }
-    /// Decodes `Double`'s encoding of seconds since 1970.
+    /// `timeIntervalSinceReferenceDate` in `Double`'s encoding.
+    public func kvEncoded() -> Bytes { timeIntervalSinceReferenceDate.kvEncoded() }
+    /// Decodes `Double`'s encoding of seconds since 2001.
     public init(kvEncoded bytes: Bytes) throws {
         guard bytes.count == 8 else {
             throw KVDecodingError(type: Date.self, byteCount: bytes.count, reason: "expected 8")
         }
-        self.init(timeIntervalSince1970: try Double(kvEncoded: bytes))
+        self.init(timeIntervalSinceReferenceDate: try Double(kvEncoded: bytes))
     }
 }
 
@@ -212,14 +214,14 @@ extension Date: KVEncodable, KVDecodable {
 extension KVEncodable where Self: Encodable {
     /// The default encoding of an `Encodable` type: JSON, written by Foundation's
     /// `JSONEncoder` with `outputFormatting = .sortedKeys` (keys in sorted order, no
-    /// whitespace), `dateEncodingStrategy = .secondsSince1970` (a `Date` is a number of
-    /// seconds since 1970) and `dataEncodingStrategy = .base64` (a `Data` is a base64
+    /// whitespace), `dateEncodingStrategy = .deferredToDate` (a `Date` is its number of
+    /// seconds since 2001-01-01 UTC, so it reads back equal) and `dataEncodingStrategy = .base64` (a `Data` is a base64
     /// string). This is the stored format of such values and stays readable by later
     /// versions.
     public func kvEncoded() throws -> Bytes {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
-        encoder.dateEncodingStrategy = .secondsSince1970
+        encoder.dateEncodingStrategy = .deferredToDate
         encoder.dataEncodingStrategy = .base64
         return Bytes(try encoder.encode(self))
     }
@@ -227,12 +229,12 @@ extension KVEncodable where Self: Encodable {
 
 extension KVDecodable where Self: Decodable {
     /// The default decoding of a `Decodable` type: JSON, read by Foundation's `JSONDecoder`
-    /// with dates as seconds since 1970 and data as base64 (the format `kvEncoded()` writes).
+    /// with dates as seconds since 2001 and data as base64 (the format `kvEncoded()` writes).
     /// Throws ``KVDecodingError`` (naming what the JSON decoder found wrong) on bytes that do
     /// not decode.
     public init(kvEncoded bytes: Bytes) throws {
         let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .secondsSince1970
+        decoder.dateDecodingStrategy = .deferredToDate
         decoder.dataDecodingStrategy = .base64
         do {
             self = try decoder.decode(Self.self, from: Data(bytes))

@@ -92,11 +92,10 @@ public protocol DurabilityError: Error {
     var requiresReopen: Bool { get }
 }
 
+// Defaults only where forgetting one costs time, never safety: a wrapper that forwards what
+// the compiler asks for must not silently lose the session a late COMMIT runs in, or the check
+// that a statement left the transaction open.
 extension SQLConnection {
-    public func markTransaction() throws {}
-    public func transactionSurvived() -> Bool { isInTransaction }
-    public var session: SQLSession? { nil }
-    public func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> { [] }
     public func isUsableAfterIdling() -> Bool { !isBroken && !isInTransaction }
 
     public func commit(afterRunning statement: String) -> CommitResult {
@@ -129,8 +128,8 @@ public protocol SQLDatabase: AnyObject, Sendable {
     /// Closes `failed`, whose COMMIT outcome is unknown, and opens a fresh connection in its
     /// place for the fencing insert. A backend whose writers queue in the process (SQLite)
     /// hands `failed`'s place in the queue to the new connection: the saga still holds its
-    /// keys, and a writer queued behind it may be waiting for one of them. The default closes
-    /// and connects.
+    /// keys, and a writer queued behind it may be waiting for one of them. A database with no
+    /// such queue closes `failed` and connects. (No default: a wrapper must forward it.)
     func connect(replacing failed: any SQLConnection) throws -> any SQLConnection
     /// Holds `instance` while the returned hold lives, so that no other coordinator (another
     /// process, on a copy of the same KV store) can open with it meanwhile; nil if another one
@@ -172,19 +171,12 @@ public protocol InstanceHold: AnyObject, Sendable {
     func release()
 }
 
-/// The hold of a database that has no way to hold an instance: nothing is held.
-final class NoInstanceHold: InstanceHold {
-    func release() {}
-}
-
-extension SQLDatabase {
-    /// The default holds nothing: only the instance claims keep journals apart.
-    public func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? { NoInstanceHold() }
-
-    public func connect(replacing failed: any SQLConnection) throws -> any SQLConnection {
-        failed.close()
-        return try connect()
-    }
+/// The hold of a database that has no way to hold an instance: nothing is held, and only the
+/// instance claims keep journals apart. A backend returns it from
+/// ``SQLDatabase/holdInstance(_:)`` when it has nothing better, on purpose.
+public final class NoInstanceHold: InstanceHold {
+    public init() {}
+    public func release() {}
 }
 
 extension TransactionState {
@@ -325,10 +317,11 @@ public protocol SQLConnection: SQLExecutor {
     /// Before a body statement that might end the transaction (anything but plain DML): marks
     /// the open transaction, so that ``transactionSurvived()`` can tell afterwards whether the
     /// same transaction is still open. (On MySQL a `CALL` or a `BEGIN` can commit it and open
-    /// another: being in *a* transaction proves nothing.) The default does nothing.
+    /// another: being in *a* transaction proves nothing.) A database where no statement can do
+    /// that (SQLite) does nothing.
     func markTransaction() throws
-    /// After such a statement: whether the transaction marked before it is still the open one.
-    /// The default answers ``isInTransaction``.
+    /// After such a statement: whether the transaction marked before it is still the open one
+    /// (SQLite: ``isInTransaction``).
     func transactionSurvived() -> Bool
     /// Runs `statement` (text with no parameters, written by the core: the saga's marker
     /// insert), then commits: the saga's decision point. A backend may send both in one round
@@ -338,13 +331,13 @@ public protocol SQLConnection: SQLExecutor {
     func commit(afterRunning statement: String) -> CommitResult
     /// The server session this connection's transactions run in, when the database can name
     /// one (see ``SQLSession``). Read at ``begin()``, kept in the saga's `prepared` record.
-    /// The default is nil.
+    /// nil for a database whose connections live only in this process (SQLite).
     var session: SQLSession? { get }
     /// Ends the named sessions if they still exist and waits until the server has let them go
     /// (their transactions rolled back), so that no COMMIT sent on one of them can still land.
     /// Sessions of an earlier run of the server are gone already. Returns the sessions still
-    /// there when the wait ran out: nothing of their sagas may be decided. The default ends
-    /// nothing and returns none (a database whose connections live only in this process).
+    /// there when the wait ran out: nothing of their sagas may be decided. A database whose
+    /// connections live only in this process (SQLite) ends nothing and returns none.
     func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession>
     /// Before an idle pooled connection is lent again: whether it is still alive, with no
     /// transaction open (MySQL asks the server: it may have closed the connection after

@@ -303,7 +303,10 @@ extension Array: SQLValueConvertible where Element == UInt8 {
 /// years 0001 to 9999 (which that text cannot hold) is a `.real` of seconds since 1970.
 extension Date: SQLValueConvertible {
     /// `.text("yyyy-MM-dd HH:mm:ss.SSS")`, in UTC, rounded to the millisecond; a `.real` of
-    /// seconds since 1970 outside the years 0001 to 9999.
+    /// seconds since 1970 outside the years 0001 to 9999. Millisecond precision: a date reads
+    /// back within half a millisecond of the one written, not bit for bit. The text is UTC; a
+    /// MariaDB `TIMESTAMP` column converts it from the session's time zone, a `DATETIME(3)`
+    /// column keeps it as it is.
     public var sqlValue: SQLValue { SQLDateText.format(self).map { .text($0) } ?? .real(timeIntervalSince1970) }
     /// Decodes `yyyy-MM-dd HH:mm:ss[.fraction]` text (UTC), or seconds since 1970.
     public init(sqlValue: SQLValue) throws {

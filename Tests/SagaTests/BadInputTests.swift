@@ -325,6 +325,12 @@ final class OpenConnectionCounter: SQLDatabase, @unchecked Sendable {
     init(_ base: SQLiteDatabase) { self.base = base }
     var markerTable: String { base.markerTable }
     var dialect: SQLDialect { base.dialect }
+    func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? { try base.holdInstance(instance) }
+    /// Counted like every other connection (closes the failed one, opens a fresh one).
+    func connect(replacing failed: any SQLConnection) throws -> any SQLConnection {
+        failed.close()
+        return try connect()
+    }
     var open: Int { lock.withLock { openCount } }
     var opened: Int { lock.withLock { openedCount } }
     /// Sessions that `endSessions` reports still there (as a server would for a session that
@@ -360,6 +366,8 @@ final class ReportingConnection: SQLConnection {
     var isBroken: Bool { base.isBroken }
     func transactionState(after error: any Error) -> TransactionState { base.transactionState(after: error) }
     func commit(afterRunning statement: String) -> CommitResult { base.commit(afterRunning: statement) }
+    func markTransaction() throws { try base.markTransaction() }
+    func transactionSurvived() -> Bool { base.transactionSurvived() }
     var session: SQLSession? { base.session }
     func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> { try base.endSessions(sessions).union(stuck().intersection(sessions)) }
     func isUsableAfterIdling() -> Bool { base.isUsableAfterIdling() }
@@ -379,6 +387,8 @@ struct MarkerTableNameTests {
         let markerTable: String
         init(_ base: any SQLDatabase, markerTable: String) { self.base = base; self.markerTable = markerTable }
         func connect() throws -> any SQLConnection { try base.connect() }
+        func connect(replacing failed: any SQLConnection) throws -> any SQLConnection { try base.connect(replacing: failed) }
+        func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? { try base.holdInstance(instance) }
         var dialect: SQLDialect { base.dialect }
     }
 

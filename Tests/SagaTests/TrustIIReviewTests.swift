@@ -449,6 +449,8 @@ final class WithoutHolds: SQLDatabase {
     let base: any SQLDatabase
     init(_ base: any SQLDatabase) { self.base = base }
     func connect() throws -> any SQLConnection { try base.connect() }
+    func connect(replacing failed: any SQLConnection) throws -> any SQLConnection { try base.connect(replacing: failed) }
+    func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? { NoInstanceHold() }
     var markerTable: String { base.markerTable }
     var dialect: SQLDialect { base.dialect }
 }

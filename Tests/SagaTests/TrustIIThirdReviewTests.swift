@@ -11,6 +11,8 @@ import Testing
 private final class Unreachable: SQLDatabase, @unchecked Sendable {
     struct Down: Error {}
     func connect() throws -> any SQLConnection { throw Down() }
+    func connect(replacing failed: any SQLConnection) throws -> any SQLConnection { throw Down() }
+    func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? { NoInstanceHold() }
     var markerTable: String { "saga_markers" }
     var dialect: SQLDialect { SQLDialect(insertIgnore: "INSERT OR IGNORE", lockingRead: "") { _ in false } }
 }

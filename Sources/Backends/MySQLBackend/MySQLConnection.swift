@@ -282,7 +282,11 @@ public final class MySQLConnection: SQLConnection {
                 let buffer = buffers[i]
                 switch kinds[i] {
                 case .signed: values.append(.integer(buffer.loadUnaligned(as: Int64.self)))
-                case .unsigned: values.append(.integer(Int64(bitPattern: buffer.loadUnaligned(as: UInt64.self))))
+                case .unsigned:
+                    // Past Int64.max an unsigned value has no `.integer`: its decimal text,
+                    // which integer decoding refuses as out of range instead of misreading.
+                    let u = buffer.loadUnaligned(as: UInt64.self)
+                    values.append(u <= UInt64(Int64.max) ? .integer(Int64(u)) : .text(String(u)))
                 case .double: values.append(.real(buffer.loadUnaligned(as: Double.self)))
                 case .bytes(let binary):
                     let bytes = Bytes(UnsafeRawBufferPointer(start: buffer, count: Int(lengths[i])))

@@ -78,6 +78,13 @@ public final class MySQLDatabase: SQLDatabase {
     /// killed process whose connection the server has not dropped yet); nil if another session
     /// still holds it then. If the server drops the connection, the lock goes with it (see
     /// ``SQLDatabase/holdInstance(_:)``).
+    /// The server rolls back what a lost connection had open; no writer queue in the process to
+    /// hand a place in: closes `failed` and connects.
+    public func connect(replacing failed: any SQLConnection) throws -> any SQLConnection {
+        failed.close()
+        return try connect()
+    }
+
     public func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)? {
         let conn = try openConnection()
         do {

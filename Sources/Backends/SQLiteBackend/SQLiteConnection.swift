@@ -222,6 +222,15 @@ public final class SQLiteConnection: SQLConnection {
         }
     }
 
+    /// No statement can commit SQLite's transaction and open another behind the saga's back:
+    /// being in a transaction after a statement is being in the same one.
+    public func markTransaction() throws {}
+    public func transactionSurvived() -> Bool { isInTransaction }
+    /// Connections live only in this process: no server session to name or end (closing the
+    /// connection ends whatever it had open).
+    public var session: SQLSession? { nil }
+    public func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> { [] }
+
     /// SQLite ends a transaction after an error only by rolling it back, unless the failed
     /// statement was itself the one that commits.
     public func transactionState(after error: any Error) -> TransactionState {
