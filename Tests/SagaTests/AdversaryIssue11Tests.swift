@@ -22,15 +22,6 @@ private final class ForwardingWhatTheCompilerAsks: SQLDatabase, @unchecked Senda
     var dialect: SQLDialect { base.dialect }
 }
 
-/// The journal of `kv` copied into a fresh RocksDB store (a copy of a node's KV store).
-private func journalCopy(of kv: any KVStore, into dir: String) throws -> RocksDBStore {
-    let copy = try RocksDBStore(path: dir + "/kv")
-    var b = KVWriteBatch()
-    for (k, v) in try kv.journalEntries() { b.put(k, v, in: .journal) }
-    try copy.write(b, sync: true)
-    return copy
-}
-
 /// Cancels the task the saga runs in once the forward KV batch is durable (`.prepared`).
 private final class CancelAfterKVBatch: SagaHooks, @unchecked Sendable {
     let armed = Locked(true)

@@ -64,7 +64,8 @@ struct TrustIIThirdReviewTests {
     }
 }
 
-private func journalCopy(of kv: any KVStore, into dir: String) throws -> RocksDBStore {
+/// The journal of `kv` copied into a fresh RocksDB store (a copy of a node's KV store).
+func journalCopy(of kv: any KVStore, into dir: String) throws -> RocksDBStore {
     let copy = try RocksDBStore(path: dir + "/kv")
     var b = KVWriteBatch()
     for (k, v) in try kv.journalEntries() { b.put(k, v, in: .journal) }
