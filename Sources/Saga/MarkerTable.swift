@@ -64,9 +64,10 @@ extension MarkerTable {
         /// The saga's marker, then `COMMIT`: the decision point (one round trip where the
         /// backend can). A marker the claim check refused is ``InstanceClaimLost``.
         package func commit(insertingMarker id: SagaID, owner: MarkerOwner, on conn: any SQLConnection) -> CommitResult {
-            switch conn.commit(afterRunning: insertCommittedSQL(owner: owner, id: id)) {
-            case .failed(let e) where isNotNullViolation(e): .failed(InstanceClaimLost(owner: owner))
-            case let outcome: outcome
+            let (sql, arguments) = insertCommittedStatement(id, owner: owner)
+            switch conn.commit(afterRunning: sql, arguments) {
+            case .failed(let e) where isNotNullViolation(e): return .failed(InstanceClaimLost(owner: owner))
+            case let outcome: return outcome
             }
         }
 
@@ -122,14 +123,6 @@ extension MarkerTable {
             }
         }
 
-        /// The saga's marker, inside its transaction. The status comes from a locking read of
-        /// the owner's claim: once another journal has claimed the instance it is NULL, the
-        /// insert fails (NOT NULL), and the transaction can never commit with a marker.
-        package func insertCommittedSQL(owner: MarkerOwner, id: SagaID) -> String {
-            "INSERT INTO \(table) (instance, saga_id, status) VALUES (\(owner.instance.rawValue), \(id.rawValue), "
-                + "(SELECT 'committed' FROM \(instanceTable) WHERE instance = \(owner.instance.rawValue) AND claim = \(owner.claim)\(lockingRead)))"
-        }
-
         /// The saga's marker inside the open transaction, without committing; a refused claim
         /// check is ``InstanceClaimLost``.
         package func insertCommitted(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
@@ -139,8 +132,15 @@ extension MarkerTable {
         }
 
         func insertCommittedUnchecked(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
-            try db.execute("INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, (SELECT 'committed' FROM \(instanceTable) WHERE instance = ? AND claim = ?\(lockingRead)))",
-                           [Self.key(owner.instance), Self.key(id), Self.key(owner.instance), Self.claimKey(owner.claim)])
+            let (sql, arguments) = insertCommittedStatement(id, owner: owner)
+            try db.execute(sql, arguments)
+        }
+
+        /// The saga's marker insert: one text for every saga (prepared once per connection),
+        /// the instance, id and claim bound as integers.
+        func insertCommittedStatement(_ id: SagaID, owner: MarkerOwner) -> (String, [SQLValue]) {
+            ("INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, (SELECT 'committed' FROM \(instanceTable) WHERE instance = ? AND claim = ?\(lockingRead)))",
+             [Self.key(owner.instance), Self.key(id), Self.key(owner.instance), Self.claimKey(owner.claim)])
         }
 
         static func claimKey(_ claim: UInt64) -> SQLValue { .integer(Int64(bitPattern: claim)) }

@@ -98,8 +98,8 @@ public protocol DurabilityError: Error {
 extension SQLConnection {
     public func isUsableAfterIdling() -> Bool { !isBroken && !isInTransaction }
 
-    public func commit(afterRunning statement: String) -> CommitResult {
-        do { try execute(statement, []) } catch {
+    public func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult {
+        do { try execute(statement, arguments) } catch {
             if isInTransaction { try? rollback() }
             return .failed(error)
         }
@@ -323,12 +323,13 @@ public protocol SQLConnection: SQLExecutor {
     /// After such a statement: whether the transaction marked before it is still the open one
     /// (SQLite: ``isInTransaction``).
     func transactionSurvived() -> Bool
-    /// Runs `statement` (text with no parameters, written by the core: the saga's marker
-    /// insert), then commits: the saga's decision point. A backend may send both in one round
-    /// trip, if its database runs `COMMIT` only when the statement succeeded; the default
-    /// runs one, then the other. A failed statement means COMMIT was never sent: `.failed`,
-    /// with the transaction rolled back.
-    func commit(afterRunning statement: String) -> CommitResult
+    /// Runs `statement` with `arguments` (written by the core: the saga's marker insert, its
+    /// arguments integers only), then commits: the saga's decision point. The default runs
+    /// one, then the other, the statement prepared once per connection like any other. A
+    /// backend may send both in one round trip, if its database runs `COMMIT` only when the
+    /// statement succeeded. A failed statement means COMMIT was never sent: `.failed`, with
+    /// the transaction rolled back.
+    func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult
     /// The server session this connection's transactions run in, when the database can name
     /// one (see ``SQLSession``). Read at ``begin()``, kept in the saga's `prepared` record.
     /// nil for a database whose connections live only in this process (SQLite).

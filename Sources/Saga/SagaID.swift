@@ -28,7 +28,7 @@ public typealias Bytes = [UInt8]
 
 extension Array where Element == UInt8 {
     /// A readable rendering for error messages: printable ASCII as is, other bytes as `\xNN`.
-    public var debugText: String {
+    package var debugText: String {
         var out = ""
         for b in self {
             switch b {

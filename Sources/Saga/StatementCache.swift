@@ -18,6 +18,8 @@ package final class StatementCache<Statement> {
     deinit { removeAll() }
 
     package var count: Int { entries.count }
+    /// Statements prepared since the cache was made (hits are not counted).
+    package private(set) var prepared = 0
 
     /// The cached statement for `sql`, or a new one from `prepare`, cached.
     package func statement(for sql: String, prepare: () throws -> Statement) rethrows -> Statement {
@@ -27,6 +29,7 @@ package final class StatementCache<Statement> {
             return entry.statement
         }
         let statement = try prepare()
+        prepared += 1
         if entries.count >= capacity, let oldest = entries.min(by: { $0.value.lastUse < $1.value.lastUse }) {
             entries[oldest.key] = nil
             finalize(oldest.value.statement)

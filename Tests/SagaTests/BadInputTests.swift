@@ -365,7 +365,7 @@ final class ReportingConnection: SQLConnection {
     var isInTransaction: Bool { base.isInTransaction }
     var isBroken: Bool { base.isBroken }
     func transactionState(after error: any Error) -> TransactionState { base.transactionState(after: error) }
-    func commit(afterRunning statement: String) -> CommitResult { base.commit(afterRunning: statement) }
+    func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult { base.commit(afterRunning: statement, arguments) }
     func markTransaction() throws { try base.markTransaction() }
     func transactionSurvived() -> Bool { base.transactionSurvived() }
     var session: SQLSession? { base.session }

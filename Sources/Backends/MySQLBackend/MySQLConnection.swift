@@ -419,13 +419,20 @@ public final class MySQLConnection: SQLConnection {
         }
     }
 
-    /// The marker insert and `COMMIT` in one round trip (a multi-statement text query; the
-    /// core writes the insert with literal integers only). The server runs `COMMIT` only if
-    /// the insert succeeded; a failed insert (a fencing row holds the id, or the instance's
-    /// claim moved) leaves the transaction open, and it is rolled back: failed. A lost
-    /// connection: unknown.
-    public func commit(afterRunning statement: String) -> CommitResult {
-        let sql = statement + "; COMMIT"
+    /// The marker insert and `COMMIT` in one round trip: a multi-statement text query, with
+    /// the insert's integer arguments written into its text (a text query binds nothing; any
+    /// other argument, and it is two round trips). The server runs `COMMIT` only if the insert
+    /// succeeded; a failed insert (a fencing row holds the id, or the instance's claim moved)
+    /// leaves the transaction open, and it is rolled back: failed. A lost connection: unknown.
+    public func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult {
+        guard let inlined = Self.inliningIntegers(statement, arguments) else {
+            do { try execute(statement, arguments) } catch {
+                if isInTransaction { try? rollback() }
+                return .failed(error)
+            }
+            return commit()
+        }
+        let sql = inlined + "; COMMIT"
         guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
         if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
             // The insert failed, so COMMIT never ran.
@@ -451,6 +458,21 @@ public final class MySQLConnection: SQLConnection {
         default:
             return .unknown(MySQLUsageError(description: "no reply to COMMIT after the marker insert"))
         }
+    }
+
+    /// `statement` with each `?` replaced by its argument's decimal text, when every argument is
+    /// an integer and the text holds no quote (so no `?` sits inside a string literal); nil
+    /// otherwise.
+    static func inliningIntegers(_ statement: String, _ arguments: [SQLValue]) -> String? {
+        guard !statement.contains("'") || statement.split(separator: "'", omittingEmptySubsequences: false).enumerated().allSatisfy({ $0.offset % 2 == 0 || !$0.element.contains("?") }) else { return nil }
+        var values = arguments.makeIterator()
+        var out = ""
+        for ch in statement {
+            guard ch == "?" else { out.append(ch); continue }
+            guard case .integer(let v)? = values.next() else { return nil }
+            out += String(v)
+        }
+        return values.next() == nil ? out : nil
     }
 
     /// Asks the server whether this connection has a transaction open: a statement that needs

@@ -46,6 +46,8 @@ public final class SQLiteConnection: SQLConnection {
     deinit { close() }
 
     /// The raw handle, for what this wrapper does not cover. Valid until ``close()``.
+    /// Statements this connection has prepared (cache misses).
+    package var statementsPrepared: Int { statements.prepared }
     package var sqliteHandle: OpaquePointer? { handle }
 
     public func close() {
