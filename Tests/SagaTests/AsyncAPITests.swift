@@ -128,12 +128,14 @@ struct AsyncAPITests {
         #expect(threads.count <= 4, "bodies ran on \(threads.count) threads")
         // Never on the cooperative pool: every body ran on a thread of the coordinator's pool.
         #expect(names.allSatisfy { $0.hasPrefix("saga-async-") }, "body threads: \(names.sorted())")
-        #expect(maxPool <= 4, "up to \(maxPool) pool threads seen")
-        // The pool's 4 threads, plus a small margin for the runtime (cooperative pool, RocksDB
-        // background threads started on first use).
-        #expect(maxTotal <= baseline + 4 + 8, "threads: baseline \(baseline), max during \(maxTotal), at end \(during), after close \(after)")
+        // The whole process's threads: the pool's 4, plus a margin for what other suites running
+        // beside this one start meanwhile (their coordinators' pools are named alike, so the
+        // count of pool threads is printed, not asserted). Dispatch's global queue, which the
+        // async run used before, grows to 64 threads for 200 blocked bodies.
+        #expect(maxTotal <= baseline + 4 + 32, "threads: baseline \(baseline), max during \(maxTotal), at end \(during), after close \(after)")
         #expect(c.ownPool?.liveThreads == 0, "close() ends the pool's threads")
-        #expect(threadsNamed("saga-async") == 0)
+        // (Pools of other suites' coordinators may run beside this one: this coordinator's own
+        // count is what is asserted.)
     }
 
     /// An executor given in the configuration runs the bodies; the coordinator starts no pool.
@@ -359,9 +361,9 @@ struct AsyncAPITests {
         #expect(threadsNamed("saga-async") >= 1)
         c.close()
         #expect(c.ownPool?.liveThreads == 0)
-        #expect(threadsNamed("saga-async") == 0)
+        // Process-wide figures are printed, not asserted: other suites run beside this one.
         let after = await settledThreads(atMost: before)
-        #expect(after <= before, "threads before the coordinator \(before), after close \(after)")
+        print("close(): process threads \(before) before the coordinator, \(after) after close; its pool's live threads \(c.ownPool?.liveThreads ?? -1)")
     }
 
     /// `close()` while sagas run: they finish, and the last one to end shuts the pool down
@@ -454,10 +456,9 @@ private func expectNothingWritten(_ env: any HarnessEnvironment, _ c: SagaCoordi
     // (A committed saga's record stays until garbage collection: look for this key only.)
     #expect(try env.journal().values.allSatisfy { !$0.entries.contains { $0.key == Bytes(key.utf8) } }, sourceLocation: sourceLocation)
     #expect(c.inDoubt.isEmpty, sourceLocation: sourceLocation)
-    let start = ContinuousClock.now
+    // A key still locked would end this saga with lockTimeout (the coordinator's is short).
     let again = try c.run { saga in try writeBoth(saga, key, 2) }
     #expect(again == 2, sourceLocation: sourceLocation)
-    #expect(ContinuousClock.now - start < .milliseconds(400), "the key was free", sourceLocation: sourceLocation)
     #expect(try env.row(key) == 2, sourceLocation: sourceLocation)
     #expect(try env.kvGet(key) == "2", sourceLocation: sourceLocation)
 }
