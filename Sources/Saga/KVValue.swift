@@ -111,18 +111,22 @@ extension Int64: KVEncodable, KVDecodable {
     }
 }
 
+/// An integer type narrower than (or as wide as) `Int64`, stored as the `Int64` of its value:
+/// eight big-endian bytes, and a value out of the type's range throws.
+private func narrowedFromInt64<T: FixedWidthInteger>(_ bytes: Bytes) throws -> T {
+    let value = Int64(bitPattern: try bigEndianBits(bytes, as: T.self))
+    guard let narrowed = T(exactly: value) else {
+        throw KVDecodingError(type: T.self, byteCount: bytes.count, reason: "\(value) is out of range")
+    }
+    return narrowed
+}
+
 /// Eight bytes, big-endian two's complement (the same bytes as the `Int64` of the same value).
 extension Int: KVEncodable, KVDecodable {
     /// Eight bytes, big-endian two's complement.
     public func kvEncoded() -> Bytes { Int64(self).kvEncoded() }
     /// Decodes exactly eight big-endian bytes; throws if the value does not fit in `Int`.
-    public init(kvEncoded bytes: Bytes) throws {
-        let value = Int64(bitPattern: try bigEndianBits(bytes, as: Int.self))
-        guard let int = Int(exactly: value) else {
-            throw KVDecodingError(type: Int.self, byteCount: bytes.count, reason: "\(value) is out of range")
-        }
-        self = int
-    }
+    public init(kvEncoded bytes: Bytes) throws { self = try narrowedFromInt64(bytes) }
 }
 
 /// Eight bytes, big-endian: values sort by byte order.
@@ -140,13 +144,7 @@ extension Int32: KVEncodable, KVDecodable {
     /// Eight bytes, big-endian two's complement.
     public func kvEncoded() -> Bytes { Int64(self).kvEncoded() }
     /// Decodes exactly eight big-endian bytes; throws if the value does not fit in `Int32`.
-    public init(kvEncoded bytes: Bytes) throws {
-        let value = Int64(bitPattern: try bigEndianBits(bytes, as: Int32.self))
-        guard let int = Int32(exactly: value) else {
-            throw KVDecodingError(type: Int32.self, byteCount: bytes.count, reason: "\(value) is out of range")
-        }
-        self = int
-    }
+    public init(kvEncoded bytes: Bytes) throws { self = try narrowedFromInt64(bytes) }
 }
 
 // MARK: - Other scalars

@@ -37,36 +37,29 @@ extension MarkerTable {
     /// last id), so a backend's statement cache holds a handful of texts, not one per length.
     package struct Statements: Sendable {
         package let table: String
-        package let insertIgnore: String
-        package let lockingRead: String
+        /// What differs between databases: the insert-ignore verb, the locking read, and how a
+        /// NOT NULL violation looks.
+        package let dialect: SQLDialect
+        /// The saga's marker insert: one text for every saga (prepared once per connection),
+        /// built once; the instance, id and claim are bound.
+        private let insertCommittedText: String
 
-        /// - Parameters:
-        ///   - table: a name checked with ``MarkerTable/isValidName(_:)``.
-        ///   - insertIgnore: the dialect's "insert unless the key exists".
-        ///   - lockingRead: what makes a `SELECT` read the newest committed rows inside a
-        ///     transaction, waiting for writers (MySQL: ` LOCK IN SHARE MODE`; SQLite, whose
-        ///     writer holds the whole database: empty).
-        package let isNotNullViolation: @Sendable (any Error) -> Bool
-
-        package init(table: String, insertIgnore: String, lockingRead: String = "", isNotNullViolation: @escaping @Sendable (any Error) -> Bool = { _ in false }) {
-            self.table = table
-            self.insertIgnore = insertIgnore
-            self.lockingRead = lockingRead
-            self.isNotNullViolation = isNotNullViolation
-        }
-
-        /// The statements for `database`'s marker table, in its dialect.
+        /// The statements for `database`'s marker table (a name checked with
+        /// ``MarkerTable/isValidName(_:)``), in its dialect.
         package init(for database: any SQLDatabase) {
-            let dialect = database.dialect
-            self.init(table: database.markerTable, insertIgnore: dialect.insertIgnore, lockingRead: dialect.lockingRead, isNotNullViolation: dialect.isNotNullViolation)
+            table = database.markerTable
+            dialect = database.dialect
+            insertCommittedText = "INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, (SELECT 'committed' FROM \(table)_instances WHERE instance = ? AND claim = ?\(dialect.lockingRead)))"
         }
+
+        private var insertIgnore: String { dialect.insertIgnore }
+        private var lockingRead: String { dialect.lockingRead }
 
         /// The saga's marker, then `COMMIT`: the decision point (one round trip where the
         /// backend can). A marker the claim check refused is ``InstanceClaimLost``.
         package func commit(insertingMarker id: SagaID, owner: MarkerOwner, on conn: any SQLConnection) -> CommitResult {
-            let (sql, arguments) = insertCommittedStatement(id, owner: owner)
-            switch conn.commit(afterRunning: sql, arguments) {
-            case .failed(let e) where isNotNullViolation(e): return .failed(InstanceClaimLost(owner: owner))
+            switch conn.commit(afterRunning: insertCommittedText, insertCommittedArguments(id, owner: owner)) {
+            case .failed(let e) where dialect.isNotNullViolation(e): return .failed(InstanceClaimLost(owner: owner))
             case let outcome: return outcome
             }
         }
@@ -99,10 +92,9 @@ extension MarkerTable {
         /// `accepting` (the journal's own), in a transaction of its own on `conn`. Returns nil
         /// when the claim is made, or the claim the table holds for another journal.
         package func claim(_ instance: InstanceID, accepting: [UInt64], claim: UInt64, on conn: any SQLConnection) throws -> UInt64? {
-            func key(_ v: UInt64) -> SQLValue { .integer(Int64(bitPattern: v)) }
             try conn.begin()
             do {
-                try conn.execute("\(insertIgnore) INTO \(instanceTable) (instance, claim) VALUES (?, ?)", [Self.key(instance), key(claim)])
+                try conn.execute("\(insertIgnore) INTO \(instanceTable) (instance, claim) VALUES (?, ?)", [Self.key(instance), Self.claimKey(claim)])
                 let held = try conn.query("SELECT claim FROM \(instanceTable) WHERE instance = ?\(lockingRead)", [Self.key(instance)])
                     .first?[0].int64.map { UInt64(bitPattern: $0) }
                 guard let held else { throw MissingMarker(saga: SagaID(0), status: "no instance row for \(instance)") }
@@ -111,7 +103,7 @@ extension MarkerTable {
                         try conn.rollback()
                         return held
                     }
-                    try conn.execute("UPDATE \(instanceTable) SET claim = ? WHERE instance = ?", [key(claim), Self.key(instance)])
+                    try conn.execute("UPDATE \(instanceTable) SET claim = ? WHERE instance = ?", [Self.claimKey(claim), Self.key(instance)])
                 }
             } catch {
                 try? conn.rollback()
@@ -126,21 +118,13 @@ extension MarkerTable {
         /// The saga's marker inside the open transaction, without committing; a refused claim
         /// check is ``InstanceClaimLost``.
         package func insertCommitted(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
-            do { try insertCommittedUnchecked(id, owner: owner, on: db) } catch where isNotNullViolation(error) {
+            do { try db.execute(insertCommittedText, insertCommittedArguments(id, owner: owner)) } catch where dialect.isNotNullViolation(error) {
                 throw InstanceClaimLost(owner: owner)
             }
         }
 
-        func insertCommittedUnchecked(_ id: SagaID, owner: MarkerOwner, on db: any SQLExecutor) throws {
-            let (sql, arguments) = insertCommittedStatement(id, owner: owner)
-            try db.execute(sql, arguments)
-        }
-
-        /// The saga's marker insert: one text for every saga (prepared once per connection),
-        /// the instance, id and claim bound as integers.
-        func insertCommittedStatement(_ id: SagaID, owner: MarkerOwner) -> (String, [SQLValue]) {
-            ("INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, (SELECT 'committed' FROM \(instanceTable) WHERE instance = ? AND claim = ?\(lockingRead)))",
-             [Self.key(owner.instance), Self.key(id), Self.key(owner.instance), Self.claimKey(owner.claim)])
+        private func insertCommittedArguments(_ id: SagaID, owner: MarkerOwner) -> [SQLValue] {
+            [Self.key(owner.instance), Self.key(id), Self.key(owner.instance), Self.claimKey(owner.claim)]
         }
 
         static func claimKey(_ claim: UInt64) -> SQLValue { .integer(Int64(bitPattern: claim)) }

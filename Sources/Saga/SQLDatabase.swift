@@ -99,6 +99,13 @@ extension SQLConnection {
     public func isUsableAfterIdling() -> Bool { !isBroken && !isInTransaction }
 
     public func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult {
+        executeThenCommit(statement, arguments)
+    }
+
+    /// `statement`, then `COMMIT`, in two round trips: what ``commit(afterRunning:_:)`` does by
+    /// default, and what a backend that sends both at once falls back to when it cannot. A
+    /// failed statement rolls back and is `.failed`: COMMIT was never sent.
+    package func executeThenCommit(_ statement: String, _ arguments: [SQLValue]) -> CommitResult {
         do { try execute(statement, arguments) } catch {
             if isInTransaction { try? rollback() }
             return .failed(error)

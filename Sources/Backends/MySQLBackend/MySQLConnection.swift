@@ -425,13 +425,7 @@ public final class MySQLConnection: SQLConnection {
     /// succeeded; a failed insert (a fencing row holds the id, or the instance's claim moved)
     /// leaves the transaction open, and it is rolled back: failed. A lost connection: unknown.
     public func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult {
-        guard let inlined = Self.inliningIntegers(statement, arguments) else {
-            do { try execute(statement, arguments) } catch {
-                if isInTransaction { try? rollback() }
-                return .failed(error)
-            }
-            return commit()
-        }
+        guard let inlined = Self.inliningIntegers(statement, arguments) else { return executeThenCommit(statement, arguments) }
         let sql = inlined + "; COMMIT"
         guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
         if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
@@ -464,7 +458,9 @@ public final class MySQLConnection: SQLConnection {
     /// an integer and the text holds no quote (so no `?` sits inside a string literal); nil
     /// otherwise.
     static func inliningIntegers(_ statement: String, _ arguments: [SQLValue]) -> String? {
-        guard !statement.contains("'") || statement.split(separator: "'", omittingEmptySubsequences: false).enumerated().allSatisfy({ $0.offset % 2 == 0 || !$0.element.contains("?") }) else { return nil }
+        // Between quotes are the odd pieces of the text split at each quote.
+        let pieces = statement.split(separator: "'", omittingEmptySubsequences: false)
+        guard pieces.enumerated().allSatisfy({ $0.offset % 2 == 0 || !$0.element.contains("?") }) else { return nil }
         var values = arguments.makeIterator()
         var out = ""
         for ch in statement {
