@@ -4,7 +4,8 @@ set -euo pipefail
 
 packages=(librocksdb-dev libsqlite3-dev libmariadb-dev pkg-config)
 # The tests also need a MariaDB server (started by scripts/test.sh, never as a service).
-[ "${SAGA_WITH_SERVER:-0}" = 1 ] && packages+=(mariadb-server)
+# and a Galera cluster (galera-4 is the provider; rsync does the state transfer of a rejoining node).
+[ "${SAGA_WITH_SERVER:-0}" = 1 ] && packages+=(mariadb-server galera-4 rsync)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

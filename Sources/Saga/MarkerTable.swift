@@ -1,3 +1,5 @@
+import Foundation
+
 /// What every SQL backend shares about the marker table: `(instance, saga_id, status)`, keyed by
 /// `(instance, saga_id)`, with status `committed` (inserted in the saga's transaction) or
 /// `aborted` (the fencing insert). Tables of earlier versions, keyed by `saga_id` alone, are
@@ -158,12 +160,38 @@ extension MarkerTable {
         }
 
         /// The claim check and ``fence(_:instance:on:)`` in one transaction of its own on
-        /// `conn`, committed before the decisions are returned.
+        /// `conn`, committed before the decisions are returned: a decision counts only once the
+        /// fence's own COMMIT succeeded. On a cluster the fencing insert does not wait for a
+        /// saga's open transaction on another node; whichever COMMIT is certified first wins,
+        /// and the other is rolled back whole. So a fence rolled back by a conflict
+        /// (``SQLDialect/isRolledBackByConflict``) is run again, with the dialect's
+        /// ``SQLDialect/causalReads`` on so that it sees the write it lost to.
         package func fenceInTransaction(_ ids: [SagaID], owner: MarkerOwner, on conn: any SQLConnection) throws -> [SagaID: FenceDecision] {
-            try inTransaction(on: conn) {
-                try checkClaim(owner, on: conn)
-                return try fence(ids, instance: owner.instance, on: conn)
+            if let causal = dialect.causalReads { try conn.execute(causal, []) }
+            var attempt = 1
+            while true {
+                do {
+                    return try inTransaction(on: conn) {
+                        try checkClaim(owner, on: conn)
+                        return try fence(ids, instance: owner.instance, on: conn)
+                    }
+                } catch let lost as TransactionLost where dialect.isRolledBackByConflict(lost.cause) && attempt < Self.fenceAttempts && !conn.isBroken {
+                    attempt += 1
+                    Thread.sleep(forTimeInterval: Double(attempt) * 0.005)
+                }
             }
+        }
+
+        /// How many times a fence rolled back by a conflict is run before its error is thrown
+        /// (the sagas stay in doubt, for the next recovery).
+        static let fenceAttempts = 10
+
+        /// A transaction of ``inTransaction(on:_:)`` that the database rolled back: at a
+        /// statement, or a COMMIT that failed (``CommitResult/failed(_:)``, never
+        /// ``CommitResult/unknown(_:)``).
+        struct TransactionLost: Error, CustomStringConvertible {
+            let cause: any Error
+            var description: String { "\(cause)" }
         }
 
         /// The claim check and the deletes, in chunks of at most 256 bound ids, in one
@@ -185,10 +213,12 @@ extension MarkerTable {
             let value: T
             do { value = try body() } catch {
                 try? conn.rollback()
+                if dialect.isRolledBackByConflict(error) { throw TransactionLost(cause: error) }
                 throw error
             }
             switch conn.commit() {
             case .committed: return value
+            case .failed(let e) where dialect.isRolledBackByConflict(e): throw TransactionLost(cause: e)
             case .failed(let e), .unknown(let e): throw e
             }
         }

@@ -164,11 +164,27 @@ public struct SQLDialect: Sendable {
     /// Whether an error of an `INSERT` is a NOT NULL violation (the marker insert's claim
     /// check failing: the instance was claimed by another journal).
     public var isNotNullViolation: @Sendable (any Error) -> Bool
+    /// Whether an error says the database rolled the transaction back whole because a
+    /// conflicting one committed first (on a cluster: a failed certification), so that running
+    /// it again may succeed. A fence that fails so is run again.
+    public var isRolledBackByConflict: @Sendable (any Error) -> Bool
+    /// For a cluster whose nodes apply each other's committed writes a little later (Galera):
+    /// the statement that makes the session's statements first wait until its node has applied
+    /// every write the cluster committed before them (`SET SESSION wsrep_sync_wait = 7`). The
+    /// fence runs it on its connection, so that it sees a saga's COMMIT certified on another
+    /// node. nil for a single server.
+    public var causalReads: String?
 
-    public init(insertIgnore: String, lockingRead: String, isNotNullViolation: @escaping @Sendable (any Error) -> Bool) {
+    public init(
+        insertIgnore: String, lockingRead: String, causalReads: String? = nil,
+        isNotNullViolation: @escaping @Sendable (any Error) -> Bool,
+        isRolledBackByConflict: @escaping @Sendable (any Error) -> Bool = { _ in false }
+    ) {
         self.insertIgnore = insertIgnore
         self.lockingRead = lockingRead
+        self.causalReads = causalReads
         self.isNotNullViolation = isNotNullViolation
+        self.isRolledBackByConflict = isRolledBackByConflict
     }
 }
 

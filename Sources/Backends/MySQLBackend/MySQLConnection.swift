@@ -15,6 +15,7 @@ public final class MySQLConnection: SQLConnection {
     private var handle: UnsafeMutablePointer<MYSQL>?
     private let statements: StatementCache<UnsafeMutablePointer<MYSQL_STMT>>
     private let markerTable: String
+    private let configuration: MySQLDatabase.Configuration
     public let url: MySQLURL
     /// The connection died: nothing more can run on it.
     private var lost = false
@@ -31,8 +32,42 @@ public final class MySQLConnection: SQLConnection {
             throw MySQLUsageError(description: "the MariaDB client library failed to initialize")
         }
         self.url = url
+        self.configuration = configuration
         self.markerTable = configuration.markerTable
         self.statements = StatementCache(capacity: configuration.statementCacheSize) { mysql_stmt_close($0) }
+        // The first server that answers and is ready; a wrong password or a missing database
+        // is the same on every server of a cluster, so it ends the search.
+        var failures: [(MySQLURL.Endpoint, MySQLError)] = []
+        for endpoint in url.endpoints {
+            do {
+                try connect(to: endpoint, configuration: configuration)
+                self.endpoint = endpoint
+                return
+            } catch let error as MySQLError where Self.triesNextServer(error) && url.endpoints.count > 1 {
+                failures.append((endpoint, error))
+            }
+        }
+        throw MySQLError(
+            code: failures.last?.1.code ?? 2003, sqlState: failures.last?.1.sqlState ?? "HY000",
+            message: "no server of \(url) answered and was ready: " + failures.map { "\($0.0): \($0.1.message)" }.joined(separator: "; "),
+            context: "connect to \(url)")
+    }
+
+    /// The server this connection reached (the first of the URL's that answered and was ready).
+    public private(set) var endpoint: MySQLURL.Endpoint = MySQLURL.Endpoint(host: "")
+
+    /// Connect errors after which the next server of the URL is tried: unreachable, lost
+    /// during the handshake, too many connections, not ready (a cluster node that is not in
+    /// the primary component or not synced), shutting down.
+    private static func triesNextServer(_ error: MySQLError) -> Bool {
+        [2002, 2003, 2005, 2006, 2013, 2026, 1040, 1047, 1053, 1927, notReady].contains(error.code)
+    }
+
+    /// Not an error code of the server's: a Galera node that answers but is not ready
+    /// (`wsrep_ready` is OFF), found at connect.
+    static let notReady: UInt32 = 1047
+
+    private func connect(to endpoint: MySQLURL.Endpoint, configuration: MySQLDatabase.Configuration) throws {
         guard let mysql = mysql_init(nil) else { throw MySQLUsageError(description: "mysql_init failed (out of memory)") }
         var off: my_bool = 0
         mysql_options(mysql, MYSQL_OPT_RECONNECT, &off)
@@ -42,16 +77,17 @@ public final class MySQLConnection: SQLConnection {
         mysql_options(mysql, MYSQL_OPT_READ_TIMEOUT, &readTimeout)
         mysql_options(mysql, MYSQL_OPT_WRITE_TIMEOUT, &readTimeout)
         let connected = mysql_real_connect(
-            mysql, url.socket == nil ? url.host : nil, url.user, url.password, url.database,
-            url.socket == nil ? url.port : 0, url.socket, UInt(CLIENT_MULTI_STATEMENTS))
+            mysql, url.socket == nil ? endpoint.host : nil, url.user, url.password, url.database,
+            url.socket == nil ? endpoint.port : 0, url.socket, UInt(CLIENT_MULTI_STATEMENTS))
         guard connected != nil else {
             let error = MySQLError(connection: mysql, context: "connect")
             mysql_close(mysql)
-            throw Self.explain(error, url: url)
+            throw Self.explain(error, url: url, endpoint: endpoint)
         }
         handle = mysql
+        lost = false
         do {
-            try setUpSession(isolation: configuration.isolation)
+            try setUpSession(isolation: configuration.isolation, endpoint: endpoint)
         } catch {
             close()
             throw error
@@ -62,7 +98,7 @@ public final class MySQLConnection: SQLConnection {
     /// defaults: the character set, autocommit on between sagas (a server started with
     /// `--autocommit=0` would otherwise hold every fencing insert and marker delete in a
     /// transaction that closing the connection rolls back), and the isolation level.
-    private func setUpSession(isolation: MySQLDatabase.Isolation) throws {
+    private func setUpSession(isolation: MySQLDatabase.Isolation, endpoint: MySQLURL.Endpoint) throws {
         let db = try db()
         if mysql_set_character_set(db, "utf8mb4") != 0 {
             throw MySQLError(connection: db, context: "SET NAMES utf8mb4")
@@ -74,7 +110,11 @@ public final class MySQLConnection: SQLConnection {
         guard serverStatus & UInt32(SERVER_STATUS_AUTOCOMMIT) != 0 else {
             throw MySQLUsageError(description: "the server did not turn autocommit on for the connection to \(url)")
         }
-        serverStart = readServerStart() ?? 0
+        let status = readServerStatus()
+        serverStart = status.start ?? 0
+        if status.ready == false {
+            throw MySQLError(code: Self.notReady, sqlState: "08S01", message: "the cluster node at \(endpoint) is not ready (wsrep_ready is OFF: not synced with the primary component)", context: "connect to \(url)")
+        }
         if let host = (try? query("SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()", []))?.first?[0].string {
             client = SQLSession.clientHash(host)
         }
@@ -83,13 +123,22 @@ public final class MySQLConnection: SQLConnection {
     /// A hash of this connection's client address as the server sees it (0: unknown).
     private var client: UInt64 = 0
 
-    /// When the server started, from its clock and its `Uptime` (MariaDB and MySQL alike);
-    /// nil if it cannot be read.
-    private func readServerStart() -> UInt64? {
+    /// When the server started, from its clock and its `Uptime` (MariaDB and MySQL alike;
+    /// nil if it cannot be read), and whether a Galera node is ready for clients (nil: not a
+    /// cluster node), in one round trip.
+    private func readServerStatus() -> (start: UInt64?, ready: Bool?) {
         guard let now = (try? query("SELECT UNIX_TIMESTAMP()", []))?.first?[0].int64,
-              let uptime = (try? query("SHOW GLOBAL STATUS LIKE 'Uptime'", []))?.first?[1].int64,
-              now > uptime else { return nil }
-        return UInt64(now - uptime)
+              let rows = try? query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Uptime', 'wsrep_ready')", []) else { return (nil, nil) }
+        var uptime: Int64?, ready: Bool?
+        for row in rows {
+            switch row[0].string?.lowercased() {
+            case "uptime": uptime = row[1].int64 ?? row[1].string.flatMap { Int64($0) }
+            case "wsrep_ready": ready = row[1].string?.uppercased() == "ON"
+            default: break
+            }
+        }
+        guard let uptime, now > uptime else { return (nil, ready) }
+        return (UInt64(now - uptime), ready)
     }
 
     /// The status bits of the server's last OK reply (`SERVER_STATUS_IN_TRANS`,
@@ -97,14 +146,14 @@ public final class MySQLConnection: SQLConnection {
     private var serverStatus: UInt32 { handle?.pointee.server_status ?? 0 }
 
     /// Says which part of the URL is wrong when connecting fails.
-    private static func explain(_ e: MySQLError, url: MySQLURL) -> MySQLError {
+    private static func explain(_ e: MySQLError, url: MySQLURL, endpoint: MySQLURL.Endpoint) -> MySQLError {
         let why: String
         switch e.code {
         case 1045: why = "wrong user or password for \(url.user)"
         case 1049: why = "database \"\(url.database)\" does not exist"
         case 1044: why = "user \(url.user) may not use database \"\(url.database)\""
         case 2002, 2003, 2005, 2006:
-            why = url.socket.map { "no server at socket \($0)" } ?? "no server reachable at \(url.host):\(url.port)"
+            why = url.socket.map { "no server at socket \($0)" } ?? "no server reachable at \(endpoint)"
         default: why = "cannot connect"
         }
         return MySQLError(code: e.code, sqlState: e.sqlState, message: "\(why) (\(e.message))", context: "connect to \(url)")
@@ -132,7 +181,7 @@ public final class MySQLConnection: SQLConnection {
 
     private func record(_ error: MySQLError) -> MySQLError {
         if error.isConnectionLost { lost = true }
-        if error.code == MySQLError.deadlock { transactionGone = true }
+        if error.isRolledBackConflict { transactionGone = true }
         return error
     }
 
@@ -407,6 +456,12 @@ public final class MySQLConnection: SQLConnection {
     /// proven either way.
     private func afterFailedCommit(_ error: MySQLError) -> CommitResult {
         if error.isConnectionLost { return .unknown(error) }
+        if error.isRolledBackConflict {
+            // A cluster's certification failure or a brute-force abort: rolled back whole.
+            transactionGone = true
+            if probeTransaction() == true { _ = try? rollback() }
+            return .failed(error)
+        }
         switch probeTransaction() {
         case true?:
             do { try rollback() } catch { return .unknown(error) }
@@ -498,8 +553,8 @@ public final class MySQLConnection: SQLConnection {
         }
         if open { return .open }
         transactionGone = true
-        let code = (error as? MySQLError)?.code
-        return code == MySQLError.deadlock || code == MySQLError.lockWaitTimeout ? .rolledBack : .mayBeCommitted
+        guard let e = error as? MySQLError else { return .mayBeCommitted }
+        return e.isRolledBackConflict || e.code == MySQLError.lockWaitTimeout ? .rolledBack : .mayBeCommitted
     }
 
     /// A ping: the server may have closed an idle connection (`wait_timeout`).
@@ -516,7 +571,24 @@ public final class MySQLConnection: SQLConnection {
     /// waits until none is listed any more (a killed session rolls back before it goes). A
     /// session of an earlier run is gone already: its id may now name someone else's session,
     /// so it is never killed. Returns the sessions still listed after ``sessionEndTimeout``.
+    ///
+    /// With several servers in the URL (a cluster), a session may live on any of them: it is
+    /// ended on each that answers (a server that does not is left alone: a node cut off from
+    /// its cluster cannot commit, and its sessions' fate is settled by certification).
     public func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> {
+        var left = try endSessionsOnThisServer(sessions)
+        guard url.endpoints.count > 1, !sessions.isEmpty else { return left }
+        for other in url.endpoints where other != endpoint {
+            var single = url
+            single.endpoints = [other]
+            guard let peer = try? MySQLConnection(url: single, configuration: configuration) else { continue }
+            defer { peer.close() }
+            left.formUnion(try peer.endSessionsOnThisServer(sessions))
+        }
+        return left
+    }
+
+    private func endSessionsOnThisServer(_ sessions: [SQLSession]) throws -> Set<SQLSession> {
         let mine = session?.id
         let live = sessions.filter { s in
             s.id != mine && (s.serverStart == 0 || serverStart == 0 || s.serverStart.distance(to: serverStart).magnitude <= 2)

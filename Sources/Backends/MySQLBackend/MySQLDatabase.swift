@@ -52,10 +52,19 @@ public final class MySQLDatabase: SQLDatabase {
     public let url: MySQLURL
     public let configuration: Configuration
     public var markerTable: String { configuration.markerTable }
-    /// `INSERT IGNORE`, `LOCK IN SHARE MODE`; a NULL into a NOT NULL column is error 1048.
+    /// `INSERT IGNORE`, `LOCK IN SHARE MODE`; a NULL into a NOT NULL column is error 1048; a
+    /// conflict is 1213 / SQLSTATE 40001 (``MySQLError/isRolledBackConflict``); on a Galera
+    /// node, causal reads are `wsrep_sync_wait`.
     public var dialect: SQLDialect {
-        SQLDialect(insertIgnore: "INSERT IGNORE", lockingRead: " LOCK IN SHARE MODE") { ($0 as? MySQLError)?.code == 1048 }
+        SQLDialect(
+            insertIgnore: "INSERT IGNORE", lockingRead: " LOCK IN SHARE MODE",
+            causalReads: isClusterNode ? "SET SESSION wsrep_sync_wait = 7" : nil,
+            isNotNullViolation: { ($0 as? MySQLError)?.code == 1048 },
+            isRolledBackByConflict: { ($0 as? MySQLError)?.isRolledBackConflict == true })
     }
+
+    /// The server is a node of a Galera cluster (`wsrep_on` is ON), found at open.
+    public let isClusterNode: Bool
 
     public convenience init(url: String, configuration: Configuration = Configuration()) throws {
         try self.init(url: try MySQLURL(url), configuration: configuration)
@@ -68,6 +77,8 @@ public final class MySQLDatabase: SQLDatabase {
         let conn = try MySQLConnection(url: url, configuration: configuration)
         defer { conn.close() }
         try conn.ensureMarkerTable()
+        // MySQL has no such variable (error 1193): not a cluster node.
+        isClusterNode = (try? conn.query("SELECT @@wsrep_on", []))?.first?[0].int64 == 1
     }
 
     public func connect() throws -> any SQLConnection { try openConnection() }

@@ -24,6 +24,12 @@ public struct MySQLError: Error, CustomStringConvertible, Sendable, Equatable {
     public static let deadlock: UInt32 = 1213
     public static let lockWaitTimeout: UInt32 = 1205
 
+    /// A conflict the server resolved by rolling this transaction back whole: a deadlock
+    /// victim (1213, SQLSTATE 40001), or on a Galera cluster a failed certification or a
+    /// brute-force abort by a replicated write, reported the same way at any statement and at
+    /// `COMMIT`. Nothing of the transaction was committed.
+    public var isRolledBackConflict: Bool { code == Self.deadlock || sqlState == "40001" }
+
     /// The connection is gone (or the server killed it): the server rolls back any open
     /// transaction on its own, unless a COMMIT was already on its way.
     public var isConnectionLost: Bool {
