@@ -4,17 +4,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SAGA_WITH_SERVER=1 bash scripts/setup.sh
 
-# A throwaway MariaDB server for the MySQL tests (temp datadir, loopback port, real user and
-# password), stopped on exit, also when tests fail. Tests that kill servers start their own.
-server_dir=$(mktemp -d /tmp/saga-mariadb-XXXXXX)
+# Everything this run starts lives under one temporary directory of its own (TMPDIR for every
+# program below), so that the cleanup finds it all: the throwaway MariaDB server for the MySQL
+# tests and the 3-node Galera cluster for the cluster tests (temp datadirs, loopback ports, a
+# real user and password), and every server or cluster a test or the torture starts and a
+# crashed process could not stop. Stopped on exit, also when tests fail. The directory is
+# world-readable: the cluster's servers run as the mysql user.
+run_tmp=$(mktemp -d /tmp/saga-run-XXXXXX)
+chmod 755 "$run_tmp"
+export TMPDIR="$run_tmp"
+server_dir="$run_tmp/mariadb-shared"
+galera_dir="$run_tmp/galera-shared"
 other_servers=()
 cleanup() {
-    for d in "$server_dir" "${other_servers[@]}"; do bash scripts/mariadb.sh stop "$d" || true; rm -rf "$d"; done
+    for d in "$server_dir" "${other_servers[@]}"; do bash scripts/mariadb.sh stop "$d" || true; done
+    for f in "$run_tmp"/*/baseport; do [ -f "$f" ] && { bash scripts/galera.sh stop "$(dirname "$f")" || true; }; done
+    for f in "$run_tmp"/*/mariadbd.pid; do [ -f "$f" ] && { bash scripts/mariadb.sh stop "$(dirname "$f")" || true; }; done
+    rm -rf "$run_tmp"
 }
 trap cleanup EXIT
 SAGA_MYSQL_URL=$(bash scripts/mariadb.sh start "$server_dir" | tail -1)
 export SAGA_MYSQL_URL
 echo "==> MariaDB for the tests: ${SAGA_MYSQL_URL/:saga-test-pw@/:***@}"
+SAGA_GALERA_URL=$(bash scripts/galera.sh start "$galera_dir" | tail -1)
+export SAGA_GALERA_URL
+echo "==> a 3-node MariaDB Galera cluster for the tests: ${SAGA_GALERA_URL/:saga-test-pw@/:***@}"
 
 echo "==> swift build (warnings are errors here)"
 log=$(mktemp)
@@ -54,7 +68,7 @@ timeout 1800 swift test --skip-build 2>&1 | grep -v "^[0-9-]*T[0-9:+]* \(notice\
 # on servers whose defaults say otherwise.
 mariadb_suites='SagaTests\.(MySQL[A-Za-z]*Tests|ManyCoordinatorsTests|TransactionBoundaryTests|TrustII[A-Za-z]*Tests)/'
 for option in --autocommit=0 --transaction-isolation=SERIALIZABLE; do
-    dir=$(mktemp -d /tmp/saga-mariadb-XXXXXX)
+    dir=$(mktemp -d "$run_tmp/mariadb-XXXXXX")
     other_servers+=("$dir")
     url=$(MARIADBD_EXTRA="$option" bash scripts/mariadb.sh start "$dir" | tail -1)
     echo "==> the MariaDB suites again on a server started with $option"

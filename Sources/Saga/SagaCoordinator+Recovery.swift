@@ -167,26 +167,44 @@ extension SagaCoordinator {
     }
 
     /// Fences sagas in one transaction on a fresh connection (or `connection`, opened for the
-    /// purpose), once the sessions their transactions ran in are gone. nil when the database
-    /// cannot be reached, a session cannot be seen gone (or a hook refused): none of them is
-    /// decided.
+    /// purpose), once the sessions their transactions ran in are gone. A fence that fails for a
+    /// transient reason (a lost connection, a server that went away: on a cluster, the node it
+    /// reached died) is run again on a fresh connection, which reaches another server of the
+    /// database if it has several; fencing twice is harmless, since a decision counts only once
+    /// its own transaction committed. nil when the database cannot be reached, a session cannot
+    /// be seen gone (or a hook refused): none of them is decided.
     func fence(_ ids: [SagaID], ending sessions: [SQLSession], phase: SagaPhase, on connection: Result<any SQLConnection, any Error>? = nil) -> [SagaID: FenceDecision]? {
         let what = ids.count == 1 ? "\(ids[0])" : "\(ids.count) sagas"
-        do {
-            let conn = try (connection ?? Result { try sql.connect() }).get()
-            defer { conn.close() }
-            for id in ids { try hook(.resolve, id, phase: phase) }
-            if !sessions.isEmpty {
-                let left = try conn.endSessions(sessions)
-                if !left.isEmpty { throw SessionsStillThere(sessions: left) }
+        var connection = connection
+        var hooksRan = false
+        for attempt in 1...Self.fenceConnectionAttempts {
+            do {
+                let conn = try (connection ?? Result { try sql.connect() }).get()
+                connection = nil
+                defer { conn.close() }
+                if !hooksRan {
+                    hooksRan = true
+                    for id in ids { try hook(.resolve, id, phase: phase) }
+                }
+                if !sessions.isEmpty {
+                    let left = try conn.endSessions(sessions)
+                    if !left.isEmpty { throw SessionsStillThere(sessions: left) }
+                }
+                let decisions = try markers.fenceInTransaction(ids, owner: owner, on: conn)
+                logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(what))")
+                return decisions
+            } catch where attempt < Self.fenceConnectionAttempts && hooksRan && (error as? any TransientClassifiable)?.isTransient == true {
+                connection = nil
+                logger.notice("fencing \(what) failed: \(error); fencing again on a fresh connection")
+            } catch {
+                logger.warning("cannot resolve \(what): \(error)")
+                stopIfClaimLost(error)
+                return nil
             }
-            let decisions = try markers.fenceInTransaction(ids, owner: owner, on: conn)
-            logger.notice("resolved by fencing: \(decisions.values.filter { $0 == .committed }.count) committed, \(decisions.values.filter { $0 == .aborted }.count) aborted (\(what))")
-            return decisions
-        } catch {
-            logger.warning("cannot resolve \(what): \(error)")
-            stopIfClaimLost(error)
-            return nil
         }
+        return nil
     }
+
+    /// How many connections one fence tries before its sagas stay in doubt.
+    static let fenceConnectionAttempts = 3
 }

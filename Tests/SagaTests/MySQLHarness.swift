@@ -29,7 +29,14 @@ final class MySQLEnvironment: HarnessEnvironment, @unchecked Sendable {
     /// The same database through the proxy.
     let proxiedURL: MySQLURL
 
-    init(serverURL: String, rocksDir: String? = nil) throws {
+    /// The backend's configuration for the stores (``reopen()`` keeps it).
+    let configuration: MySQLDatabase.Configuration
+
+    /// On a cluster (a URL with several servers) the proxy stands in front of the first server,
+    /// and the others follow it in ``proxiedURL``: a connection that cannot reach the first
+    /// goes to the next.
+    init(serverURL: String, rocksDir: String? = nil, configuration: MySQLDatabase.Configuration = .init()) throws {
+        self.configuration = configuration
         server = try MySQLURL(serverURL)
         database = "saga_t_" + UUID().uuidString.prefix(8).lowercased()
         dir = try rocksDir ?? SQLiteEnvironment.makeTempDir("saga-my")
@@ -41,12 +48,11 @@ final class MySQLEnvironment: HarnessEnvironment, @unchecked Sendable {
         direct.database = database
         directURL = direct
         var proxied = direct
-        proxied.host = "127.0.0.1"
-        proxied.port = UInt32(proxy.port)
+        proxied.endpoints = [MySQLURL.Endpoint(host: "127.0.0.1", port: UInt32(proxy.port))] + direct.endpoints.dropFirst()
         proxied.socket = nil
         proxiedURL = proxied
         rocks = try RocksDBStore(path: dir + "/kv")
-        mysql = try MySQLDatabase(url: proxiedURL)
+        mysql = try MySQLDatabase(url: proxiedURL, configuration: configuration)
         let conn = try mysql.openConnection()
         defer { conn.close() }
         try conn.execute(conformanceTableDDL + " ENGINE=InnoDB", [])
@@ -55,7 +61,7 @@ final class MySQLEnvironment: HarnessEnvironment, @unchecked Sendable {
     func reopen() throws {
         rocks.close()
         rocks = try RocksDBStore(path: dir + "/kv")
-        mysql = try MySQLDatabase(url: proxiedURL)
+        mysql = try MySQLDatabase(url: proxiedURL, configuration: configuration)
     }
 
     /// Kills the saga's own connection from another session: the marker insert or COMMIT that

@@ -362,6 +362,12 @@ struct KillServerDuringCommit: SagaHooks {
     }
 }
 
+/// Hands a non-Sendable value to one other thread that alone uses it from then on.
+final class UncheckedBox<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}
+
 /// A value shared between a test and the threads or hooks it starts.
 final class LockedBox<T: Sendable>: @unchecked Sendable {
     private let lock = NSLock()

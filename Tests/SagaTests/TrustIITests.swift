@@ -578,12 +578,6 @@ private final class Node {
     }
 }
 
-/// Hands a non-Sendable value to one other thread that alone uses it from then on.
-private final class UncheckedBox<T>: @unchecked Sendable {
-    let value: T
-    init(_ value: T) { self.value = value }
-}
-
 // MARK: - Hooks
 
 /// Throws ``InjectedFault`` at one step in one phase, every time.
