@@ -93,7 +93,7 @@ struct GaleraTests {
         }
         #expect((underlying as? MySQLError)?.isRolledBackConflict == true, "\(underlying)")
         #expect(restored == 1)
-        #expect(error.nothingWritten)
+        #expect(error.nothingWritten && error.isRetryable, "rolled back by a conflict: worth running again")
         #expect(try env.kvGet("c") == "c0", "KV compensated")
         #expect(try env.row("c") == 7, "the other node's write won")
         #expect(c.inDoubt.isEmpty)

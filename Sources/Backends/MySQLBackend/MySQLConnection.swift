@@ -128,15 +128,18 @@ public final class MySQLConnection: SQLConnection {
     /// cluster node), in one round trip.
     private func readServerStatus() -> (start: UInt64?, ready: Bool?) {
         guard let now = (try? query("SELECT UNIX_TIMESTAMP()", []))?.first?[0].int64,
-              let rows = try? query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Uptime', 'wsrep_ready')", []) else { return (nil, nil) }
-        var uptime: Int64?, ready: Bool?
+              let rows = try? query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Uptime', 'wsrep_ready', 'wsrep_provider_name')", []) else { return (nil, nil) }
+        var uptime: Int64?, ready: Bool?, provider = ""
         for row in rows {
             switch row[0].string?.lowercased() {
             case "uptime": uptime = row[1].int64 ?? row[1].string.flatMap { Int64($0) }
             case "wsrep_ready": ready = row[1].string?.uppercased() == "ON"
+            case "wsrep_provider_name": provider = row[1].string ?? ""
             default: break
             }
         }
+        // A server without a cluster provider reports wsrep_ready OFF too: not a cluster node.
+        if provider.isEmpty { ready = nil }
         guard let uptime, now > uptime else { return (nil, ready) }
         return (UInt64(now - uptime), ready)
     }
