@@ -143,6 +143,17 @@ struct TrustIITests {
         try lateCommit(base: base, serverPort: Int(base.server.port), gcThreshold: 1, collect: true)
     }
 
+    /// The same on a Galera cluster, where the client loses its way to node 1 (which lives on
+    /// in the cluster, holding the saga's session) and fences on node 2: the old session must
+    /// be ended on node 1 all the same (found through the addresses the cluster's members
+    /// advertise), or the held COMMIT lands after GC deleted the `aborted` row and is
+    /// certified. Failed before old sessions were looked for on every member.
+    @Test func item2_lateCommitAfterGCOnACluster() throws {
+        let base = try MySQLEnvironment(serverURL: try SharedGalera.url())
+        defer { base.destroy() }
+        try lateCommit(base: base, serverPort: Int(base.server.port), gcThreshold: 1, collect: true, cluster: true)
+    }
+
     /// The same packet held while the process "crashes": the first coordinator cannot reach a
     /// decision (its fence is refused by a hook) and is dropped without GC; a new coordinator
     /// opens (recovery fences, compensates and collects garbage); then the packet arrives.
@@ -433,10 +444,14 @@ enum ProbeCase: String, Sendable, CustomStringConvertible {
 /// connection). The packet is released once the saga has returned and GC has run, or after 3 s
 /// (a coordinator that waits for the old session to end would otherwise wait forever). Then the
 /// stores must agree, and agree with what the caller was told.
-private func lateCommit(base: MySQLEnvironment, serverPort: Int, gcThreshold: Int, collect: Bool) throws {
-    let proxy = try TrustIIDelayingProxy(targetPort: UInt16(serverPort))
+/// With `cluster`, the server is node 1 of a cluster: the URL names the proxy, then the other
+/// nodes, and once the packet is held the proxy refuses new connections (the client has lost
+/// its way to node 1, which lives on in the cluster): the fence runs on node 2.
+private func lateCommit(base: MySQLEnvironment, serverPort: Int, gcThreshold: Int, collect: Bool, cluster: Bool = false) throws {
+    let proxy = try TrustIIDelayingProxy(targetPort: UInt16(serverPort), refusingAfterHold: cluster)
     var url = base.directURL
-    url.host = "127.0.0.1"; url.port = UInt32(proxy.port); url.socket = nil
+    url.endpoints = [MySQLURL.Endpoint(host: "127.0.0.1", port: UInt32(proxy.port))] + (cluster ? base.directURL.endpoints.dropFirst() : [])
+    url.socket = nil
     let db = try MySQLDatabase(url: url)
     try base.kvSet([("late", "l0")])
     let c = try SagaCoordinator(kv: base.kv, sql: db, configuration: .init(hooks: TrustIIArmAtCommit(proxy: proxy), gcThreshold: gcThreshold))
@@ -609,9 +624,12 @@ private final class TrustIIDelayingProxy: @unchecked Sendable {
     private var armed = false
     private var held: (server: Int32, packet: [UInt8])?
     private var released = false
+    private let refusingAfterHold: Bool
 
-    init(targetPort: UInt16) throws {
+    /// With `refusingAfterHold`, once a packet is held every new connection is closed at once.
+    init(targetPort: UInt16, refusingAfterHold: Bool = false) throws {
         self.targetPort = targetPort
+        self.refusingAfterHold = refusingAfterHold
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var addr = Self.loopback(0)
         let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
@@ -651,6 +669,10 @@ private final class TrustIIDelayingProxy: @unchecked Sendable {
         while true {
             let client = accept(listener, nil, nil)
             if client < 0 { return }
+            if refusingAfterHold, lock.withLock({ held != nil }) {
+                close(client)
+                continue
+            }
             let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             var addr = Self.loopback(targetPort)
             let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }

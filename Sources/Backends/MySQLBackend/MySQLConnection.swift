@@ -120,6 +120,9 @@ public final class MySQLConnection: SQLConnection {
         }
     }
 
+    /// The server is a Galera node (it has a cluster provider), found at connect.
+    private var clusterNode = false
+
     /// A hash of this connection's client address as the server sees it (0: unknown).
     private var client: UInt64 = 0
 
@@ -139,6 +142,7 @@ public final class MySQLConnection: SQLConnection {
             }
         }
         // A server without a cluster provider reports wsrep_ready OFF too: not a cluster node.
+        clusterNode = !provider.isEmpty
         if provider.isEmpty { ready = nil }
         guard let uptime, now > uptime else { return (nil, ready) }
         return (UInt64(now - uptime), ready)
@@ -575,20 +579,58 @@ public final class MySQLConnection: SQLConnection {
     /// session of an earlier run is gone already: its id may now name someone else's session,
     /// so it is never killed. Returns the sessions still listed after ``sessionEndTimeout``.
     ///
-    /// With several servers in the URL (a cluster), a session may live on any of them: it is
-    /// ended on each that answers (a server that does not is left alone: a node cut off from
-    /// its cluster cannot commit, and its sessions' fate is settled by certification).
+    /// On a Galera node a session may live on any node of the cluster, and a node that left
+    /// the primary component keeps its sessions: they can commit once it rejoins (measured: a
+    /// transaction left open on a node that was paused, evicted and rejoined committed, and
+    /// was replicated). So the sessions are ended on every node of the primary component, and
+    /// they count as gone only once every member has been reached: a member this client
+    /// cannot reach (a partition between the client and a live node) leaves them all "still
+    /// there", and their sagas in doubt. A node that is gone (killed, or evicted while hung)
+    /// drops out of the primary component within the cluster's timeouts, which this waits
+    /// for, up to ``sessionEndTimeout``.
     public func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> {
-        var left = try endSessionsOnThisServer(sessions)
-        guard url.endpoints.count > 1, !sessions.isEmpty else { return left }
-        for other in url.endpoints where other != endpoint {
-            var single = url
-            single.endpoints = [other]
-            guard let peer = try? MySQLConnection(url: single, configuration: configuration) else { continue }
-            defer { peer.close() }
-            left.formUnion(try peer.endSessionsOnThisServer(sessions))
+        guard !sessions.isEmpty else { return [] }
+        guard clusterNode else { return try endSessionsOnThisServer(sessions) }
+        let deadline = ContinuousClock.now + Self.sessionEndTimeout
+        var left = Set<SQLSession>()
+        var reached: Set<String> = []  // nodes (wsrep_gcomm_uuid) whose sessions were ended
+        while true {
+            let view = try clusterView()
+            if reached.insert(view.node).inserted { left.formUnion(try endSessionsOnThisServer(sessions)) }
+            for address in url.endpoints + view.addresses where address != endpoint {
+                var single = url
+                single.endpoints = [address]
+                guard let peer = try? MySQLConnection(url: single, configuration: configuration),
+                      let peerView = try? peer.clusterView() else { continue }
+                defer { peer.close() }
+                guard peerView.cluster == view.cluster, !reached.contains(peerView.node) else { continue }
+                left.formUnion(try peer.endSessionsOnThisServer(sessions))
+                reached.insert(peerView.node)
+            }
+            if reached.count >= view.size { return left }
+            if ContinuousClock.now > deadline { return Set(sessions) }
+            Thread.sleep(forTimeInterval: 0.25)
         }
-        return left
+    }
+
+    /// This node's place in its cluster: its own id, the cluster's, how many nodes the primary
+    /// component has, and the SQL addresses they advertise (`wsrep_incoming_addresses`; those
+    /// left at `AUTO` are not known, and only the URL's servers can be tried for them).
+    private func clusterView() throws -> (node: String, cluster: String, size: Int, addresses: [MySQLURL.Endpoint]) {
+        var values: [String: String] = [:]
+        for row in try query("SHOW STATUS WHERE Variable_name IN ('wsrep_gcomm_uuid', 'wsrep_cluster_state_uuid', 'wsrep_cluster_size', 'wsrep_cluster_status', 'wsrep_incoming_addresses')", []) {
+            if let name = row[0].string?.lowercased() { values[name] = row[1].string ?? row[1].int64.map(String.init) ?? "" }
+        }
+        guard values["wsrep_cluster_status"] == "Primary", let node = values["wsrep_gcomm_uuid"], let cluster = values["wsrep_cluster_state_uuid"],
+              let size = values["wsrep_cluster_size"].flatMap({ Int($0) }) else {
+            throw MySQLError(code: Self.notReady, sqlState: "08S01", message: "the cluster node at \(endpoint) is not in the primary component", context: "ending old sessions")
+        }
+        let addresses = (values["wsrep_incoming_addresses"] ?? "").split(separator: ",").compactMap { item -> MySQLURL.Endpoint? in
+            guard let colon = item.lastIndex(of: ":"), let port = UInt32(item[item.index(after: colon)...]) else { return nil }
+            let host = item[..<colon].trimmingCharacters(in: CharacterSet(charactersIn: "[] "))
+            return host.isEmpty ? nil : MySQLURL.Endpoint(host: host, port: port)
+        }
+        return (node, cluster, size, addresses)
     }
 
     private func endSessionsOnThisServer(_ sessions: [SQLSession]) throws -> Set<SQLSession> {
