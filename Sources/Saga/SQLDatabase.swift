@@ -169,20 +169,21 @@ public struct SQLDialect: Sendable {
     /// it again may succeed. A fence that fails so is run again.
     public var isRolledBackByConflict: @Sendable (any Error) -> Bool
     /// For a cluster whose nodes apply each other's committed writes a little later (Galera):
-    /// the statement that makes the session's statements first wait until its node has applied
-    /// every write the cluster committed before them (`SET SESSION wsrep_sync_wait = 7`). The
-    /// fence runs it on its connection, so that it sees a saga's COMMIT certified on another
-    /// node. nil for a single server.
-    public var causalReads: String?
+    /// a query that returns once its node has applied every write the cluster committed before
+    /// it, and changes nothing (`SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1`). The fence
+    /// runs it before each of its transactions, so that it sees a saga's COMMIT certified on
+    /// another node; a COMMIT certified later conflicts with the fence's own, and one of the two
+    /// is rolled back. nil for a single server.
+    public var causalWait: String?
 
     public init(
-        insertIgnore: String, lockingRead: String, causalReads: String? = nil,
+        insertIgnore: String, lockingRead: String, causalWait: String? = nil,
         isNotNullViolation: @escaping @Sendable (any Error) -> Bool,
         isRolledBackByConflict: @escaping @Sendable (any Error) -> Bool = { _ in false }
     ) {
         self.insertIgnore = insertIgnore
         self.lockingRead = lockingRead
-        self.causalReads = causalReads
+        self.causalWait = causalWait
         self.isNotNullViolation = isNotNullViolation
         self.isRolledBackByConflict = isRolledBackByConflict
     }

@@ -54,11 +54,11 @@ public final class MySQLDatabase: SQLDatabase {
     public var markerTable: String { configuration.markerTable }
     /// `INSERT IGNORE`, `LOCK IN SHARE MODE`; a NULL into a NOT NULL column is error 1048; a
     /// conflict is 1213 / SQLSTATE 40001 (``MySQLError/isRolledBackConflict``); on a Galera
-    /// node, causal reads are `wsrep_sync_wait`.
+    /// node, the causal wait is a `SELECT 1` under `wsrep_sync_wait`.
     public var dialect: SQLDialect {
         SQLDialect(
             insertIgnore: "INSERT IGNORE", lockingRead: " LOCK IN SHARE MODE",
-            causalReads: isClusterNode ? "SET SESSION wsrep_sync_wait = 7" : nil,
+            causalWait: isClusterNode ? "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1" : nil,
             isNotNullViolation: { ($0 as? MySQLError)?.code == 1048 },
             isRolledBackByConflict: { ($0 as? MySQLError)?.isRolledBackConflict == true })
     }
