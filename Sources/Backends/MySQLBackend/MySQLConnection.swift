@@ -125,15 +125,20 @@ public final class MySQLConnection: SQLConnection {
 
     /// When the server started, from its clock and its `Uptime` (MariaDB and MySQL alike;
     /// nil if it cannot be read), and whether a Galera node is ready for clients (nil: not a
-    /// cluster node), in one round trip.
+    /// cluster node).
     private func readServerStatus() -> (start: UInt64?, ready: Bool?) {
-        guard let now = (try? query("SELECT UNIX_TIMESTAMP()", []))?.first?[0].int64,
+        // A server built with Galera support (Debian's MariaDB) reports `wsrep_ready` OFF when
+        // wsrep is off: only `wsrep_on` says it is a cluster node. MySQL has no such variable
+        // (error 1193): not a cluster node.
+        let clock = (try? query("SELECT UNIX_TIMESTAMP(), @@global.wsrep_on", [])) ?? (try? query("SELECT UNIX_TIMESTAMP()", []))
+        guard let now = clock?.first?[0].int64,
               let rows = try? query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Uptime', 'wsrep_ready')", []) else { return (nil, nil) }
+        let clusterNode = clock?.first?.values.count == 2 && clock?.first?[1].int64 == 1
         var uptime: Int64?, ready: Bool?
         for row in rows {
             switch row[0].string?.lowercased() {
             case "uptime": uptime = row[1].int64 ?? row[1].string.flatMap { Int64($0) }
-            case "wsrep_ready": ready = row[1].string?.uppercased() == "ON"
+            case "wsrep_ready" where clusterNode: ready = row[1].string?.uppercased() == "ON"
             default: break
             }
         }
