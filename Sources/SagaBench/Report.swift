@@ -9,6 +9,12 @@ struct ModeFigures: Codable, Sendable {
     var fsyncsPerSaga: Double
     var ratioToUnsafe: Double
     var errors: Int
+    /// Galera: write sets replicated (and certified) per saga, their bytes, and the
+    /// transactions the cluster rolled back over all rounds (zero elsewhere).
+    var writeSetsPerSaga: Double
+    var writeSetBytesPerSaga: Double
+    var certificationFailures: Int
+    var bruteForceAborts: Int
 }
 
 struct CellFigures: Codable, Sendable {
@@ -27,21 +33,57 @@ struct CellFigures: Codable, Sendable {
             let lat = rounds.flatMap(\.latenciesMicros).sorted()
             let ops = rounds.map(\.ops).reduce(0, +)
             let med = median(rounds.map(\.throughput))
+            let counters = rounds.map(\.counters).reduce(ServerCounters(), +)
+            func perSaga(_ n: Int) -> Double { ops > 0 ? Double(n) / Double(ops) : 0 }
             return ModeFigures(
                 mode: mode, roundsPerSecond: rounds.map(\.throughput), medianPerSecond: med,
                 p50Millis: percentile(lat, 0.50) / 1000, p99Millis: percentile(lat, 0.99) / 1000,
-                fsyncsPerSaga: ops > 0 ? Double(rounds.map(\.fsyncs).reduce(0, +)) / Double(ops) : 0,
+                fsyncsPerSaga: perSaga(counters.fsyncs),
                 ratioToUnsafe: unsafeMedian > 0 ? med / unsafeMedian : 0,
-                errors: rounds.map(\.errors).reduce(0, +))
+                errors: rounds.map(\.errors).reduce(0, +),
+                writeSetsPerSaga: perSaga(counters.writeSets), writeSetBytesPerSaga: perSaga(counters.writeSetBytes),
+                certificationFailures: counters.certificationFailures, bruteForceAborts: counters.bruteForceAborts)
         }
     }
 
     func lines() -> [String] {
         modes.map { m in
-            String(format: "%-6@ %8.0f/s  x%.3f of unsafe  p50 %6.2f ms  p99 %7.2f ms  %.2f fsyncs/saga%@",
+            String(format: "%-6@ %8.0f/s  x%.3f of unsafe  p50 %6.2f ms  p99 %7.2f ms  %.2f fsyncs/saga%@%@",
                    m.mode.rawValue, m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga,
+                   backend == .galera ? String(format: "  %.3f write sets/saga (%.0f B), %d cert. failures, %d BF aborts",
+                                               m.writeSetsPerSaga, m.writeSetBytesPerSaga, m.certificationFailures, m.bruteForceAborts) : "",
                    m.errors > 0 ? "  (\(m.errors) errors)" : "")
         }
+    }
+}
+
+/// One mode of one cell on the cluster and on the single server, from rounds interleaved in
+/// the same run: what a certification round adds to each COMMIT.
+struct ClusterComparison: Codable, Sendable {
+    var workload: String
+    var threads: Int
+    var mode: Mode
+    var cluster: ModeFigures
+    var single: ModeFigures
+    /// The cluster's median sagas/s over the single server's.
+    var throughputRatio: Double
+    /// The cluster's median latency minus the single server's.
+    var p50AddedMillis: Double
+
+    static func pairs(cluster: CellFigures, single: CellFigures) -> [ClusterComparison] {
+        cluster.modes.compactMap { c in
+            single.modes.first { $0.mode == c.mode }.map {
+                ClusterComparison(workload: cluster.workload, threads: cluster.threads, mode: c.mode, cluster: c, single: $0,
+                                  throughputRatio: $0.medianPerSecond > 0 ? c.medianPerSecond / $0.medianPerSecond : 0,
+                                  p50AddedMillis: c.p50Millis - $0.p50Millis)
+            }
+        }
+    }
+
+    func line() -> String {
+        String(format: "%-6@ cluster/one server x%.3f  p50 %+.2f ms  %.3f write sets/saga (%.0f B)  %d cert. failures  %d BF aborts",
+               mode.rawValue, throughputRatio, p50AddedMillis, cluster.writeSetsPerSaga, cluster.writeSetBytesPerSaga,
+               cluster.certificationFailures, cluster.bruteForceAborts)
     }
 }
 
@@ -83,6 +125,7 @@ struct BenchReport: Codable, Sendable {
     var rounds: Int
     var secondsPerRound: Double
     var cells: [CellFigures] = []
+    var clusterComparisons: [ClusterComparison] = []
     var recovery: [String: RecoveryBench.Result] = [:]
     var growth: [String: [GrowthBench.Sample]] = [:]
 
@@ -93,6 +136,17 @@ struct BenchReport: Codable, Sendable {
             for m in c.modes {
                 out += String(format: "%-7@ | %-10@ | %7d | %-6@ | %16.0f | %15.3f | %6.2f | %6.2f | %11.2f\n",
                               c.backend.rawValue, c.workload, c.threads, m.mode.rawValue, m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga)
+            }
+        }
+        if !clusterComparisons.isEmpty {
+            out += "\nGalera (3 nodes on this machine, clients on node 1) against one MariaDB server, rounds interleaved in the same run:\n"
+            out += "workload   | threads | mode   | cluster sagas/s | one server sagas/s | cluster/one | p50 added ms | write sets/saga | bytes/saga | cert. failures | BF aborts | fsyncs/saga cluster | one server\n"
+            out += "-----------+---------+--------+-----------------+--------------------+-------------+--------------+-----------------+------------+----------------+-----------+---------------------+-----------\n"
+            for c in clusterComparisons {
+                out += String(format: "%-10@ | %7d | %-6@ | %15.0f | %18.0f | %11.3f | %12.2f | %15.3f | %10.0f | %14d | %9d | %19.2f | %10.2f\n",
+                              c.workload, c.threads, c.mode.rawValue, c.cluster.medianPerSecond, c.single.medianPerSecond, c.throughputRatio,
+                              c.p50AddedMillis, c.cluster.writeSetsPerSaga, c.cluster.writeSetBytesPerSaga, c.cluster.certificationFailures,
+                              c.cluster.bruteForceAborts, c.cluster.fsyncsPerSaga, c.single.fsyncsPerSaga)
             }
         }
         for (b, r) in recovery.sorted(by: { $0.key < $1.key }) {
