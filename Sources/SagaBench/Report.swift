@@ -8,6 +8,9 @@ struct ModeFigures: Codable, Sendable {
     var p99Millis: Double
     var fsyncsPerSaga: Double
     var ratioToUnsafe: Double
+    /// The median over rounds of this mode's sagas/s over the unsafe mode's in the same round:
+    /// steadier than the ratio of the medians when the machine's load drifts between rounds.
+    var pairedRatioToUnsafe: Double
     var errors: Int
     /// Galera: write sets replicated (and certified) per saga, their bytes, and the
     /// transactions the cluster rolled back over all rounds (zero elsewhere).
@@ -27,7 +30,8 @@ struct CellFigures: Codable, Sendable {
         self.backend = backend
         self.workload = workload
         self.threads = threads
-        let unsafeMedian = median((results[.unsafe] ?? []).map(\.throughput))
+        let unsafeRounds = (results[.unsafe] ?? []).map(\.throughput)
+        let unsafeMedian = median(unsafeRounds)
         self.modes = modes.map { mode in
             let rounds = results[mode] ?? []
             let lat = rounds.flatMap(\.latenciesMicros).sorted()
@@ -40,6 +44,7 @@ struct CellFigures: Codable, Sendable {
                 p50Millis: percentile(lat, 0.50) / 1000, p99Millis: percentile(lat, 0.99) / 1000,
                 fsyncsPerSaga: perSaga(counters.fsyncs),
                 ratioToUnsafe: unsafeMedian > 0 ? med / unsafeMedian : 0,
+                pairedRatioToUnsafe: medianOfRatios(rounds.map(\.throughput), unsafeRounds),
                 errors: rounds.map(\.errors).reduce(0, +),
                 writeSetsPerSaga: perSaga(counters.writeSets), writeSetBytesPerSaga: perSaga(counters.writeSetBytes),
                 certificationFailures: counters.certificationFailures, bruteForceAborts: counters.bruteForceAborts)
@@ -48,8 +53,8 @@ struct CellFigures: Codable, Sendable {
 
     func lines() -> [String] {
         modes.map { m in
-            String(format: "%-6@ %8.0f/s  x%.3f of unsafe  p50 %6.2f ms  p99 %7.2f ms  %.2f fsyncs/saga%@%@",
-                   m.mode.rawValue, m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga,
+            String(format: "%-6@ %8.0f/s  x%.3f of unsafe (paired by round x%.3f)  p50 %6.2f ms  p99 %7.2f ms  %.2f fsyncs/saga%@%@",
+                   m.mode.rawValue, m.medianPerSecond, m.ratioToUnsafe, m.pairedRatioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga,
                    backend == .galera ? String(format: "  %.3f write sets/saga (%.0f B), %d cert. failures, %d BF aborts",
                                                m.writeSetsPerSaga, m.writeSetBytesPerSaga, m.certificationFailures, m.bruteForceAborts) : "",
                    m.errors > 0 ? "  (\(m.errors) errors)" : "")
@@ -67,6 +72,8 @@ struct ClusterComparison: Codable, Sendable {
     var single: ModeFigures
     /// The cluster's median sagas/s over the single server's.
     var throughputRatio: Double
+    /// The median over rounds of the cluster's sagas/s over the single server's in the same round.
+    var pairedRatio: Double
     /// The cluster's median latency minus the single server's.
     var p50AddedMillis: Double
 
@@ -75,14 +82,15 @@ struct ClusterComparison: Codable, Sendable {
             single.modes.first { $0.mode == c.mode }.map {
                 ClusterComparison(workload: cluster.workload, threads: cluster.threads, mode: c.mode, cluster: c, single: $0,
                                   throughputRatio: $0.medianPerSecond > 0 ? c.medianPerSecond / $0.medianPerSecond : 0,
+                                  pairedRatio: medianOfRatios(c.roundsPerSecond, $0.roundsPerSecond),
                                   p50AddedMillis: c.p50Millis - $0.p50Millis)
             }
         }
     }
 
     func line() -> String {
-        String(format: "%-6@ cluster/one server x%.3f  p50 %+.2f ms  %.3f write sets/saga (%.0f B)  %d cert. failures  %d BF aborts",
-               mode.rawValue, throughputRatio, p50AddedMillis, cluster.writeSetsPerSaga, cluster.writeSetBytesPerSaga,
+        String(format: "%-6@ cluster/one server x%.3f (paired by round x%.3f)  p50 %+.2f ms  %.3f write sets/saga (%.0f B)  %d cert. failures  %d BF aborts",
+               mode.rawValue, throughputRatio, pairedRatio, p50AddedMillis, cluster.writeSetsPerSaga, cluster.writeSetBytesPerSaga,
                cluster.certificationFailures, cluster.bruteForceAborts)
     }
 }
@@ -140,12 +148,12 @@ struct BenchReport: Codable, Sendable {
         }
         if !clusterComparisons.isEmpty {
             out += "\nGalera (3 nodes on this machine, clients on node 1) against one MariaDB server, rounds interleaved in the same run:\n"
-            out += "workload   | threads | mode   | cluster sagas/s | one server sagas/s | cluster/one | p50 added ms | write sets/saga | bytes/saga | cert. failures | BF aborts | fsyncs/saga cluster | one server\n"
-            out += "-----------+---------+--------+-----------------+--------------------+-------------+--------------+-----------------+------------+----------------+-----------+---------------------+-----------\n"
+            out += "workload   | threads | mode   | cluster sagas/s | one server sagas/s | cluster/one | paired by round | p50 added ms | write sets/saga | bytes/saga | cert. failures | BF aborts | fsyncs/saga cluster | one server\n"
+            out += "-----------+---------+--------+-----------------+--------------------+-------------+-----------------+--------------+-----------------+------------+----------------+-----------+---------------------+-----------\n"
             for c in clusterComparisons {
-                out += String(format: "%-10@ | %7d | %-6@ | %15.0f | %18.0f | %11.3f | %12.2f | %15.3f | %10.0f | %14d | %9d | %19.2f | %10.2f\n",
+                out += String(format: "%-10@ | %7d | %-6@ | %15.0f | %18.0f | %11.3f | %15.3f | %12.2f | %15.3f | %10.0f | %14d | %9d | %19.2f | %10.2f\n",
                               c.workload, c.threads, c.mode.rawValue, c.cluster.medianPerSecond, c.single.medianPerSecond, c.throughputRatio,
-                              c.p50AddedMillis, c.cluster.writeSetsPerSaga, c.cluster.writeSetBytesPerSaga, c.cluster.certificationFailures,
+                              c.pairedRatio, c.p50AddedMillis, c.cluster.writeSetsPerSaga, c.cluster.writeSetBytesPerSaga, c.cluster.certificationFailures,
                               c.cluster.bruteForceAborts, c.cluster.fsyncsPerSaga, c.single.fsyncsPerSaga)
             }
         }

@@ -238,6 +238,11 @@ func percentile(_ sorted: [Double], _ p: Double) -> Double {
     return sorted[i]
 }
 
+/// The median of `a[i] / b[i]` over the rounds both have (0 if none).
+func medianOfRatios(_ a: [Double], _ b: [Double]) -> Double {
+    median(zip(a, b).compactMap { $1 > 0 ? $0 / $1 : nil })
+}
+
 func median(_ xs: [Double]) -> Double {
     let s = xs.sorted()
     guard !s.isEmpty else { return 0 }
