@@ -53,8 +53,8 @@ struct CellFigures: Codable, Sendable {
 
     func lines() -> [String] {
         modes.map { m in
-            String(format: "%-6@ %8.0f/s  x%.3f of unsafe (paired by round x%.3f)  p50 %6.2f ms  p99 %7.2f ms  %.2f fsyncs/saga%@%@",
-                   m.mode.rawValue, m.medianPerSecond, m.ratioToUnsafe, m.pairedRatioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga,
+            String(format: "%@ %8.0f/s  x%.3f of unsafe (paired by round x%.3f)  p50 %6.2f ms  p99 %7.2f ms  %.2f fsyncs/saga%@%@",
+                   m.mode.rawValue.padded(6), m.medianPerSecond, m.ratioToUnsafe, m.pairedRatioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga,
                    backend == .galera ? String(format: "  %.3f write sets/saga (%.0f B), %d cert. failures, %d BF aborts",
                                                m.writeSetsPerSaga, m.writeSetBytesPerSaga, m.certificationFailures, m.bruteForceAborts) : "",
                    m.errors > 0 ? "  (\(m.errors) errors)" : "")
@@ -89,8 +89,8 @@ struct ClusterComparison: Codable, Sendable {
     }
 
     func line() -> String {
-        String(format: "%-6@ cluster/one server x%.3f (paired by round x%.3f)  p50 %+.2f ms  %.3f write sets/saga (%.0f B)  %d cert. failures  %d BF aborts",
-               mode.rawValue, throughputRatio, pairedRatio, p50AddedMillis, cluster.writeSetsPerSaga, cluster.writeSetBytesPerSaga,
+        String(format: "%@ cluster/one server x%.3f (paired by round x%.3f)  p50 %+.2f ms  %.3f write sets/saga (%.0f B)  %d cert. failures  %d BF aborts",
+               mode.rawValue.padded(6), throughputRatio, pairedRatio, p50AddedMillis, cluster.writeSetsPerSaga, cluster.writeSetBytesPerSaga,
                cluster.certificationFailures, cluster.bruteForceAborts)
     }
 }
@@ -142,8 +142,8 @@ struct BenchReport: Codable, Sendable {
         out += "--------+------------+---------+--------+------------------+-----------------+--------+--------+------------\n"
         for c in cells {
             for m in c.modes {
-                out += String(format: "%-7@ | %-10@ | %7d | %-6@ | %16.0f | %15.3f | %6.2f | %6.2f | %11.2f\n",
-                              c.backend.rawValue, c.workload, c.threads, m.mode.rawValue, m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga)
+                out += String(format: "%@ | %@ | %7d | %@ | %16.0f | %15.3f | %6.2f | %6.2f | %11.2f\n",
+                              c.backend.rawValue.padded(7), c.workload.padded(10), c.threads, m.mode.rawValue.padded(6), m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga)
             }
         }
         if !clusterComparisons.isEmpty {
@@ -151,8 +151,8 @@ struct BenchReport: Codable, Sendable {
             out += "workload   | threads | mode   | cluster sagas/s | one server sagas/s | cluster/one | paired by round | p50 added ms | write sets/saga | bytes/saga | cert. failures | BF aborts | fsyncs/saga cluster | one server\n"
             out += "-----------+---------+--------+-----------------+--------------------+-------------+-----------------+--------------+-----------------+------------+----------------+-----------+---------------------+-----------\n"
             for c in clusterComparisons {
-                out += String(format: "%-10@ | %7d | %-6@ | %15.0f | %18.0f | %11.3f | %15.3f | %12.2f | %15.3f | %10.0f | %14d | %9d | %19.2f | %10.2f\n",
-                              c.workload, c.threads, c.mode.rawValue, c.cluster.medianPerSecond, c.single.medianPerSecond, c.throughputRatio,
+                out += String(format: "%@ | %7d | %@ | %15.0f | %18.0f | %11.3f | %15.3f | %12.2f | %15.3f | %10.0f | %14d | %9d | %19.2f | %10.2f\n",
+                              c.workload.padded(10), c.threads, c.mode.rawValue.padded(6), c.cluster.medianPerSecond, c.single.medianPerSecond, c.throughputRatio,
                               c.pairedRatio, c.p50AddedMillis, c.cluster.writeSetsPerSaga, c.cluster.writeSetBytesPerSaga, c.cluster.certificationFailures,
                               c.cluster.bruteForceAborts, c.cluster.fsyncsPerSaga, c.single.fsyncsPerSaga)
             }
@@ -174,4 +174,10 @@ struct BenchReport: Codable, Sendable {
         e.outputFormatting = [.prettyPrinted, .sortedKeys]
         return String(decoding: try e.encode(self), as: UTF8.self)
     }
+}
+
+extension String {
+    /// Padded with spaces to `width` characters: `%-10@` pads nothing in Foundation on Linux,
+    /// which left the tables' columns unaligned.
+    func padded(_ width: Int) -> String { count >= width ? self : self + String(repeating: " ", count: width - count) }
 }
