@@ -117,6 +117,12 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("crash-occurrence"), help: "Crash on the n-th time the step is reached.")
     var crashOccurrence: Int = 1
 
+    @Option(name: .customLong("pause-at"), help: "SIGSTOP the process at this protocol step (STEP or PHASE:STEP) until it gets SIGCONT: whoever started it acts at a known point, e.g. kills the SQL server.")
+    var pauseAt: String?
+
+    @Option(name: .customLong("pause-occurrences"), help: "Pause on these times the step is reached, comma-separated (1 = the first).")
+    var pauseOccurrences: String = "1"
+
     @Option(name: .customLong("gc-every"), help: "Collect garbage after this many finished sagas.")
     var gcEvery: Int = 512
 
@@ -133,16 +139,24 @@ struct Run: ParsableCommand {
         if location.sql != nil, mode != .kill, failCommitAt != nil { throw ValidationError("with --sql mysql://..., use --fail-mode kill") }
         if location.sql == nil, mode == .kill { throw ValidationError("--fail-mode kill needs --sql mysql://...") }
         guard gcEvery >= 1 else { throw ValidationError("--gc-every must be at least 1") }
-        if let crashAt { _ = try parseCrashPoint(crashAt) }
+        if let crashAt { _ = try parseStepPoint(crashAt) }
+        if let pauseAt { _ = try parseStepPoint(pauseAt) }
+        guard !pauseOccurrenceList.isEmpty, pauseOccurrences.split(separator: ",").count == pauseOccurrenceList.count else {
+            throw ValidationError("--pause-occurrences takes numbers from 1 up, comma-separated, not \(pauseOccurrences)")
+        }
     }
 
-    func parseCrashPoint(_ text: String) throws -> (SagaPhase?, SagaStep) {
+    var pauseOccurrenceList: [Int] {
+        pauseOccurrences.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }.filter { $0 >= 1 }
+    }
+
+    func parseStepPoint(_ text: String) throws -> (SagaPhase?, SagaStep) {
         let parts = text.split(separator: ":").map(String.init)
         let stepName = parts.last ?? ""
         guard let step = SagaStep(rawValue: stepName) else {
             throw ValidationError("unknown step \"\(stepName)\"; steps: \(SagaStep.allCases.map(\.rawValue).joined(separator: ", "))")
         }
-        guard parts.count <= 2 else { throw ValidationError("--crash-at takes STEP or PHASE:STEP") }
+        guard parts.count <= 2 else { throw ValidationError("--crash-at and --pause-at take STEP or PHASE:STEP") }
         if parts.count == 2 {
             guard let phase = SagaPhase(rawValue: parts[0]) else {
                 throw ValidationError("unknown phase \"\(parts[0])\"; phases: run, recovery, gc")
@@ -154,11 +168,17 @@ struct Run: ParsableCommand {
 
     func run() throws {
         let logger = makeLogger(verbose: verbose)
-        var hooks: (any SagaHooks)?
+        var stepHooks: [any SagaHooks] = []
         if let crashAt {
-            let (phase, step) = try parseCrashPoint(crashAt)
-            hooks = StepTrigger(.crash, at: step, phase: phase, occurrence: crashOccurrence)
+            let (phase, step) = try parseStepPoint(crashAt)
+            stepHooks.append(StepTrigger(.crash, at: step, phase: phase, occurrence: crashOccurrence))
         }
+        if let pauseAt {
+            let (phase, step) = try parseStepPoint(pauseAt)
+            // One trigger per occurrence: each counts the step on its own.
+            stepHooks += pauseOccurrenceList.map { StepTrigger(.pause, at: step, phase: phase, occurrence: $0) }
+        }
+        let hooks: (any SagaHooks)? = stepHooks.isEmpty ? nil : CombinedHooks(stepHooks)
         let open = { [location, unprotected, gcEvery] in
             try Node(dir: location.data, sqlURL: location.sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
         }
@@ -183,7 +203,7 @@ struct Run: ParsableCommand {
             sayError("aa-demo: \(stop)")
             throw ExitCode(stop.reason.rawValue)
         }
-        let report = try Verifier.check(kv: runner.node.kv, sql: runner.node.admin)
+        let report = try runner.node.check()
         say("done: \(runner.processed) trigger(s) processed in this run, \(runner.retries) failed attempt(s); queue empty; digest \(report.digest); SQL connections opened: \(runner.node.sql.opened)")
     }
 }
@@ -232,7 +252,7 @@ struct Verify: ParsableCommand {
         try location.requireExisting()
         let node = try Node(dir: location.data, sqlURL: location.sql, protected: false, logger: makeLogger(verbose: false))
         defer { node.close() }
-        let report = try Verifier.check(kv: node.kv, sql: node.admin)
+        let report = try node.check()
         say("addresses: \(report.addresses), responses: \(report.responses), queued: \(report.queued)")
         say("digest \(report.digest)")
         if report.agree {
@@ -279,7 +299,7 @@ struct Show: ParsableCommand {
                         : "      the KV batch is already durable and stays; retrying the trigger")
                 }
             }
-            let report = try Verifier.check(kv: node.kv, sql: node.admin)
+            let report = try node.check()
             node.close()
             if report.agree {
                 say("   verify: OK, KV and SQL agree (digest \(report.digest))\n")

@@ -24,7 +24,9 @@ final class Node {
     let kv: RocksDBStore
     /// The SQL database, behind a counter of the connections opened to it.
     let sql: CountingDatabase
-    let admin: any SQLConnection
+    /// The node's own connection (the queue, seeding, the checks), not a saga's: see
+    /// ``withAdmin(_:)``.
+    private var admin: any SQLConnection
     let isMySQL: Bool
     let coordinator: SagaCoordinator?
     let logger: Logger
@@ -49,7 +51,7 @@ final class Node {
         if let sqlURL {
             sql = CountingDatabase(try MySQLDatabase(url: sqlURL))
             isMySQL = true
-            admin = try sql.connect()
+            admin = try Self.openAdmin(sql)
             for statement in Schema.mysql { try admin.execute(statement, []) }
         } else {
             try SQLiteFaults.register()
@@ -57,7 +59,7 @@ final class Node {
             config.vfs = SQLiteFaults.vfsName  // forwards everything unless armed
             sql = CountingDatabase(try SQLiteDatabase(path: Self.sqlPath(dir), configuration: config))
             isMySQL = false
-            admin = try sql.connect()
+            admin = try Self.openAdmin(sql)
             for statement in Schema.sqlite { try admin.execute(statement, []) }
         }
         kv = try RocksDBStore(path: Self.kvPath(dir))
@@ -80,6 +82,33 @@ final class Node {
         }
     }
 
+    /// The admin connection reads causally on a cluster (a trigger that a saga committed
+    /// through another node is never read as still queued).
+    private static func openAdmin(_ sql: any SQLDatabase) throws -> any SQLConnection {
+        let conn = try sql.connect()
+        if let causal = sql.dialect.causalReads {
+            do { try conn.execute(causal, []) } catch {
+                conn.close()
+                throw error
+            }
+        }
+        return conn
+    }
+
+    /// Runs `body` on the admin connection. If the connection was lost meanwhile (its server
+    /// died or restarted), opens a new one (with several servers in the URL: on the first that
+    /// answers and is ready) and runs `body` once more: every caller's body can run again (a
+    /// read, or a transaction that checks first whether it already committed).
+    func withAdmin<T>(_ body: (any SQLConnection) throws -> T) throws -> T {
+        do {
+            return try body(admin)
+        } catch where admin.isBroken {
+            admin.close()
+            admin = try Self.openAdmin(sql)
+            return try body(admin)
+        }
+    }
+
     func close() {
         coordinator?.close()
         work?.close()
@@ -91,6 +120,10 @@ final class Node {
     /// Seeds `count` deterministic triggers for a handful of AA addresses, once.
     @discardableResult
     func seed(triggers count: Int, seed: UInt64) throws -> Bool {
+        try withAdmin { admin in try Self.seed(triggers: count, seed: seed, on: admin) }
+    }
+
+    private static func seed(triggers count: Int, seed: UInt64, on admin: any SQLConnection) throws -> Bool {
         if try !admin.query("SELECT value FROM demo_meta WHERE name = 'seed'", []).isEmpty { return false }
         var rng = SplitMix64(state: seed)
         let addresses = (0..<5).map { _ in rng.base32(32) }
@@ -112,9 +145,15 @@ final class Node {
         return true
     }
 
+    /// ``Verifier/check(kv:sql:)`` of this node's stores.
+    func check() throws -> Verifier.Report {
+        try withAdmin { try Verifier.check(kv: kv, sql: $0) }
+    }
+
     /// The head of the queue.
     func nextTrigger() throws -> Trigger? {
-        guard let row = try admin.query("SELECT mci, unit, address, amount FROM aa_triggers ORDER BY mci LIMIT 1", []).first else { return nil }
+        let head = try withAdmin { try $0.query("SELECT mci, unit, address, amount FROM aa_triggers ORDER BY mci LIMIT 1", []) }
+        guard let row = head.first else { return nil }
         guard let mci = row[0].int64, let unit = row[1].string, let address = row[2].string, let amount = row[3].int64 else {
             throw DemoError("malformed trigger row \(row.values)")
         }

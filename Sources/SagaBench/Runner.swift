@@ -7,7 +7,16 @@ import RocksDBBackend
 import Saga
 import SQLiteBackend
 
-enum BenchBackend: String, Codable, Sendable, CaseIterable { case sqlite, mysql }
+enum BenchBackend: String, Codable, Sendable, CaseIterable {
+    case sqlite, mysql
+    /// A MariaDB Galera cluster: every connection to the first node of its URL that answers.
+    case galera
+
+    /// MariaDB's SQL (one server or a cluster of them).
+    var isMariaDB: Bool { self != .sqlite }
+    /// XA runs on one server only: MariaDB refuses `XA START` with Galera replication (1235).
+    var runsXA: Bool { self == .mysql }
+}
 
 /// One set of stores (RocksDB + one SQL database) that every mode of a cell runs on, with the
 /// same data and the same sync settings.
@@ -16,8 +25,8 @@ final class BenchStores: @unchecked Sendable {
     let kv: RocksDBStore
     let sql: any SQLDatabase
     let coordinator: SagaCoordinator
-    /// For server-side fsync counts (MySQL).
-    let admin: (any SQLConnection)?
+    /// For the servers' counters: one connection to each server (each node of a cluster).
+    let admins: [any SQLConnection]
 
     init(backend: BenchBackend, dir: String, mysqlURL: String?, logger: Logger) throws {
         self.backend = backend
@@ -26,29 +35,74 @@ final class BenchStores: @unchecked Sendable {
         switch backend {
         case .sqlite:
             sql = try SQLiteDatabase(path: dir + "/bench.sqlite")  // WAL, synchronous=FULL
-            admin = nil
-        case .mysql:
+            admins = []
+        case .mysql, .galera:
             guard let mysqlURL else { throw BenchError("no MySQL URL") }
-            let db = try MySQLDatabase(url: mysqlURL)
-            sql = db
-            admin = try db.connect()
+            let url = try MySQLURL(mysqlURL)
+            sql = try MySQLDatabase(url: url)
+            admins = try url.endpoints.map { endpoint in
+                var one = url
+                one.endpoints = [endpoint]
+                return try MySQLDatabase(url: one).connect()
+            }
         }
         coordinator = try SagaCoordinator(kv: kv, sql: sql, logger: logger)
     }
 
     func close() {
         coordinator.close()
-        admin?.close()
+        admins.forEach { $0.close() }
         kv.close()
     }
 
-    /// fsyncs so far: this process's (RocksDB, SQLite) plus, for MySQL, the server's InnoDB ones.
-    func fsyncs() -> Int {
-        var n = Int(saga_fault_fsync_calls())
-        if let admin, let rows = try? admin.query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Innodb_os_log_fsyncs', 'Innodb_data_fsyncs')", []) {
-            for row in rows { n += Int(row[1].string ?? "") ?? Int(row[1].int64 ?? 0) }
+    /// The counters so far: this process's fsyncs (RocksDB, SQLite) plus the servers' own,
+    /// summed over every server.
+    func counters() -> ServerCounters {
+        var c = ServerCounters()
+        c.fsyncs = Int(saga_fault_fsync_calls())
+        for admin in admins {
+            guard let rows = try? admin.query("SHOW GLOBAL STATUS WHERE Variable_name IN (\(ServerCounters.names))", []) else { continue }
+            for row in rows {
+                c.add(row[0].string ?? "", Int(row[1].string ?? "") ?? Int(row[1].int64 ?? 0))
+            }
         }
-        return n
+        return c
+    }
+}
+
+/// Server status counters, summed over a cluster's nodes. A write set is what one COMMIT on a
+/// Galera node replicates and the cluster certifies; a certification failure or brute-force
+/// abort rolls a transaction back (the client sees 1213).
+struct ServerCounters: Codable, Sendable {
+    var fsyncs = 0
+    var writeSets = 0
+    var writeSetBytes = 0
+    var certificationFailures = 0
+    var bruteForceAborts = 0
+
+    static let names = "'Innodb_os_log_fsyncs', 'Innodb_data_fsyncs', 'wsrep_replicated', 'wsrep_replicated_bytes', 'wsrep_local_cert_failures', 'wsrep_local_bf_aborts'"
+
+    mutating func add(_ name: String, _ value: Int) {
+        switch name.lowercased() {
+        case "innodb_os_log_fsyncs", "innodb_data_fsyncs": fsyncs += value
+        case "wsrep_replicated": writeSets += value
+        case "wsrep_replicated_bytes": writeSetBytes += value
+        case "wsrep_local_cert_failures": certificationFailures += value
+        case "wsrep_local_bf_aborts": bruteForceAborts += value
+        default: break
+        }
+    }
+
+    static func - (a: ServerCounters, b: ServerCounters) -> ServerCounters {
+        ServerCounters(fsyncs: a.fsyncs - b.fsyncs, writeSets: a.writeSets - b.writeSets, writeSetBytes: a.writeSetBytes - b.writeSetBytes,
+                       certificationFailures: a.certificationFailures - b.certificationFailures,
+                       bruteForceAborts: a.bruteForceAborts - b.bruteForceAborts)
+    }
+
+    static func + (a: ServerCounters, b: ServerCounters) -> ServerCounters {
+        ServerCounters(fsyncs: a.fsyncs + b.fsyncs, writeSets: a.writeSets + b.writeSets, writeSetBytes: a.writeSetBytes + b.writeSetBytes,
+                       certificationFailures: a.certificationFailures + b.certificationFailures,
+                       bruteForceAborts: a.bruteForceAborts + b.bruteForceAborts)
     }
 }
 
@@ -56,7 +110,7 @@ struct RoundResult {
     var ops = 0
     var seconds = 0.0
     var latenciesMicros: [Double] = []
-    var fsyncs = 0
+    var counters = ServerCounters()
     var errors = 0
     var firstError: String?
     var throughput: Double { seconds > 0 ? Double(ops) / seconds : 0 }
@@ -79,12 +133,12 @@ final class CellRunner {
         seq = Array(repeating: 0, count: threads)
         let conn = try stores.sql.connect()
         defer { conn.close() }
-        for s in workload.schema(mysql: stores.backend == .mysql) { try conn.execute(s, []) }
+        for s in workload.schema(mysql: stores.backend.isMariaDB) { try conn.execute(s, []) }
         try conn.begin()
-        for (s, args) in workload.seedStatements(threads: threads, mysql: stores.backend == .mysql) { try conn.execute(s, args) }
+        for (s, args) in workload.seedStatements(threads: threads, mysql: stores.backend.isMariaDB) { try conn.execute(s, args) }
         if case .failed(let e) = conn.commit() { throw e }
         try conn.execute("CREATE TABLE IF NOT EXISTS bench_extra_rows (id BIGINT PRIMARY KEY)", [])
-        for mode in [Mode.unsafe, .xa, .unsafeWithRow] where mode != .xa || stores.backend == .mysql {
+        for mode in [Mode.unsafe, .xa, .unsafeWithRow] where mode != .xa || stores.backend.runsXA {
             connections[mode] = try (0..<threads).map { _ in try stores.sql.connect() }
         }
     }
@@ -92,7 +146,7 @@ final class CellRunner {
     func close() { connections.values.forEach { $0.forEach { $0.close() } } }
 
     func round(_ mode: Mode, duration: Double) -> RoundResult {
-        let fsyncsBefore = stores.fsyncs()
+        let countersBefore = stores.counters()
         let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(duration * 1e9)
         let group = DispatchGroup()
         let results = ResultsBox(count: threads)
@@ -148,7 +202,7 @@ final class CellRunner {
             total.firstError = total.firstError ?? r.firstError
             total.latenciesMicros += r.latenciesMicros
         }
-        total.fsyncs = stores.fsyncs() - fsyncsBefore
+        total.counters = stores.counters() - countersBefore
         return total
     }
 }
@@ -182,6 +236,11 @@ func percentile(_ sorted: [Double], _ p: Double) -> Double {
     guard !sorted.isEmpty else { return 0 }
     let i = min(sorted.count - 1, max(0, Int((p * Double(sorted.count)).rounded(.up)) - 1))
     return sorted[i]
+}
+
+/// The median of `a[i] / b[i]` over the rounds both have (0 if none).
+func medianOfRatios(_ a: [Double], _ b: [Double]) -> Double {
+    median(zip(a, b).compactMap { $1 > 0 ? $0 / $1 : nil })
 }
 
 func median(_ xs: [Double]) -> Double {

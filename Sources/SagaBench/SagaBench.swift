@@ -1,4 +1,5 @@
 import ArgumentParser
+import Dispatch
 import Foundation
 import Logging
 import MySQLBackend
@@ -16,20 +17,21 @@ struct SagaBench: ParsableCommand {
             sizes while sagas run with garbage collection.
             """)
 
-    @Option(help: "SQL backends: sqlite, mysql, or both.") var backend: String = "both"
+    @Option(help: "SQL backends: sqlite, mysql, both (sqlite and mysql), or galera (a 3-node MariaDB Galera cluster against one MariaDB server, rounds interleaved in the same run).") var backend: String = "both"
     @Option(help: "Workloads: aa-trigger, transfer, or both.") var workload: String = "both"
     @Option(help: "Thread counts, comma-separated (disjoint keys per thread).") var concurrency: String = "1,8"
-    @Option(help: "Modes to run, comma-separated (unsafe, saga, xa, unsafe+row); xa runs on MySQL only. unsafe+row adds one row insert to the unsafe sequence: what the marker alone costs.") var modes: String = "unsafe,saga,xa"
+    @Option(help: "Modes to run, comma-separated (unsafe, saga, xa, unsafe+row); xa runs on one MySQL server only (not with --backend galera: MariaDB refuses XA with Galera replication). unsafe+row adds one row insert to the unsafe sequence: what the marker alone costs.") var modes: String = "unsafe,saga,xa"
     @Option(help: "Measured rounds per mode (after one warm-up round).") var rounds: Int = 5
     @Option(help: "Seconds each mode runs in a round.") var seconds: Double = 2
     @Option(name: .customLong("recovery-sagas"), help: "Prepared sagas to recover (0: skip).") var recoverySagas: Int = 10_000
     @Option(name: .customLong("growth-sagas"), help: "Sagas to run while sampling journal and marker sizes (0: skip).") var growthSagas: Int = 100_000
     @Option(name: .customLong("mysql-url"), help: "Use this MariaDB server (its database is used as is) instead of starting a throwaway one.") var mysqlURL: String?
+    @Option(name: .customLong("galera-url"), help: "With --backend galera: use this cluster (mysql://user:password@host1:port1,host2:port2,.../db; its database is used as is) instead of starting a throwaway one.") var galeraURL: String?
     @Option(help: "Write the figures as JSON to this file.") var json: String?
     @Option(help: "Work in this directory (default: a new one under the temporary directory).") var workdir: String?
 
     func validate() throws {
-        guard ["sqlite", "mysql", "both"].contains(backend) else { throw ValidationError("--backend must be sqlite, mysql or both, not \(backend)") }
+        guard ["sqlite", "mysql", "both", "galera"].contains(backend) else { throw ValidationError("--backend must be sqlite, mysql, both or galera, not \(backend)") }
         guard ["aa-trigger", "transfer", "both"].contains(workload) else { throw ValidationError("--workload must be aa-trigger, transfer or both, not \(workload)") }
         guard rounds >= 1 else { throw ValidationError("--rounds must be at least 1") }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
@@ -40,11 +42,21 @@ struct SagaBench: ParsableCommand {
             throw ValidationError("--modes takes unsafe, saga, xa and unsafe+row, comma-separated, not \(modes)")
         }
         guard recoverySagas >= 0, growthSagas >= 0 else { throw ValidationError("saga counts must be 0 or more") }
+        if galeraURL != nil, backend != "galera" { throw ValidationError("--galera-url goes with --backend galera") }
     }
 
     var selectedModes: [Mode] { modes.split(separator: ",").compactMap { Mode(rawValue: String($0)) } }
 
     var threadCounts: [Int] { concurrency.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
+
+    /// Backends measured together, their rounds interleaved: the cluster with one server.
+    var groups: [[BenchBackend]] {
+        switch backend {
+        case "both": [[.sqlite], [.mysql]]
+        case "galera": [[.galera, .mysql]]
+        default: [[BenchBackend(rawValue: backend) ?? .sqlite]]
+        }
+    }
 
     func run() throws {
         var logger = Logger(label: "saga-bench") { StreamLogHandler.standardError(label: $0) }
@@ -54,73 +66,151 @@ struct SagaBench: ParsableCommand {
         var report = BenchReport(machine: MachineInfo.read(workdir: root), rounds: rounds, secondsPerRound: seconds)
         say("saga-bench on \(report.machine.summary)")
         say("rounds: \(rounds) x \(seconds) s per mode after a warm-up, modes interleaved; work in \(root)\n")
-        let backends: [BenchBackend] = backend == "both" ? [.sqlite, .mysql] : [BenchBackend(rawValue: backend) ?? .sqlite]
         let workloads: [any Workload] = workload == "both" ? [AATriggerWorkload(), TransferWorkload()]
             : workload == "transfer" ? [TransferWorkload()] : [AATriggerWorkload()]
+        let servers = StartedServers()
+        defer { servers.stopAll() }
         var cellNumber = 0
 
-        for b in backends {
-            var server: MariaDBServer?
-            if b == .mysql, mysqlURL == nil {
-                say("[mysql] starting a throwaway MariaDB server (innodb_flush_log_at_trx_commit=1)")
-                server = try MariaDBServer()
-            }
-            defer { server?.stop() }
-            let serverURL = mysqlURL ?? server?.url
-            func freshDatabase() throws -> String? {
-                guard b == .mysql, let serverURL else { return nil }
-                cellNumber += 1
-                if mysqlURL != nil { return serverURL }  // the caller's database, as is
-                let name = "bench_\(cellNumber)"
-                let admin = try MySQLDatabase(url: serverURL).openConnection()
-                defer { admin.close() }
-                try admin.execute("DROP DATABASE IF EXISTS \(name)", [])
-                try admin.execute("CREATE DATABASE \(name)", [])
-                guard let slash = serverURL.lastIndex(of: "/") else { throw BenchError("bad server URL") }
-                return serverURL[..<slash] + "/" + name
-            }
+        for group in groups {
+            let targets = try group.map { try target($0, servers) }
+            let modes = selectedModes.filter { $0 != .xa || group.allSatisfy(\.runsXA) }
+            if modes.count < selectedModes.count { say("(xa is not run with --backend galera: MariaDB refuses XA transactions with Galera replication, error 1235)") }
 
             for w in workloads {
                 for threads in threadCounts {
-                    cellNumber += 1
-                    let dir = root + "/\(b.rawValue)-\(w.name)-\(threads)-\(cellNumber)"
-                    let stores = try BenchStores(backend: b, dir: dir, mysqlURL: try freshDatabase(), logger: logger)
-                    let runner = try CellRunner(stores: stores, workload: w, threads: threads)
-                    let modes = selectedModes.filter { $0 != .xa || b == .mysql }
-                    say("[\(b.rawValue)] \(w.name), \(threads) thread(s): \(modes.map(\.rawValue).joined(separator: ", "))")
-                    var perMode: [Mode: [RoundResult]] = [:]
-                    for mode in modes { _ = runner.round(mode, duration: min(1, seconds)) }  // warm-up
+                    var cells: [(target: BenchTarget, stores: BenchStores, runner: CellRunner)] = []
+                    defer { for c in cells { c.runner.close(); c.stores.close() } }
+                    for t in targets {
+                        cellNumber += 1
+                        let stores = try BenchStores(backend: t.backend, dir: root + "/\(t.backend.rawValue)-\(w.name)-\(threads)-\(cellNumber)",
+                                                     mysqlURL: try t.freshDatabase(cellNumber), logger: logger)
+                        cells.append((t, stores, try CellRunner(stores: stores, workload: w, threads: threads)))
+                    }
+                    say("[\(group.map(\.rawValue).joined(separator: ", "))] \(w.name), \(threads) thread(s): \(modes.map(\.rawValue).joined(separator: ", "))")
+                    var perMode = Array(repeating: [Mode: [RoundResult]](), count: cells.count)
+                    for c in cells { for mode in modes { _ = c.runner.round(mode, duration: min(1, seconds)) } }  // warm-up
                     for r in 1...rounds {
-                        for mode in modes {
-                            let result = runner.round(mode, duration: seconds)
-                            perMode[mode, default: []].append(result)
-                            if let e = result.firstError { say("    \(mode) round \(r): \(result.errors) error(s), first: \(e)") }
+                        for (i, c) in cells.enumerated() {
+                            for mode in modes {
+                                let result = c.runner.round(mode, duration: seconds)
+                                perMode[i][mode, default: []].append(result)
+                                if let e = result.firstError { say("    [\(c.target.backend.rawValue)] \(mode) round \(r): \(result.errors) error(s), first: \(e)") }
+                            }
                         }
                     }
-                    runner.close()
-                    stores.close()
-                    let cell = CellFigures(backend: b, workload: w.name, threads: threads, modes: modes, results: perMode)
-                    for line in cell.lines() { say("    " + line) }
-                    report.cells.append(cell)
+                    let figures = cells.indices.map { i in
+                        CellFigures(backend: cells[i].target.backend, workload: w.name, threads: threads, modes: modes, results: perMode[i])
+                    }
+                    for cell in figures {
+                        for line in cell.lines() { say("    " + (figures.count > 1 ? "[\(cell.backend.rawValue)] " : "") + line) }
+                    }
+                    report.cells += figures
+                    if let cluster = figures.first(where: { $0.backend == .galera }), let single = figures.first(where: { $0.backend == .mysql }) {
+                        let pairs = ClusterComparison.pairs(cluster: cluster, single: single)
+                        for p in pairs { say("    " + p.line()) }
+                        report.clusterComparisons += pairs
+                    }
                 }
             }
 
-            if recoverySagas > 0 {
-                say("[\(b.rawValue)] recovery of \(recoverySagas) prepared sagas (half committed in SQL, half not)")
-                let r = try RecoveryBench(backend: b, dir: root + "/\(b.rawValue)-recovery", mysqlURL: try freshDatabase(), count: recoverySagas).run(logger: logger)
-                say(String(format: "    reopen with recovery: %.3f s (%d kept, %d compensated, %@)", r.seconds, r.committed, r.compensated, r.correct ? "correct" : "WRONG"))
-                report.recovery[b.rawValue] = r
-            }
-            if growthSagas > 0 {
-                say("[\(b.rawValue)] journal and marker sizes over \(growthSagas) sagas with GC (default threshold 512)")
-                let samples = try GrowthBench(backend: b, dir: root + "/\(b.rawValue)-growth", mysqlURL: try freshDatabase(),
-                                              count: growthSagas, every: max(1, growthSagas / 10)).run(logger: logger, progress: say)
-                report.growth[b.rawValue] = samples
+            for t in targets {
+                let b = t.backend
+                cellNumber += 1
+                if recoverySagas > 0 {
+                    say("[\(b.rawValue)] recovery of \(recoverySagas) prepared sagas (half committed in SQL, half not)")
+                    let r = try RecoveryBench(backend: b, dir: root + "/\(b.rawValue)-recovery", mysqlURL: try t.freshDatabase(cellNumber), count: recoverySagas).run(logger: logger)
+                    say(String(format: "    reopen with recovery: %.3f s (%d kept, %d compensated, %@)", r.seconds, r.committed, r.compensated, r.correct ? "correct" : "WRONG"))
+                    report.recovery[b.rawValue] = r
+                }
+                cellNumber += 1
+                if growthSagas > 0 {
+                    say("[\(b.rawValue)] journal and marker sizes over \(growthSagas) sagas with GC (default threshold 512)")
+                    let samples = try GrowthBench(backend: b, dir: root + "/\(b.rawValue)-growth", mysqlURL: try t.freshDatabase(cellNumber),
+                                                  count: growthSagas, every: max(1, growthSagas / 10)).run(logger: logger, progress: say)
+                    report.growth[b.rawValue] = samples
+                }
             }
         }
         say("")
         say(report.table())
         if let json { try report.json().write(toFile: json, atomically: true, encoding: .utf8); say("figures written to \(json)") }
+    }
+
+    /// The caller's server or cluster, or one started for the run (and stopped with it).
+    func target(_ backend: BenchBackend, _ servers: StartedServers) throws -> BenchTarget {
+        switch backend {
+        case .sqlite:
+            return BenchTarget(backend: .sqlite, serverURL: nil, given: false)
+        case .mysql:
+            if let mysqlURL { return BenchTarget(backend: .mysql, serverURL: mysqlURL, given: true) }
+            say("[mysql] starting a throwaway MariaDB server (innodb_flush_log_at_trx_commit=1)")
+            let server = try MariaDBServer()
+            servers.add { server.stop() }
+            return BenchTarget(backend: .mysql, serverURL: server.url, given: false)
+        case .galera:
+            if let galeraURL { return BenchTarget(backend: .galera, serverURL: galeraURL, given: true) }
+            say("[galera] starting a throwaway 3-node MariaDB Galera cluster on loopback (innodb_flush_log_at_trx_commit=1 on each node)")
+            let cluster = try GaleraCluster()
+            servers.add { cluster.stop() }
+            return BenchTarget(backend: .galera, serverURL: cluster.url, given: false)
+        }
+    }
+}
+
+/// Where one backend's SQL goes.
+struct BenchTarget {
+    let backend: BenchBackend
+    /// The server's (or cluster's) URL; nil for SQLite.
+    let serverURL: String?
+    /// The caller's: its database is used as is.
+    let given: Bool
+
+    /// A database for one cell: a new one, `bench_N`, on a server started for the run (on a
+    /// cluster it is created on every node); the caller's as is.
+    func freshDatabase(_ n: Int) throws -> String? {
+        guard backend.isMariaDB, let serverURL else { return nil }
+        if given { return serverURL }
+        let name = "bench_\(n)"
+        let admin = try MySQLDatabase(url: serverURL).openConnection()
+        defer { admin.close() }
+        try admin.execute("DROP DATABASE IF EXISTS \(name)", [])
+        try admin.execute("CREATE DATABASE \(name)", [])
+        guard let slash = serverURL.lastIndex(of: "/") else { throw BenchError("bad server URL") }
+        return serverURL[..<slash] + "/" + name
+    }
+}
+
+/// The servers and clusters this run started: stopped when the run ends or fails (a `defer`),
+/// and when it is interrupted (SIGINT, SIGTERM), so that none is left running on the machine.
+final class StartedServers: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stops: [@Sendable () -> Void] = []
+    private var sources: [any DispatchSourceSignal] = []
+
+    init() {
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { [self] in
+                say("interrupted: stopping the servers this run started")
+                stopAll()
+                exit(128 + sig)
+            }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    func add(_ stop: @escaping @Sendable () -> Void) { lock.withLock { stops.append(stop) } }
+
+    /// Stops each server once, the last started first.
+    func stopAll() {
+        let all = lock.withLock { () -> [@Sendable () -> Void] in
+            defer { stops.removeAll() }
+            return stops
+        }
+        for stop in all.reversed() { stop() }
     }
 }
 

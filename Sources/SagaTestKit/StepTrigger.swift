@@ -6,13 +6,17 @@ import Darwin
 import Saga
 import Synchronization
 
-/// Ready-made hooks: crash the process or fail a step on its n-th occurrence.
+/// Ready-made hooks: crash the process, fail a step or pause the process on its n-th occurrence.
 public final class StepTrigger: SagaHooks {
     public enum Action: Sendable {
         /// `SIGKILL` the whole process: nothing is flushed, nothing is cleaned up.
         case crash
         /// Throw ``InjectedFault`` from the step.
         case fail
+        /// `SIGSTOP` the whole process, then go on with the step once it gets `SIGCONT`: the
+        /// parent that waits for it (`waitpid` with `WUNTRACED`) acts at a known point (kills
+        /// a server, say) without racing the process.
+        case pause
     }
 
     public let step: SagaStep
@@ -24,7 +28,8 @@ public final class StepTrigger: SagaHooks {
     private let seen = Atomic<Int>(0)
 
     /// - Parameters:
-    ///   - action: what to do when the step fires: crash the process or throw ``InjectedFault``.
+    ///   - action: what to do when the step fires: crash the process, throw ``InjectedFault``
+    ///     or pause the process until it is continued.
     ///   - step: the step to watch.
     ///   - occurrence: fires on the n-th time the step is reached (1 = the first).
     ///   - phase: only count the step in this phase (nil: any phase).
@@ -51,6 +56,9 @@ public final class StepTrigger: SagaHooks {
             while true { pause() }
         case .fail:
             throw InjectedFault(step: step, phase: phase)
+        case .pause:
+            // Stops every thread before it returns; returns once continued.
+            kill(getpid(), SIGSTOP)
         }
     }
 }

@@ -271,11 +271,7 @@ struct AADemoNode {
         return try kv.get(Bytes(key.utf8)).map { String(decoding: $0, as: UTF8.self) }
     }
 
-    func verify() throws -> Demo.Verification {
-        let r = try TimedDemo.run(["verify"] + location, timeout: 60)
-        let digest = r.stdout.split(separator: "\n").first { $0.hasPrefix("digest ") }.map { String($0.dropFirst(7)) } ?? "none"
-        return Demo.Verification(agree: r.exitCode == 0, digest: digest, output: r.stdout + r.stderr)
-    }
+    func verify() throws -> Demo.Verification { try TimedDemo.verify(location) }
 }
 
 /// Runs `aa-demo` (or another executable of the package, `executable`) with a deadline: past it
@@ -288,6 +284,8 @@ enum TimedDemo {
         let seconds: Double
         let stdout: String
         let stderr: String
+        /// How many times the child paused itself (`--pause-at`).
+        var pauses = 0
         /// The distinct saga ids the output names.
         var sagaIDs: Set<Substring> {
             Set((stdout + stderr).matches(of: /saga#[0-9]+/).map { $0.output })
@@ -298,7 +296,11 @@ enum TimedDemo {
         }
     }
 
-    static func run(_ arguments: [String], executable: String = Demo.executable, timeout: Double) throws -> Result {
+    /// - Parameter onPause: for a child run with `--pause-at`: called with 1, 2 ... each time
+    ///   the child stops itself (`SIGSTOP`); the child then gets `SIGCONT`. If it throws, the
+    ///   child is killed and the error rethrown.
+    static func run(_ arguments: [String], executable: String = Demo.executable, timeout: Double,
+                    onPause: ((Int) throws -> Void)? = nil) throws -> Result {
         let tmp = FileManager.default.temporaryDirectory
         let out = tmp.appendingPathComponent("aa-out-\(UUID().uuidString)").path
         let err = tmp.appendingPathComponent("aa-err-\(UUID().uuidString)").path
@@ -310,8 +312,19 @@ enum TimedDemo {
         let pid = try spawnProcess(executable, arguments, stdoutPath: out, stderrPath: err)
         var status: Int32 = 0
         var timedOut = false
+        var pauses = 0
         while true {
-            let rc = waitpid(pid, &status, WNOHANG)
+            let rc = waitpid(pid, &status, WNOHANG | WUNTRACED)
+            if rc == pid, status & 0xFF == 0x7F {  // stopped, not ended
+                pauses += 1
+                do { try onPause?(pauses) } catch {
+                    kill(pid, SIGKILL)
+                    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                    throw error
+                }
+                kill(pid, SIGCONT)
+                continue
+            }
             if rc == pid { break }
             if rc < 0 && errno != EINTR { throw TestSetupError("waitpid failed: errno \(errno)") }
             if !timedOut, (ContinuousClock.now - start).seconds > timeout {
@@ -327,7 +340,17 @@ enum TimedDemo {
             killed: signaled && (status & 0x7F) == SIGKILL && !timedOut,
             timedOut: timedOut, seconds: seconds,
             stdout: (try? String(contentsOfFile: out, encoding: .utf8)) ?? "",
-            stderr: (try? String(contentsOfFile: err, encoding: .utf8)) ?? "")
+            stderr: (try? String(contentsOfFile: err, encoding: .utf8)) ?? "",
+            pauses: pauses)
+    }
+}
+
+extension TimedDemo {
+    /// `aa-demo verify` with these location arguments.
+    static func verify(_ location: [String]) throws -> Demo.Verification {
+        let r = try run(["verify"] + location, timeout: 60)
+        let digest = r.stdout.split(separator: "\n").first { $0.hasPrefix("digest ") }.map { String($0.dropFirst(7)) } ?? "none"
+        return Demo.Verification(agree: r.exitCode == 0, digest: digest, output: r.stdout + r.stderr)
     }
 }
 

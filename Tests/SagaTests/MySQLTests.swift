@@ -233,6 +233,24 @@ struct MySQLFailureTests {
         #expect(noServer.contains("no server reachable at 127.0.0.1:1"), "\(noServer)")
     }
 
+    /// Debian's MariaDB server is built with Galera support: a plain server, wsrep off, reports
+    /// `wsrep_ready` OFF. It is not a cluster node that is not synced: it opens, whether its
+    /// URL names it alone or with a server that does not answer before it.
+    @Test func plainServerBuiltWithGaleraSupportOpens() throws {
+        let good = try MySQLURL(try SharedMariaDB.url())
+        var behindDeadServer = good
+        behindDeadServer.endpoints = [MySQLURL.Endpoint(host: "127.0.0.1", port: 1)] + good.endpoints
+        for url in [good, behindDeadServer] {
+            let db = try MySQLDatabase(url: url)
+            #expect(!db.isClusterNode)
+            let conn = try db.openConnection()
+            defer { conn.close() }
+            #expect(conn.endpoint == good.endpoints[0])
+            // What made it look like an unready cluster node (the case this test is about).
+            #expect(try conn.query("SHOW GLOBAL STATUS LIKE 'wsrep_ready'", []).first?[1].string == "OFF")
+        }
+    }
+
     /// Values round-trip through prepared statements, never spliced into SQL.
     @Test func valuesRoundTrip() throws {
         let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())

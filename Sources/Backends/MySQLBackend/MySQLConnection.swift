@@ -128,7 +128,7 @@ public final class MySQLConnection: SQLConnection {
 
     /// When the server started, from its clock and its `Uptime` (MariaDB and MySQL alike;
     /// nil if it cannot be read), and whether a Galera node is ready for clients (nil: not a
-    /// cluster node), in one round trip.
+    /// cluster node).
     private func readServerStatus() -> (start: UInt64?, ready: Bool?) {
         guard let now = (try? query("SELECT UNIX_TIMESTAMP()", []))?.first?[0].int64,
               let rows = try? query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Uptime', 'wsrep_ready', 'wsrep_provider_name')", []) else { return (nil, nil) }
