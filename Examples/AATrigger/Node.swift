@@ -82,29 +82,28 @@ final class Node {
         }
     }
 
-    /// The admin connection reads causally on a cluster (a trigger that a saga committed
-    /// through another node is never read as still queued).
+    /// The admin connection.
     private static func openAdmin(_ sql: any SQLDatabase) throws -> any SQLConnection {
-        let conn = try sql.connect()
-        if let causal = sql.dialect.causalReads {
-            do { try conn.execute(causal, []) } catch {
-                conn.close()
-                throw error
-            }
-        }
-        return conn
+        try sql.connect()
     }
 
     /// Runs `body` on the admin connection. If the connection was lost meanwhile (its server
     /// died or restarted), opens a new one (with several servers in the URL: on the first that
     /// answers and is ready) and runs `body` once more: every caller's body can run again (a
     /// read, or a transaction that checks first whether it already committed).
+    ///
+    /// On a cluster each body first waits until its node has applied every write the cluster
+    /// committed (the dialect's causal wait): a trigger that a saga committed through another
+    /// node is never read as still queued.
     func withAdmin<T>(_ body: (any SQLConnection) throws -> T) throws -> T {
+        let causal = sql.dialect.causalWait
         do {
+            if let causal { _ = try admin.query(causal, []) }
             return try body(admin)
         } catch where admin.isBroken {
             admin.close()
             admin = try Self.openAdmin(sql)
+            if let causal { _ = try admin.query(causal, []) }
             return try body(admin)
         }
     }
