@@ -70,6 +70,8 @@ struct SagaBench: ParsableCommand {
             : workload == "transfer" ? [TransferWorkload()] : [AATriggerWorkload()]
         let servers = StartedServers()
         defer { servers.stopAll() }
+        // An interrupted run does not reach the defer above: its work goes with the servers.
+        if workdir == nil { servers.add { try? FileManager.default.removeItem(atPath: root) } }
         var cellNumber = 0
 
         for group in groups {
@@ -181,8 +183,9 @@ struct BenchTarget {
     }
 }
 
-/// The servers and clusters this run started: stopped when the run ends or fails (a `defer`),
-/// and when it is interrupted (SIGINT, SIGTERM), so that none is left running on the machine.
+/// The servers and clusters this run started (and its temporary work directory): stopped (and
+/// removed) when the run ends or fails (a `defer`), and when it is interrupted (SIGINT,
+/// SIGTERM), so that none is left running on the machine.
 final class StartedServers: @unchecked Sendable {
     private let lock = NSLock()
     private var stops: [@Sendable () -> Void] = []
