@@ -233,6 +233,19 @@ struct MySQLFailureTests {
         #expect(noServer.contains("no server reachable at 127.0.0.1:1"), "\(noServer)")
     }
 
+    /// Debian's MariaDB is built with Galera support: a standalone server (no wsrep provider
+    /// loaded) reports the status `wsrep_ready` OFF. It is no cluster node, and it is ready:
+    /// connecting must not take it for a cluster node that is not synced (error 1047, which
+    /// refused every connection to a standalone server).
+    @Test func standaloneServerIsNoClusterNodeAndIsReady() throws {
+        let db = try MySQLDatabase(url: try SharedMariaDB.url())
+        #expect(!db.isClusterNode)
+        let conn = try db.openConnection()
+        defer { conn.close() }
+        let provider = try conn.query("SHOW GLOBAL STATUS LIKE 'wsrep_provider_name'", []).first?[1].string ?? ""
+        #expect(provider.isEmpty, "the test needs a server without a wsrep provider")
+    }
+
     /// Values round-trip through prepared statements, never spliced into SQL.
     @Test func valuesRoundTrip() throws {
         let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url())

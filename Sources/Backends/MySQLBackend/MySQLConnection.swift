@@ -125,18 +125,22 @@ public final class MySQLConnection: SQLConnection {
 
     /// When the server started, from its clock and its `Uptime` (MariaDB and MySQL alike;
     /// nil if it cannot be read), and whether a Galera node is ready for clients (nil: not a
-    /// cluster node), in one round trip.
+    /// cluster node), in one round trip. A server built with Galera support but running
+    /// standalone (Debian's MariaDB) reports `wsrep_ready` OFF too: only a server with a
+    /// provider loaded (`wsrep_provider_name` not empty) is a cluster node.
     private func readServerStatus() -> (start: UInt64?, ready: Bool?) {
         guard let now = (try? query("SELECT UNIX_TIMESTAMP()", []))?.first?[0].int64,
-              let rows = try? query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Uptime', 'wsrep_ready')", []) else { return (nil, nil) }
-        var uptime: Int64?, ready: Bool?
+              let rows = try? query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Uptime', 'wsrep_ready', 'wsrep_provider_name')", []) else { return (nil, nil) }
+        var uptime: Int64?, wsrepReady: Bool?, provider = ""
         for row in rows {
             switch row[0].string?.lowercased() {
             case "uptime": uptime = row[1].int64 ?? row[1].string.flatMap { Int64($0) }
-            case "wsrep_ready": ready = row[1].string?.uppercased() == "ON"
+            case "wsrep_ready": wsrepReady = row[1].string?.uppercased() == "ON"
+            case "wsrep_provider_name": provider = row[1].string ?? ""
             default: break
             }
         }
+        let ready = provider.isEmpty ? nil : wsrepReady
         guard let uptime, now > uptime else { return (nil, ready) }
         return (UInt64(now - uptime), ready)
     }
