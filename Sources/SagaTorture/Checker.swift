@@ -86,13 +86,19 @@ struct Checker {
             r.divergences.append("cannot read the outcome log: \(error)")
         }
         // 5. Every node of a cluster holds the same rows.
-        if site.backend == .galera { compareNodes(into: &r) }
+        if site.backend == .galera {
+            let differences = Self.compareNodes(site)
+            r.divergences += differences
+            r.nodesIdentical = differences.isEmpty
+        }
         return r
     }
 
     /// Reads every table of the site's database on each node (causal reads: a node first
-    /// applies every write certified before the read) and requires the copies identical.
-    private func compareNodes(into r: inout Result) {
+    /// applies every write certified before the read) and requires the copies identical;
+    /// returns what differs (or could not be read).
+    static func compareNodes(_ site: NodeSite) -> [String] {
+        var differences: [String] = []
         var copies: [(node: String, tables: [String: [String]])] = []
         for url in site.serverURLs {
             let node = url.split(separator: "@").last.map(String.init) ?? url
@@ -109,20 +115,14 @@ struct Checker {
                 }
                 copies.append((node, tables))
             } catch {
-                r.divergences.append("cannot read node \(node): \(error)")
-                return
+                return ["cannot read node \(node): \(error)"]
             }
         }
-        guard let first = copies.first else {
-            r.divergences.append("no node to compare")
-            return
-        }
-        var identical = true
+        guard let first = copies.first else { return ["no node to compare"] }
         for other in copies.dropFirst() {
             for name in Set(first.tables.keys).union(other.tables.keys).sorted() {
                 let a = first.tables[name], b = other.tables[name]
                 guard a != b else { continue }
-                identical = false
                 let detail: String
                 if let a, let b {
                     let onlyFirst = Set(a).subtracting(b).sorted().prefix(3), onlyOther = Set(b).subtracting(a).sorted().prefix(3)
@@ -130,10 +130,10 @@ struct Checker {
                 } else {
                     detail = "the table is missing on \(a == nil ? first.node : other.node)"
                 }
-                r.divergences.append("nodes \(first.node) and \(other.node) differ in table \(name): \(detail)")
+                differences.append("nodes \(first.node) and \(other.node) differ in table \(name): \(detail)")
             }
         }
-        r.nodesIdentical = identical
+        return differences
     }
 
     struct Snapshot: Equatable {
