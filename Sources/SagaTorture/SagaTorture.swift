@@ -131,6 +131,9 @@ struct Torture: ParsableCommand {
                 if let startError { throw startError }
                 try campaign.runAll(try selectedCampaigns())
             } catch {
+                // A campaign that throws leaves its worker running: it would go on against a
+                // stopped server.
+                Cleanup.killChildren()
                 campaign.fail("aborted: \(error)")
             }
             report.backends.append(campaign.figures)
@@ -181,6 +184,11 @@ enum Cleanup {
     static func childStarted(_ pid: pid_t) { state.withLock { _ = $0.children.insert(pid) } }
     static func childEnded(_ pid: pid_t) { state.withLock { _ = $0.children.remove(pid) } }
 
+    /// SIGKILLs every child not reaped yet.
+    static func killChildren() {
+        for pid in state.withLock({ $0.children }) { kill(pid, SIGKILL) }
+    }
+
     /// Installs the signal handlers (once, from the main thread).
     static func stopOnSignals() {
         guard sources.isEmpty else { return }
@@ -189,11 +197,11 @@ enum Cleanup {
             let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             source.setEventHandler {
                 say("interrupted (signal \(sig)): killing the workers, stopping the servers")
-                let (children, actions) = state.withLock { s in
+                killChildren()
+                let actions = state.withLock { s in
                     defer { s.actions = [:] }
-                    return (s.children, Array(s.actions.values))
+                    return Array(s.actions.values)
                 }
-                for pid in children { kill(pid, SIGKILL) }
                 for action in actions { action() }
                 exit(128 + sig)
             }
