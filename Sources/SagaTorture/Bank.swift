@@ -4,6 +4,7 @@ import RocksDBBackend
 import Saga
 import SagaFaultKit
 import SQLiteBackend
+import Synchronization
 
 /// The torture workload: transfers that move amounts between accounts kept twice, once as KV
 /// keys `a/NNNNN` and once as SQL rows, plus a per-saga token (`t/TXID` in KV, a `tt_sagas` row
@@ -60,10 +61,16 @@ struct TortureError: Error, CustomStringConvertible {
 
 /// Where one node under test keeps its two stores.
 struct NodeSite: Sendable {
-    enum Backend: String, Sendable, CaseIterable, Codable { case sqlite, mysql }
+    /// galera: a 3-node MariaDB Galera cluster, reached through a URL that names every node.
+    enum Backend: String, Sendable, CaseIterable, Codable {
+        case sqlite, mysql, galera
+        /// The SQL side speaks MySQL (one server or a cluster).
+        var usesMySQL: Bool { self != .sqlite }
+    }
     let backend: Backend
     let dir: String
-    /// The MySQL database of this node (direct to the server).
+    /// The MySQL database of this node (direct to the server; on a cluster, every node, in
+    /// the order a connection tries them).
     let mysqlURL: String?
 
     var kvPath: String { dir + "/kv" }
@@ -87,11 +94,36 @@ struct NodeSite: Sendable {
             var config = SQLiteDatabase.Configuration()
             config.vfs = SQLiteFaults.vfsName
             return try SQLiteDatabase(path: sqlitePath, configuration: config)
-        case .mysql:
+        case .mysql, .galera:
             guard let mysqlURL else { throw TortureError("no MySQL URL for \(dir)") }
             var url = try MySQLURL(mysqlURL)
-            if let proxyPort { url.host = "127.0.0.1"; url.port = UInt32(proxyPort); url.socket = nil }
+            if let proxyPort {
+                // The proxy stands in front of the first server; on a cluster the other nodes
+                // follow it, so a connection goes on to them when that node is down.
+                url.endpoints = [MySQLURL.Endpoint(host: "127.0.0.1", port: UInt32(proxyPort))] + url.endpoints.dropFirst()
+                url.socket = nil
+            }
             return try MySQLDatabase(url: url)
+        }
+    }
+
+    /// The same site with its cluster nodes tried in another order (`order` names nodes
+    /// 1...3 of ``mysqlURL`` as it was made, in node order).
+    func withNodeOrder(_ order: [Int]) throws -> NodeSite {
+        guard let mysqlURL else { return self }
+        var url = try MySQLURL(mysqlURL)
+        let nodes = url.endpoints
+        url.endpoints = order.map { nodes[$0 - 1] }
+        return NodeSite(backend: backend, dir: dir, mysqlURL: url.withPassword)
+    }
+
+    /// Every server of the URL alone, in its order (on a cluster: one URL per node).
+    var serverURLs: [String] {
+        guard let mysqlURL, let url = try? MySQLURL(mysqlURL) else { return [] }
+        return url.endpoints.map { endpoint in
+            var single = url
+            single.endpoints = [endpoint]
+            return single.withPassword
         }
     }
 
@@ -112,10 +144,49 @@ struct NodeSite: Sendable {
     }
 }
 
+extension MySQLURL {
+    /// The URL as a string with the password in it (``description`` hides it), for a child.
+    var withPassword: String {
+        func encoded(_ s: String) -> String { s.addingPercentEncoding(withAllowedCharacters: .urlUserAllowed.subtracting(CharacterSet(charactersIn: ":@"))) ?? s }
+        if let socket { return "mysql://\(encoded(user)):\(encoded(password))@\(host)/\(database)?socket=\(socket)" }
+        return "mysql://\(encoded(user)):\(encoded(password))@\(endpoints.map(\.description).joined(separator: ","))/\(database)"
+    }
+}
+
+/// Kills a saga's own connection from another session, on the server that connection reached:
+/// a connection id names a session of one server only (on a cluster, of one node), and the
+/// saga's connection may have gone to another node than a new one would (a node was down).
+final class ConnectionKiller: Sendable {
+    private let url: MySQLURL
+    private let servers = Mutex<[UInt32: MySQLDatabase]>([:])
+
+    init(url: String) throws { self.url = try MySQLURL(url) }
+
+    /// Kills the session `id` of the server listening on `port` (the saga's `@@port`: the
+    /// server's own, also when the saga's connection goes through a proxy).
+    func kill(_ id: Int64, serverPort port: UInt32) throws {
+        let database = try servers.withLock { servers in
+            if let known = servers[port] { return known }
+            var single = url
+            single.endpoints = [MySQLURL.Endpoint(host: url.host, port: port)]
+            let opened = try MySQLDatabase(url: single)
+            servers[port] = opened
+            return opened
+        }
+        let side = try database.openConnection()
+        defer { side.close() }
+        try side.execute("KILL CONNECTION ?", [.integer(id)])
+    }
+}
+
 /// Runs one transfer as one saga. `failCommit` makes its COMMIT fail for real: a deferred
 /// foreign key on SQLite, the saga's own connection killed from another session on MySQL.
-func runTransfer(_ t: BankSpec.Transfer, on coordinator: SagaCoordinator, backend: NodeSite.Backend, killer: (any SQLDatabase)?) throws(SagaError) {
+/// Returns, on a cluster, the port of the node the saga's transaction ran on (for the outcome
+/// log).
+@discardableResult
+func runTransfer(_ t: BankSpec.Transfer, on coordinator: SagaCoordinator, backend: NodeSite.Backend, killer: ConnectionKiller?) throws(SagaError) -> Int64? {
     try coordinator.run { saga in
+        let node = backend == .galera ? try saga.sql.query("SELECT @@port", []).first?[0].int64 : nil
         // KV locks first, in key order: sagas never wait for each other in a cycle, and no
         // saga holds an InnoDB row lock while it waits for a KV lock.
         var balances: [Int64] = []
@@ -132,12 +203,12 @@ func runTransfer(_ t: BankSpec.Transfer, on coordinator: SagaCoordinator, backen
             switch backend {
             case .sqlite:
                 try saga.sql.execute("INSERT INTO tt_probe (ref) VALUES ('missing-parent')", [])
-            case .mysql:
-                guard let killer, let id = try saga.sql.query("SELECT CONNECTION_ID()", []).first?[0].int64 else { break }
-                let side = try killer.connect()
-                defer { side.close() }
-                try side.execute("KILL CONNECTION ?", [.integer(id)])
+            case .mysql, .galera:
+                guard let killer, let row = try saga.sql.query("SELECT CONNECTION_ID(), @@port", []).first,
+                      let id = row[0].int64, let port = row[1].int64 else { break }
+                try killer.kill(id, serverPort: UInt32(port))
             }
         }
+        return node
     }
 }

@@ -11,6 +11,8 @@ struct Intensity: Sendable {
     var randomKills: Int
     var powerLosses: Int
     var serverKills: Int
+    /// kill -9 of a Galera node under load, then its rejoin.
+    var nodeKills: Int
     var contentionSagas: Int
     var replicaTriggers: Int
     /// KV write faults: runs per (files, mode, errno) combination, 8 combinations.
@@ -20,8 +22,21 @@ struct Intensity: Sendable {
     /// Second crashes in recovery after every first crash (long), or once per recovery step.
     var fullSecondCrashes: Bool
 
-    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, contentionSagas: 300, replicaTriggers: 30, kvFaultsPerKind: 2, backlogKills: 12, fullSecondCrashes: false)
-    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, contentionSagas: 3000, replicaTriggers: 200, kvFaultsPerKind: 8, backlogKills: 100, fullSecondCrashes: true)
+    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, nodeKills: 6, contentionSagas: 300, replicaTriggers: 30, kvFaultsPerKind: 2, backlogKills: 12, fullSecondCrashes: false)
+    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, nodeKills: 60, contentionSagas: 3000, replicaTriggers: 200, kvFaultsPerKind: 8, backlogKills: 100, fullSecondCrashes: true)
+
+    /// The cluster's share of a short run. Its sagas are slower (every COMMIT is certified by
+    /// three nodes) and a node's rejoin takes seconds, so it repeats less of what the other
+    /// backends already cover (random kills, KV write faults, the backlog: the first backlog
+    /// kill still leaves hundreds of sagas for one fence) and spends the time on node kills.
+    var forShortClusterRun: Intensity {
+        var i = self
+        i.randomKills = min(randomKills, 16)
+        i.nodeKills = min(nodeKills, 4)
+        i.kvFaultsPerKind = min(kvFaultsPerKind, 1)
+        i.backlogKills = min(backlogKills, 1)
+        return i
+    }
 }
 
 /// Every fault campaign against one SQL backend (with RocksDB), accumulating figures.
@@ -31,34 +46,48 @@ final class Campaign {
     let seed: UInt64
     let intensity: Intensity
     let server: MariaDBServer?
+    /// The Galera backend's cluster.
+    let cluster: GaleraCluster?
     /// Print each site's outcome counts.
     var verbose = false
     var figures: BackendFigures
     var rng: SplitMix64
     private var siteCount = 0
+    /// Galera: each node's conflict counters at the last sample.
+    var nodeCounters: [Int: [Int]] = [:]
     private let say: (String) -> Void
 
-    init(backend: NodeSite.Backend, root: String, seed: UInt64, intensity: Intensity, server: MariaDBServer?, say: @escaping (String) -> Void) {
+    init(backend: NodeSite.Backend, root: String, seed: UInt64, intensity: Intensity, server: MariaDBServer?, cluster: GaleraCluster? = nil, say: @escaping (String) -> Void) {
         self.backend = backend
         self.root = root + "/" + backend.rawValue
         self.seed = seed
         self.intensity = intensity
         self.server = server
+        self.cluster = cluster
         self.say = say
         figures = BackendFigures(backend: backend.rawValue)
-        rng = SplitMix64(seed: seed ^ (backend == .sqlite ? 0x51 : 0x3D))
+        let stream: UInt64 = switch backend {
+        case .sqlite: 0x51
+        case .mysql: 0x3D
+        case .galera: 0x6A
+        }
+        rng = SplitMix64(seed: seed ^ stream)
     }
+
+    /// The server (or cluster) URL to create and drop the sites' databases through.
+    var adminURL: String? { server?.url ?? cluster?.url }
 
     /// The campaigns, in the order they run; `--campaigns` picks some.
     enum Name: String, CaseIterable, Sendable {
         case crashPoints = "crash-points", randomKills = "random-kills", ioCountdown = "io-countdown",
-             powerLoss = "power-loss", serverKills = "server-kills", contention, replicas,
+             powerLoss = "power-loss", serverKills = "server-kills", nodeKills = "node-kills", contention, replicas,
              kvWriteFaults = "kv-write-faults", pendingBacklog = "pending-backlog"
         /// Whether it applies to this backend at all.
         func applies(to backend: NodeSite.Backend) -> Bool {
             switch self {
             case .ioCountdown, .powerLoss: backend == .sqlite
             case .serverKills: backend == .mysql
+            case .nodeKills: backend == .galera
             default: true
             }
         }
@@ -70,17 +99,21 @@ final class Campaign {
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         for name in Name.allCases where selected.contains(name) && name.applies(to: backend) {
             figures.campaigns.append(name.rawValue)
+            let campaignStart = Date()
+            defer { if verbose { say(String(format: "  (%@: %.0f s)", name.rawValue, Date().timeIntervalSince(campaignStart))) } }
             switch name {
             case .crashPoints: try crashMatrix()
             case .randomKills: try randomKills()
             case .ioCountdown: try ioCountdown()
             case .powerLoss: try powerLoss()
             case .serverKills: try serverKills()
+            case .nodeKills: try nodeKills()
             case .contention: try contention()
             case .replicas: try replicas()
             case .kvWriteFaults: try kvWriteFaults()
             case .pendingBacklog: try pendingBacklog()
             }
+            if backend == .galera { sampleNodeCounters() }
         }
     }
 
@@ -94,18 +127,19 @@ final class Campaign {
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         var url: String?
-        if backend == .mysql {
-            guard let server else { throw TortureError("no MariaDB server") }
+        if backend.usesMySQL {
+            guard let adminURL else { throw TortureError("no MariaDB server or cluster") }
             let database = "tt_\(siteCount)"
-            let admin = try MySQLDatabase(url: server.url).openConnection()
+            let admin = try MySQLDatabase(url: adminURL).openConnection()
             defer { admin.close() }
             try admin.execute("DROP DATABASE IF EXISTS \(database)", [])
             try admin.execute("CREATE DATABASE \(database)", [])
-            guard let slash = server.url.lastIndex(of: "/") else { throw TortureError("bad server URL") }
-            url = server.url[..<slash] + "/" + database
+            guard let slash = adminURL.lastIndex(of: "/") else { throw TortureError("bad server URL") }
+            url = adminURL[..<slash] + "/" + database
         }
         let site = NodeSite(backend: backend, dir: dir, mysqlURL: url)
         try setUp(site)
+        if backend == .galera { try waitUntilEveryNodeHas(site) }
         return site
     }
 
@@ -130,8 +164,12 @@ final class Campaign {
         return args + extra
     }
 
-    func startWorker(_ site: NodeSite, firstTxid: Int64, sagas: Int, extra: [String], tag: String) throws -> ChildProcess {
-        try ChildProcess(ChildProcess.selfPath, workerArgs(site, firstTxid: firstTxid, sagas: sagas, extra: extra), outputIn: site.dir, tag: tag)
+    /// On a cluster every worker tries the nodes in an order of its own, drawn from the seed
+    /// (`order`, or a new one): its recovery often runs on another node than the sagas of the
+    /// worker before it.
+    func startWorker(_ site: NodeSite, order: [Int]? = nil, firstTxid: Int64, sagas: Int, extra: [String], tag: String) throws -> ChildProcess {
+        let site = backend == .galera ? try site.withNodeOrder(order ?? nodeOrder()) : site
+        return try ChildProcess(ChildProcess.selfPath, workerArgs(site, firstTxid: firstTxid, sagas: sagas, extra: extra), outputIn: site.dir, tag: tag)
     }
 
     func nextTxid(_ site: NodeSite) throws -> Int64 {
@@ -142,7 +180,21 @@ final class Campaign {
     @discardableResult
     func check(_ site: NodeSite, _ context: String, exact: Bool = false, spec: BankSpec? = nil) -> Bool {
         figures.checks += 1
+        var site = site
+        if backend == .galera {
+            // Every node back and synced first: the checker then reads all three.
+            if let unsynced = waitEveryNodeSynced() {
+                fail("\(context): \(unsynced)")
+                return false
+            }
+            do { site = try site.withNodeOrder(nodeOrder()) } catch {
+                fail("\(context): \(error)")
+                return false
+            }
+            figures.nodeChecks += 1
+        }
         let r = Checker(site: site, spec: spec ?? self.spec, logPath: site.dir + "/outcomes.log").check(exact: exact)
+        if backend == .galera, r.nodesIdentical { figures.nodesIdentical += 1 }
         figures.lost += r.lost.count
         figures.unexpected += r.unexpected.count
         figures.divergences += r.divergences.count
@@ -167,13 +219,19 @@ final class Campaign {
         figures.sagasUnknown += log.unknown.count
         figures.sagasUnanswered += log.unanswered.count
         figures.forcedCommitFailures += log.begun.filter { spec.transfer($0).forcedFailure }.count
-        if backend == .mysql { figures.lostReplies += log.fenced }
+        if backend.usesMySQL { figures.lostReplies += log.fenced }
+        figures.sagaConflicts += log.sagaConflicts
+        figures.otherWriterConflicts += log.otherWriterConflicts
     }
 
+    /// Removes the site's directory and database, unless a check failed (they are kept for
+    /// the post-mortem; the database goes with its server or cluster unless SAGA_KEEP_SERVERS
+    /// is set).
     func removeSite(_ site: NodeSite) {
-        if figures.failures.isEmpty { try? FileManager.default.removeItem(atPath: site.dir) }
-        if let url = site.mysqlURL, let server, let db = try? MySQLURL(url).database,
-           let admin = try? MySQLDatabase(url: server.url).openConnection() {
+        guard figures.failures.isEmpty else { return }
+        try? FileManager.default.removeItem(atPath: site.dir)
+        if let url = site.mysqlURL, let adminURL, let db = try? MySQLURL(url).database,
+           let admin = try? MySQLDatabase(url: adminURL).openConnection() {
             _ = try? admin.execute("DROP DATABASE IF EXISTS \(db)", [])
             admin.close()
         }
@@ -254,12 +312,13 @@ final class Campaign {
 
     func randomKills() throws {
         let n = intensity.randomKills
-        say("[\(backend.rawValue)] random kills: \(n) SIGKILLs of a 4-thread workload (hot keys, 1-20 keys a saga, 1 in 10 COMMITs failing\(backend == .mysql ? ", 1 in 8 COMMIT replies lost" : ""))")
+        say("[\(backend.rawValue)] random kills: \(n) SIGKILLs of a 4-thread workload (hot keys, 1-20 keys a saga, 1 in 10 COMMITs failing\(backend.usesMySQL ? ", 1 in 8 COMMIT replies lost" : "")\(backend == .galera ? "; nodes tried in a new order each run, another writer on the last" : ""))")
         let site = try newSite("kills")
         var extra = ["--threads", "4", "--fail-one-in", "10"]
-        if backend == .mysql { extra += ["--lose-replies-one-in", "8"] }
+        if backend.usesMySQL { extra += ["--lose-replies-one-in", "8"] }
         for i in 0..<n {
-            let child = try startWorker(site, firstTxid: try nextTxid(site), sagas: 1_000_000, extra: extra, tag: "kill")
+            let order = nodeOrder()
+            let child = try startWorker(site, order: order, firstTxid: try nextTxid(site), sagas: 1_000_000, extra: extra + otherWriter(site, on: order.last), tag: "kill")
             usleep(useconds_t(rng.between(150, 900)) * 1000)
             if child.hasEnded {
                 fail("kill #\(i + 1): the worker ended before it was killed (\(child.wait())): \(child.lastOutput)")
@@ -366,9 +425,10 @@ final class Campaign {
 
     func contention() throws {
         let n = intensity.contentionSagas
-        say("[\(backend.rawValue)] contention: \(n) sagas on 8 threads over 4 hot accounts, 1 in 10 COMMITs failing")
+        say("[\(backend.rawValue)] contention: \(n) sagas on 8 threads over 4 hot accounts, 1 in 10 COMMITs failing\(backend == .galera ? ", another writer of the hot accounts on another node" : "")")
         let site = try newSite("contention")
-        let child = try startWorker(site, firstTxid: 1, sagas: n, extra: ["--threads", "8", "--hot", "4", "--fail-one-in", "10"], tag: "contention")
+        let order = nodeOrder()
+        let child = try startWorker(site, order: order, firstTxid: 1, sagas: n, extra: ["--threads", "8", "--hot", "4", "--fail-one-in", "10"] + otherWriter(site, on: order.last), tag: "contention")
         let t = child.wait()
         if t != .exited(0) { fail("contention worker: \(t): \(child.lastOutput)") }
         var spec = self.spec

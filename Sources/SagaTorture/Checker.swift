@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import MySQLBackend
 import RocksDBBackend
 import Saga
 
@@ -8,7 +9,8 @@ import Saga
 /// nothing; SQLite's integrity check passes; RocksDB reopens with paranoid checks; every saga
 /// is in both stores or in neither; balances equal a serial replay of the sagas present; no
 /// acknowledged saga is missing (lost) and no failed or never-begun saga is present
-/// (unexpected).
+/// (unexpected). On a cluster, every node's copy of the database (the marker tables, the bank's
+/// tables) must be identical, read with causal reads once the nodes are synced.
 struct Checker {
     let site: NodeSite
     let spec: BankSpec
@@ -19,6 +21,8 @@ struct Checker {
         var unexpected: [Int64] = []
         var divergences: [String] = []
         var present: Set<Int64> = []
+        /// Galera: the three nodes' copies of the database were compared and are identical.
+        var nodesIdentical = false
         var ok: Bool { lost.isEmpty && unexpected.isEmpty && divergences.isEmpty }
         var summary: String {
             var parts: [String] = []
@@ -81,7 +85,55 @@ struct Checker {
         } catch {
             r.divergences.append("cannot read the outcome log: \(error)")
         }
+        // 5. Every node of a cluster holds the same rows.
+        if site.backend == .galera {
+            let differences = Self.compareNodes(site)
+            r.divergences += differences
+            r.nodesIdentical = differences.isEmpty
+        }
         return r
+    }
+
+    /// Reads every table of the site's database on each node (causal reads: a node first
+    /// applies every write certified before the read) and requires the copies identical;
+    /// returns what differs (or could not be read).
+    static func compareNodes(_ site: NodeSite) -> [String] {
+        var differences: [String] = []
+        var copies: [(node: String, tables: [String: [String]])] = []
+        for url in site.serverURLs {
+            let node = url.split(separator: "@").last.map(String.init) ?? url
+            do {
+                let conn = try MySQLDatabase(url: url).openConnection()
+                defer { conn.close() }
+                try conn.execute("SET SESSION wsrep_sync_wait = 1", [])
+                var tables: [String: [String]] = [:]
+                let names = try conn.query("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()", []).compactMap { $0[0].string }
+                for name in names {
+                    let columns = try conn.query("SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?", [.text(name)]).first?[0].int64 ?? 1
+                    let order = (1...max(1, Int(columns))).map(String.init).joined(separator: ", ")
+                    tables[name] = try conn.query("SELECT * FROM `\(name)` ORDER BY \(order)", []).map { "\($0.values)" }
+                }
+                copies.append((node, tables))
+            } catch {
+                return ["cannot read node \(node): \(error)"]
+            }
+        }
+        guard let first = copies.first else { return ["no node to compare"] }
+        for other in copies.dropFirst() {
+            for name in Set(first.tables.keys).union(other.tables.keys).sorted() {
+                let a = first.tables[name], b = other.tables[name]
+                guard a != b else { continue }
+                let detail: String
+                if let a, let b {
+                    let onlyFirst = Set(a).subtracting(b).sorted().prefix(3), onlyOther = Set(b).subtracting(a).sorted().prefix(3)
+                    detail = "\(a.count) rows against \(b.count); only on \(first.node): \(Array(onlyFirst)); only on \(other.node): \(Array(onlyOther))"
+                } else {
+                    detail = "the table is missing on \(a == nil ? first.node : other.node)"
+                }
+                differences.append("nodes \(first.node) and \(other.node) differ in table \(name): \(detail)")
+            }
+        }
+        return differences
     }
 
     struct Snapshot: Equatable {
@@ -117,6 +169,8 @@ struct Checker {
 
         let conn = try sql.connect()
         defer { conn.close() }
+        // Causal reads: what the workload committed through another node is applied here first.
+        if site.backend == .galera { try conn.execute("SET SESSION wsrep_sync_wait = 1", []) }
         if site.backend == .sqlite {
             let verdict = try conn.query("PRAGMA integrity_check", []).first?[0].string ?? "no answer"
             if verdict != "ok" { r.divergences.append("SQLite integrity_check: \(verdict)") }

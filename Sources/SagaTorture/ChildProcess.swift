@@ -29,6 +29,7 @@ final class ChildProcess {
         stdoutPath = dir + "/\(tag).out"
         stderrPath = dir + "/\(tag).err"
         pid = try spawnProcess(executable, arguments, stdoutPath: stdoutPath, stderrPath: stderrPath)
+        Cleanup.childStarted(pid)
     }
 
     /// Waits for the child to end.
@@ -39,6 +40,7 @@ final class ChildProcess {
         while waitpid(pid, &raw, 0) < 0 && errno == EINTR {}
         let t: Termination = (raw & 0x7F) == 0 ? .exited((raw >> 8) & 0xFF) : .signaled(raw & 0x7F)
         status = t
+        Cleanup.childEnded(pid)
         return t
     }
 
@@ -59,6 +61,7 @@ final class ChildProcess {
         let r = waitpid(pid, &raw, WNOHANG)
         guard r == pid else { return false }
         status = (raw & 0x7F) == 0 ? .exited((raw >> 8) & 0xFF) : .signaled(raw & 0x7F)
+        Cleanup.childEnded(pid)
         return true
     }
 

@@ -34,6 +34,19 @@ struct BackendFigures: Codable, Sendable {
     /// The assertion messages of the aborts, counted.
     var kvAbortAssertions: [String: Int] = [:]
     var lostReplies = 0
+    /// Galera: kill -9 of the node the workload's connections went to, of another node, and
+    /// rejoins; sagas rolled back by a conflict (1213) and transactions of the other writer
+    /// rolled back so; the nodes' own counters of failed certifications and brute-force
+    /// aborts; checks that compared the three nodes, and how many found them identical.
+    var workloadNodeKills = 0
+    var otherNodeKills = 0
+    var nodeRejoins = 0
+    var sagaConflicts = 0
+    var otherWriterConflicts = 0
+    var certificationFailures = 0
+    var bruteForceAborts = 0
+    var nodeChecks = 0
+    var nodesIdentical = 0
     /// The pending-backlog campaign: kills, `prepared` records found at reopen (max, sum),
     /// progress runs that finished in time, the slowest of them and the slowest open.
     var backlogKills = 0
@@ -65,6 +78,7 @@ struct BackendFigures: Codable, Sendable {
         lost == 0 && unexpected == 0 && divergences == 0 && failures.isEmpty
             && (replicasEqual || !campaigns.contains("replicas"))
             && (stepsCovered == stepsKnown || !campaigns.contains("crash-points"))
+            && nodesIdentical == nodeChecks
     }
 }
 
@@ -84,6 +98,10 @@ struct TortureReport: Codable, Sendable {
             ("simulated power losses", { "\($0.powerLosses)" }),
             ("injected I/O errors", { "\($0.ioFaults)" }),
             ("server kills / lost COMMIT replies", { "\($0.serverKills) / \($0.lostReplies)" }),
+            ("cluster node kills: workload's / other / rejoins", { "\($0.workloadNodeKills) / \($0.otherNodeKills) / \($0.nodeRejoins)" }),
+            ("1213 rollbacks: sagas / other writer", { "\($0.sagaConflicts) / \($0.otherWriterConflicts)" }),
+            ("cluster cert. failures / brute-force aborts", { "\($0.certificationFailures) / \($0.bruteForceAborts)" }),
+            ("checks of all 3 nodes / nodes identical", { "\($0.nodeChecks) / \($0.nodesIdentical)" }),
             ("KV write faults injected / runs", { "\($0.kvFaultsInjected) / \($0.kvFaultRuns)" }),
             ("KV fault runs: stopped / aborted / ran on", { "\($0.kvStopped) / \($0.kvAborted) / \($0.kvRanOn)" }),
             ("backlog kills / max pending at reopen", { "\($0.backlogKills) / \($0.backlogMaxPending)" }),

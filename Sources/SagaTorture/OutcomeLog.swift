@@ -9,6 +9,9 @@ final class OutcomeLog: @unchecked Sendable {
         case begun = "B", committed = "C", failed = "F", unknown = "U"
         /// A COMMIT outcome was resolved by fencing while the saga ran (MySQL: a lost reply).
         case fenced = "R"
+        /// The database rolled a transaction back because a conflicting one won (1213): a
+        /// saga's (its txid), or the other writer's on a cluster (txid 0).
+        case conflict = "X"
     }
     private let fd: Int32
     let path: String
@@ -33,6 +36,10 @@ final class OutcomeLog: @unchecked Sendable {
         var unknown: Set<Int64> = []
         var maxTxid: Int64 = 0
         var fenced = 0
+        /// Sagas rolled back by a conflict (1213), and transactions of the cluster's other
+        /// writer rolled back so.
+        var sagaConflicts = 0
+        var otherWriterConflicts = 0
         /// Failure notes, digits blanked, counted.
         var failureReasons: [String: Int] = [:]
         /// Begun and never answered (the process died first): either way is fine.
@@ -89,6 +96,7 @@ final class OutcomeLog: @unchecked Sendable {
                 }
             case "U": s.unknown.insert(txid)
             case "R": s.fenced += 1
+            case "X": if txid == 0 { s.otherWriterConflicts += 1 } else { s.sagaConflicts += 1 }
             default: continue
             }
         }

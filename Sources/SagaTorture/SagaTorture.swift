@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SagaFaultKit
+import Synchronization
 
 @main
 struct SagaTorture: ParsableCommand {
@@ -10,10 +11,12 @@ struct SagaTorture: ParsableCommand {
         discussion: """
             Per SQL backend: a SIGKILL at every protocol step x every COMMIT outcome (and again inside \
             recovery), random SIGKILLs of a multi-threaded workload, I/O errors and power loss in \
-            SQLite's VFS, kill -9 of the MariaDB server and lost COMMIT replies, a contention run \
-            checked against a model, three replicas with faults in two, RocksDB's own writes \
-            failing (ENOSPC, EIO), and kills of a node with hundreds of sagas pending. Exits 1 \
-            when anything is lost, unexpected or divergent; the seed replays the same schedule.
+            SQLite's VFS, kill -9 of the MariaDB server and lost COMMIT replies, kill -9 and rejoin \
+            of the nodes of a 3-node Galera cluster with another writer making sagas lose \
+            certification, a contention run checked against a model, three replicas with faults \
+            in two, RocksDB's own writes failing (ENOSPC, EIO), and kills of a node with hundreds \
+            of sagas pending. Exits 1 when anything is lost, unexpected or divergent (on the \
+            cluster: when its three nodes differ); the seed replays the same schedule.
             """,
         subcommands: [Torture.self, Worker.self],
         defaultSubcommand: Torture.self)
@@ -22,7 +25,7 @@ struct SagaTorture: ParsableCommand {
 struct Torture: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "run", abstract: "Run the torture (the default).")
 
-    @Flag(help: "What CI runs: every crash point, 50 random kills a backend, the I/O countdown, the replicas, 16 KV write faults and 12 backlog kills a backend (a few minutes).")
+    @Flag(help: "What CI runs: every crash point, 50 random kills a backend, the I/O countdown, the replicas, 16 KV write faults and 12 backlog kills a backend; on the Galera cluster 16 random kills, 4 node kills, 8 KV write faults and 1 backlog kill (a few minutes).")
     var short = false
 
     @Flag(help: "Thousands of kills, for humans (an hour or more).")
@@ -31,11 +34,14 @@ struct Torture: ParsableCommand {
     @Option(help: "Seed of the whole schedule (printed; a failing seed replays the same run).")
     var seed: UInt64?
 
-    @Option(help: "Backends to torture: sqlite, mysql, or both.")
-    var backend: String = "both"
+    @Option(help: "Backends to torture, comma-separated: sqlite, mysql, galera (a 3-node cluster); both (sqlite and mysql) or all.")
+    var backend: String = "all"
 
     @Option(name: .customLong("random-kills"), help: "Override the number of random kills per backend.")
     var randomKills: Int?
+
+    @Option(name: .customLong("node-kills"), help: "Override the number of kill -9 of a Galera node (each followed by its rejoin).")
+    var nodeKills: Int?
 
     @Option(help: "Write the figures as JSON to this file.")
     var json: String?
@@ -51,9 +57,29 @@ struct Torture: ParsableCommand {
 
     func validate() throws {
         if short && long { throw ValidationError("--short and --long exclude each other") }
-        guard ["sqlite", "mysql", "both"].contains(backend) else { throw ValidationError("--backend must be sqlite, mysql or both, not \(backend)") }
+        _ = try selectedBackends()
         if let randomKills, randomKills < 0 { throw ValidationError("--random-kills must be 0 or more") }
+        if let nodeKills, nodeKills < 0 { throw ValidationError("--node-kills must be 0 or more") }
         _ = try selectedCampaigns()
+    }
+
+    func selectedBackends() throws -> [NodeSite.Backend] {
+        var chosen: [NodeSite.Backend] = []
+        for name in backend.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) {
+            let add: [NodeSite.Backend]
+            switch name {
+            case "all": add = NodeSite.Backend.allCases
+            case "both": add = [.sqlite, .mysql]
+            default:
+                guard let b = NodeSite.Backend(rawValue: name) else {
+                    throw ValidationError("--backend takes sqlite, mysql, galera, both or all (comma-separated), not \(name)")
+                }
+                add = [b]
+            }
+            for b in add where !chosen.contains(b) { chosen.append(b) }
+        }
+        guard !chosen.isEmpty else { throw ValidationError("--backend names no backend") }
+        return chosen
     }
 
     func selectedCampaigns() throws -> [Campaign.Name] {
@@ -68,23 +94,46 @@ struct Torture: ParsableCommand {
 
     func run() throws {
         let seed = self.seed ?? UInt64(Date().timeIntervalSince1970 * 1000) % 1_000_000_007
-        var intensity: Intensity = long ? .long : .short
-        if let randomKills { intensity.randomKills = randomKills }
+        let base: Intensity = long ? .long : .short
         let mode = long ? "long" : "short"
         let root = try workdir ?? MariaDBServer.makeTempDir("saga-torture")
         say("saga-torture --\(mode) --seed \(seed)   (work in \(root))")
-        let backends: [NodeSite.Backend] = backend == "both" ? [.sqlite, .mysql] : [NodeSite.Backend(rawValue: backend) ?? .sqlite]
+        let backends = try selectedBackends()
         var report = TortureReport(seed: seed, mode: mode, backends: [])
+        // Interrupted (Ctrl-C, CI's timeout): the workers are killed and the servers stopped.
+        Cleanup.stopOnSignals()
         for b in backends {
             var server: MariaDBServer?
-            if b == .mysql {
-                say("[mysql] starting a throwaway MariaDB server")
-                server = try MariaDBServer()
+            var cluster: GaleraCluster?
+            var startError: (any Error)?
+            do {
+                switch b {
+                case .sqlite: break
+                case .mysql:
+                    say("[mysql] starting a throwaway MariaDB server")
+                    server = try MariaDBServer()
+                case .galera:
+                    say("[galera] starting a throwaway 3-node MariaDB Galera cluster")
+                    cluster = try GaleraCluster()
+                }
+            } catch { startError = error }
+            let cleanup = Cleanup.add { [server, cluster] in
+                server?.stop()
+                cluster?.stop()
             }
-            defer { server?.stop() }
-            let campaign = Campaign(backend: b, root: root, seed: seed, intensity: intensity, server: server, say: say)
+            defer { Cleanup.run(cleanup) }
+            var intensity = b == .galera && !long ? base.forShortClusterRun : base
+            if let randomKills { intensity.randomKills = randomKills }
+            if let nodeKills { intensity.nodeKills = nodeKills }
+            let campaign = Campaign(backend: b, root: root, seed: seed, intensity: intensity, server: server, cluster: cluster, say: say)
             campaign.verbose = verbose
-            do { try campaign.runAll(try selectedCampaigns()) } catch {
+            do {
+                if let startError { throw startError }
+                try campaign.runAll(try selectedCampaigns())
+            } catch {
+                // A campaign that throws leaves its worker running: it would go on against a
+                // stopped server.
+                Cleanup.killChildren()
                 campaign.fail("aborted: \(error)")
             }
             report.backends.append(campaign.figures)
@@ -108,4 +157,56 @@ struct Torture: ParsableCommand {
 func say(_ line: String) {
     print(line)
     fflush(nil)
+}
+
+/// What to undo when the run ends early or is interrupted: servers and clusters to stop, worker
+/// processes to kill. On SIGINT, SIGTERM or SIGHUP (CI's timeout sends SIGTERM) every live
+/// child is SIGKILLed, every registered stop runs, and the program exits.
+enum Cleanup {
+    private static let state = Mutex<(next: Int, actions: [Int: @Sendable () -> Void], children: Set<pid_t>)>((0, [:], []))
+    nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
+
+    /// Registers `action`; returns its key for ``run(_:)``.
+    static func add(_ action: @escaping @Sendable () -> Void) -> Int {
+        state.withLock { s in
+            s.next += 1
+            s.actions[s.next] = action
+            return s.next
+        }
+    }
+
+    /// Runs the action registered under `key` (once) and forgets it.
+    static func run(_ key: Int) {
+        let action = state.withLock { $0.actions.removeValue(forKey: key) }
+        action?()
+    }
+
+    static func childStarted(_ pid: pid_t) { state.withLock { _ = $0.children.insert(pid) } }
+    static func childEnded(_ pid: pid_t) { state.withLock { _ = $0.children.remove(pid) } }
+
+    /// SIGKILLs every child not reaped yet.
+    static func killChildren() {
+        for pid in state.withLock({ $0.children }) { kill(pid, SIGKILL) }
+    }
+
+    /// Installs the signal handlers (once, from the main thread).
+    static func stopOnSignals() {
+        guard sources.isEmpty else { return }
+        for sig in [SIGINT, SIGTERM, SIGHUP] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler {
+                say("interrupted (signal \(sig)): killing the workers, stopping the servers")
+                killChildren()
+                let actions = state.withLock { s in
+                    defer { s.actions = [:] }
+                    return Array(s.actions.values)
+                }
+                for action in actions { action() }
+                exit(128 + sig)
+            }
+            source.resume()
+            sources.append(source)
+        }
+    }
 }

@@ -39,6 +39,8 @@ struct Worker: ParsableCommand {
     @Option(name: .customLong("gc-every")) var gcEvery: Int = 64
     @Option(name: .customLong("power-loss-after-ms")) var powerLossAfterMs: Int?
     @Option(name: .customLong("lose-replies-one-in")) var loseRepliesOneIn: Int?
+    @Option(name: .customLong("conflict-url"), help: "Galera: another writer on this node (a URL of one node) keeps changing hot accounts and back in transactions of its own, so that sagas on other nodes lose certification to it (1213) and it to them.")
+    var conflictURL: String?
     @Option(name: .customLong("kv-write-fault"), help: "N:once|persistent|full:ENOSPC|EIO; once the node is open, the N-th write to a file of its RocksDB directory fails (full: persistent ENOSPC after a short write).")
     var kvWriteFault: KVWriteFault?
     @Flag(name: .customLong("expect-no-doubt"), help: "Exit 1 if the coordinator leaves any saga in doubt at open (the database is reachable).")
@@ -47,15 +49,16 @@ struct Worker: ParsableCommand {
 
     func run() throws {
         var logger = Logger(label: "saga-torture.worker") { StreamLogHandler.standardError(label: $0) }
-        logger.logLevel = .error
+        logger.logLevel = ProcessInfo.processInfo.environment["SAGA_TORTURE_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .warning
         let site = NodeSite(backend: backend, dir: dir, mysqlURL: mysqlURL)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let spec = BankSpec(seed: seed, accounts: accounts, hot: hot, failOneIn: outcome.map { $0 == .failed ? 1 : 0 } ?? failOneIn)
         let outcomes = try OutcomeLog(path: log)
 
-        // MySQL: a proxy of our own that can lose COMMIT replies.
+        // MySQL: a proxy of our own that can lose COMMIT replies (on a cluster, in front of the
+        // URL's first node; the others follow it in the URL).
         var proxy: MySQLProxy?
-        if backend == .mysql, outcome == .unknown || loseRepliesOneIn != nil {
+        if backend.usesMySQL, outcome == .unknown || loseRepliesOneIn != nil {
             let url = try MySQLURL(mysqlURL ?? "")
             proxy = try MySQLProxy(targetHost: url.host == "localhost" ? "127.0.0.1" : url.host, targetPort: UInt16(url.port))
             if let n = loseRepliesOneIn { proxy?.loseRepliesAtRandom(oneIn: n, seed: seed) }
@@ -96,7 +99,8 @@ struct Worker: ParsableCommand {
         let stopErrors = Mutex<[SagaError]>([])
         let next = Atomic<Int64>(firstTxid)
         let end = firstTxid + Int64(sagas)
-        let killer = backend == .mysql ? try site.openSQL() : nil
+        let killer = try mysqlURL.map(ConnectionKiller.init(url:))
+        if let conflictURL { try OtherWriter(url: conflictURL, spec: spec, seed: seed ^ UInt64(bitPattern: firstTxid), log: outcomes).start() }
         let failures = Mutex<[String]>([])
         let group = DispatchGroup()
         for _ in 0..<max(1, threads) {
@@ -113,9 +117,10 @@ struct Worker: ParsableCommand {
                         (Result { () throws(SagaError) in try runTransfer(t, on: c, backend: site.backend, killer: killer) }, generation)
                     }
                     switch result.0 {
-                    case .success:
-                        outcomes.record(.committed, txid)
+                    case .success(let node):
+                        outcomes.record(.committed, txid, node.map { "node port \($0) at \(Self.now())" } ?? "")
                     case .failure(let e):
+                        if e.isClusterConflict { outcomes.record(.conflict, txid) }
                         switch e {
                         case .inDoubt:
                             outcomes.record(.unknown, txid, String("\(e)".prefix(200)))
@@ -137,6 +142,11 @@ struct Worker: ParsableCommand {
                             }
                         case .sqlFailed:
                             usleep(100_000)  // the database is away (killed server): back off
+                        case .lockTimeout(_, _, let holders), .deadlock(_, _, let holders):
+                            // As a node would: a holder that recovery left in doubt (the
+                            // database could not be reached or the fence failed) keeps its
+                            // locks until recovery on demand decides it.
+                            node.recoverIfHeldInDoubt(holders)
                         default: break
                         }
                     }
@@ -190,6 +200,8 @@ struct Worker: ParsableCommand {
 }
 
 extension Worker {
+    /// Wall-clock seconds to the millisecond, to line the outcome log up with the campaign's events.
+    static func now() -> String { String(format: "%.3f", Date().timeIntervalSince1970) }
     /// Exit status of a worker whose node stopped after a KV write fault and refused the probe.
     static let stoppedExit: Int32 = 3
     /// ... and of one whose coordinator went on accepting sagas after it.
@@ -256,6 +268,12 @@ extension SagaError {
         }
     }
     var isInDoubt: Bool { if case .inDoubt = self { true } else { false } }
+    /// The database rolled the saga's transaction back because a conflicting one won: 1213 /
+    /// SQLSTATE 40001 (on a cluster, a failed certification or a brute-force abort).
+    var isClusterConflict: Bool {
+        let text = "\(self)"
+        return text.contains("MySQL error 1213 ") || text.contains("SQLSTATE 40001")
+    }
     /// The case name, for counting.
     var kind: String {
         switch self {
@@ -288,7 +306,7 @@ struct UnknownCommit: SagaHooks {
         guard step == .commit, phase == .run else { return }
         switch site.backend {
         case .sqlite: SQLiteFaults.arm(.sync, pathPrefix: site.sqlitePath)
-        case .mysql: proxy?.arm(.loseReply)
+        case .mysql, .galera: proxy?.arm(.loseReply)
         }
     }
 }
@@ -356,6 +374,34 @@ final class WorkerNode: @unchecked Sendable {
         lock.withReadLock { body(coordinator, generation) }
     }
 
+    /// One thread at a time runs recovery on demand.
+    private let recovering = Mutex(false)
+
+    /// Runs recovery on demand if any of `holders` is in doubt (one thread at a time; the
+    /// others back off meanwhile).
+    func recoverIfHeldInDoubt(_ holders: [SagaID]) {
+        guard recovering.withLock({ busy in
+            if busy { return false }
+            busy = true
+            return true
+        }) else {
+            usleep(100_000)
+            return
+        }
+        defer { recovering.withLock { $0 = false } }
+        withCoordinator { c, _ in
+            let doubtful = Set(c.inDoubt).intersection(holders)
+            guard !doubtful.isEmpty else { return }
+            do {
+                let report = try c.recover()
+                logger.warning("recovery on demand for \(doubtful.sorted()) held in doubt: \(report)")
+            } catch {
+                logger.warning("recovery on demand for \(doubtful.sorted()) failed: \(error)")
+                usleep(100_000)
+            }
+        }
+    }
+
     /// Closes and reopens both stores unless another thread already did since `generation`.
     func reopen(ifGeneration seen: Int) throws {
         try lock.withWriteLock { () throws in try reopenLocked(ifGeneration: seen) }
@@ -384,6 +430,53 @@ final class WorkerNode: @unchecked Sendable {
             _ = try? coordinator.collectGarbage()
             coordinator.close()
             kv.close()
+        }
+    }
+}
+
+/// Another writer of the same database on one cluster node, outside any saga: in transactions of
+/// its own it adds 1 to a hot account and takes it away again (a write to the row, the balance
+/// unchanged), so that sagas running on other nodes conflict with it at certification or are
+/// aborted by its replicated writes (1213), and it with them. Every conflict it loses is noted
+/// in the outcome log (`X`). It runs until the worker ends or is killed; when its node is down
+/// it waits and connects again.
+struct OtherWriter: Sendable {
+    let url: String
+    let spec: BankSpec
+    let seed: UInt64
+    let log: OutcomeLog
+
+    func start() throws {
+        let target = try MySQLURL(url)
+        Thread.detachNewThread { run(target) }
+    }
+
+    private func run(_ target: MySQLURL) {
+        var rng = SplitMix64(seed: seed)
+        var conn: MySQLConnection?
+        while true {
+            do {
+                let c = try conn ?? MySQLDatabase(url: target).openConnection()
+                conn = c
+                let account = Int64(rng.below(spec.hot))
+                try c.begin()
+                try c.execute("UPDATE tt_accounts SET balance = balance + 1 WHERE k = ?", [.integer(account)])
+                try c.execute("UPDATE tt_accounts SET balance = balance - 1 WHERE k = ?", [.integer(account)])
+                switch c.commit() {
+                case .committed: break
+                case .failed(let e), .unknown(let e): throw e
+                }
+            } catch {
+                if let e = error as? MySQLError, e.isRolledBackConflict {
+                    log.record(.conflict, 0, "other writer")
+                    _ = try? conn?.rollback()
+                } else {
+                    conn?.close()
+                    conn = nil
+                    usleep(200_000)  // its node is down (killed, rejoining): wait
+                }
+            }
+            usleep(useconds_t(rng.between(1, 5)) * 1000)
         }
     }
 }

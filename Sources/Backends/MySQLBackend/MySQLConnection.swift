@@ -486,8 +486,14 @@ public final class MySQLConnection: SQLConnection {
     /// other argument, and it is two round trips). The server runs `COMMIT` only if the insert
     /// succeeded; a failed insert (a fencing row holds the id, or the instance's claim moved)
     /// leaves the transaction open, and it is rolled back: failed. A lost connection: unknown.
+    ///
+    /// On a Galera node always two round trips: a replicated write that aborts the transaction
+    /// (brute-force abort) between the two statements of one query does not stop the query;
+    /// MariaDB 10.11 then answers OK to its `COMMIT` although the transaction, marker included,
+    /// was rolled back (seen by saga-torture: acknowledged sagas missing from every node). A
+    /// `COMMIT` sent as a command of its own reports such an abort (1213).
     public func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult {
-        guard let inlined = Self.inliningIntegers(statement, arguments) else { return executeThenCommit(statement, arguments) }
+        guard !clusterNode, let inlined = Self.inliningIntegers(statement, arguments) else { return executeThenCommit(statement, arguments) }
         let sql = inlined + "; COMMIT"
         guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
         if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
