@@ -612,7 +612,7 @@ private struct TrustIIArmAtCommit: SagaHooks {
     }
 }
 
-/// A loopback proxy that, when armed, holds the next "...; COMMIT" query packet: the client
+/// A loopback proxy that, when armed, holds the next "...; COMMIT" or "COMMIT" query packet: the client
 /// side is shut at once (the client sees 2013, an unknown outcome) while the server side stays
 /// open; ``releaseHeld()`` delivers the packet late, then closes the server side.
 /// (From AdversaryTests.)
@@ -704,7 +704,8 @@ private final class TrustIIDelayingProxy: @unchecked Sendable {
                 let packet = Array(pending[0..<(4 + len)])
                 pending.removeFirst(4 + len)
                 let text = packet[4] == 0x03 ? String(decoding: packet[5...], as: UTF8.self).uppercased() : ""
-                let hold = text.hasSuffix("; COMMIT") && lock.withLock { () -> Bool in defer { armed = false }; return armed }
+                // The saga's COMMIT: one query after the marker insert, or alone (on a cluster node).
+                let hold = (text == "COMMIT" || text.hasSuffix("; COMMIT")) && lock.withLock { () -> Bool in defer { armed = false }; return armed }
                 if hold {
                     lock.withLock { held = (server, packet) }
                     shutdown(client, Int32(SHUT_RDWR))  // the client hears nothing: 2013
