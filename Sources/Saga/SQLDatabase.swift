@@ -174,15 +174,23 @@ public struct SQLDialect: Sendable {
     /// fence runs it on its connection, so that it sees a saga's COMMIT certified on another
     /// node. nil for a single server.
     public var causalReads: String?
+    /// The old session of a saga cannot always be ended: on a cluster it may live on a node
+    /// this client cannot reach that is still in the cluster, and a COMMIT sent on it can land
+    /// long after the fence. Only the fence's `aborted` row stops it, so garbage collection
+    /// never deletes `aborted` rows (PROTOCOL: "on Galera ... keep `aborted` rows longer than
+    /// any session can live"). False for a single server, whose old sessions are ended first.
+    public var keepsAbortedMarkers: Bool
 
     public init(
         insertIgnore: String, lockingRead: String, causalReads: String? = nil,
+        keepsAbortedMarkers: Bool = false,
         isNotNullViolation: @escaping @Sendable (any Error) -> Bool,
         isRolledBackByConflict: @escaping @Sendable (any Error) -> Bool = { _ in false }
     ) {
         self.insertIgnore = insertIgnore
         self.lockingRead = lockingRead
         self.causalReads = causalReads
+        self.keepsAbortedMarkers = keepsAbortedMarkers
         self.isNotNullViolation = isNotNullViolation
         self.isRolledBackByConflict = isRolledBackByConflict
     }
