@@ -136,6 +136,36 @@ struct GaleraAdversaryTests {
         #expect(conn.endpoint != url.endpoints[0], "a connection went to the node that rejects every query")
         #expect(Result { try conn.query("SELECT COUNT(*) FROM saga_markers", []) }.isSuccess, "a statement on a table works")
     }
+
+    // MARK: URLs
+
+    /// "The password is never in a message": a password with a character that ends the
+    /// authority when not percent-encoded (`/`, `?`, `#`) makes the URL invalid, and the
+    /// error then quotes the URL with the password in clear (the redaction re-parses the URL
+    /// it could not parse and gives up).
+    @Test func passwordNeverInURLErrors() {
+        for s in ["mysql://u:p/wsecret@h1,h2/db", "mysql://u:p/wsecret@h1/db", "mysql://u:pa#secret@h1,h2/db",
+                  "mysql://u:pa?secret@h1/db", "mysql://u:pa?secret@h1,h2:3306/db"] {
+            do {
+                _ = try MySQLURL(s)
+                Issue.record("accepted \(s)")
+            } catch {
+                #expect(!"\(error)".contains("secret"), "the password is in the message: \(error)")
+            }
+        }
+    }
+
+    /// The host list is parsed by hand: an IPv6 address without brackets or a second port
+    /// must be refused, not turned into host ":" port 1 or host "h2:3306" port 7. A single
+    /// bracketed IPv6 host must come out as the list's does (without brackets: the client
+    /// library resolves "::1", not "[::1]").
+    @Test func hostListEdgeCases() {
+        #expect((try? MySQLURL("mysql://u:p@::1,h2/db")) == nil, "\((try? MySQLURL("mysql://u:p@::1,h2/db"))?.endpoints ?? [])")
+        #expect((try? MySQLURL("mysql://u:p@h1,h2:3306:7/db")) == nil, "\((try? MySQLURL("mysql://u:p@h1,h2:3306:7/db"))?.endpoints ?? [])")
+        #expect((try? MySQLURL("mysql://u:p@[::1]:3307/db"))?.endpoints == [.init(host: "::1", port: 3307)],
+                "\((try? MySQLURL("mysql://u:p@[::1]:3307/db"))?.endpoints ?? [])")
+        #expect((try? MySQLURL("mysql://u:p@[::1]:3307,h2/db"))?.endpoints == [.init(host: "::1", port: 3307), .init(host: "h2", port: 3306)])
+    }
 }
 
 extension Result {
