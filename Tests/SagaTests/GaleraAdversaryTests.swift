@@ -137,6 +137,68 @@ struct GaleraAdversaryTests {
         #expect(Result { try conn.query("SELECT COUNT(*) FROM saga_markers", []) }.isSuccess, "a statement on a table works")
     }
 
+    /// Node 1 leaves the primary component (`gmcast.isolate=1`: it stays reachable to the
+    /// client) between the saga's body and its `INSERT marker; COMMIT`. Whatever COMMIT
+    /// answers on a non-primary node, the saga's outcome must match the rows once node 1 has
+    /// rejoined.
+    @Test func commitOnNodeThatLeftThePrimaryComponent() throws {
+        var configuration = MySQLDatabase.Configuration()
+        configuration.connectTimeout = .seconds(2)
+        configuration.readTimeout = .seconds(6)
+        let env = try MySQLEnvironment(serverURL: try SharedGalera.url(), configuration: configuration)
+        defer { env.destroy() }
+        var node1 = env.directURL
+        node1.endpoints = [env.directURL.endpoints[0]]
+        let admin = try MySQLDatabase(url: node1).openConnection()
+        defer {
+            _ = try? admin.execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=0'", [])
+            admin.close()
+        }
+        func clusterStatus() -> String {
+            (try? admin.query("SHOW STATUS LIKE 'wsrep_cluster_status'", []))?.first?[1].string ?? "?"
+        }
+        try env.kvSet([("i", "i0")])
+        let isolatedURL = node1
+        let c = try env.coordinator(.init(hooks: RunAt(.commit) {
+            guard let side = try? MySQLDatabase(url: isolatedURL).openConnection() else { return }
+            defer { side.close() }
+            _ = try? side.execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=1'", [])
+            for _ in 0..<600 where (try? side.query("SHOW STATUS LIKE 'wsrep_cluster_status'", []))?.first?[1].string == "Primary" { usleep(50_000) }
+        }))
+        defer { c.close() }
+        let result = Result { () throws(SagaError) in
+            try c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('i', 1)", [])
+                try saga.kv.put("i", "i1")
+            }
+        }
+        print("commitOnNodeThatLeftThePrimaryComponent: node 1 \(clusterStatus()); the saga returned \(result)")
+        _ = try? c.collectGarbage()
+        try admin.execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=0'", [])
+        for _ in 0..<1200 {
+            let synced = (try? admin.query("SHOW STATUS LIKE 'wsrep_local_state_comment'", []))?.first?[1].string == "Synced"
+            if synced && clusterStatus() == "Primary" { break }
+            usleep(50_000)
+        }
+        if !c.inDoubt.isEmpty { _ = try c.recover() }
+        #expect(c.inDoubt.isEmpty)
+        let kv = try env.kvGet("i")
+        switch result {
+        case .success: #expect(kv == "i1")
+        case .failure(.commitFailed): #expect(kv == "i0")
+        default: break
+        }
+        for n in 0..<3 {
+            var url = env.directURL
+            url.endpoints = [env.directURL.endpoints[n]]
+            let conn = try MySQLDatabase(url: url).openConnection()
+            defer { conn.close() }
+            try conn.execute("SET SESSION wsrep_sync_wait = 7", [])
+            let v = try conn.query("SELECT v FROM saga_test WHERE k = 'i'", []).first?[0].int64
+            #expect((v == 1) == (kv == "i1"), "node \(n + 1): SQL \(v.map(String.init) ?? "no row"), KV \(kv ?? "absent"), saga \(result)")
+        }
+    }
+
     // MARK: URLs
 
     /// "The password is never in a message": a password with a character that ends the
