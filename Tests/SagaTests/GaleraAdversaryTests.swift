@@ -199,6 +199,90 @@ struct GaleraAdversaryTests {
         }
     }
 
+    /// A server that completes the TCP handshake but never sends its greeting (a hung node:
+    /// the kernel accepts for it). README: "a new connection waits `connectTimeout` (5 s) for
+    /// it before trying the next server". With readTimeout long (as by default, 120 s, sized
+    /// for a fencing insert's lock wait), the wait must still be about connectTimeout.
+    @Test func hungServerDelaysAConnectByConnectTimeoutOnly() throws {
+        let cluster = try MySQLURL(try SharedGalera.url())
+        // A listening socket nobody accepts on: connect succeeds, the greeting never comes.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && listen(fd, 16) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        try #require(ok)
+        var url = cluster
+        url.endpoints = [.init(host: "127.0.0.1", port: UInt32(UInt16(bigEndian: addr.sin_port))), cluster.endpoints[1]]
+        var configuration = MySQLDatabase.Configuration()
+        configuration.connectTimeout = .seconds(2)
+        configuration.readTimeout = .seconds(40)
+        let started = ContinuousClock.now
+        let conn = try MySQLDatabase(url: url, configuration: configuration).openConnection()
+        defer { conn.close() }
+        let took = ContinuousClock.now - started
+        print("hungServerDelaysAConnectByConnectTimeoutOnly: two connects took \(took)")
+        #expect(conn.endpoint == cluster.endpoints[1])
+        // Two connects (open, then openConnection), each past the hung server: about 4 s if
+        // connectTimeout bounds the handshake, 80 s if the read timeout does.
+        #expect(took < .seconds(30), "a hung server held each new connection for the read timeout, not connectTimeout: \(took)")
+    }
+
+    /// Node 1 leaves the primary component but stays reachable (a partition between the
+    /// database nodes, not between the application and node 1). New connections skip it (it
+    /// reports wsrep_ready OFF), but the coordinator's pooled connections to it are still
+    /// lent: a ping answers, and `START TRANSACTION` fails with 1047. The saga fails
+    /// (`sqlFailed` at begin, not `isRetryable`), one per pooled connection (up to
+    /// `poolSize`, 16), although nodes 2 and 3 are healthy; BEGIN on a pooled connection that
+    /// was found lost is retried on another, one that is not ready is not.
+    @Test func pooledConnectionsToANodeThatLeftAreNotReused() throws {
+        let env = try MySQLEnvironment(serverURL: try SharedGalera.url())
+        defer { env.destroy() }
+        var node1 = env.directURL
+        node1.endpoints = [env.directURL.endpoints[0]]
+        let admin = try MySQLDatabase(url: node1).openConnection()
+        defer {
+            _ = try? admin.execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=0'", [])
+            for _ in 0..<1200 {
+                let synced = (try? admin.query("SHOW STATUS LIKE 'wsrep_local_state_comment'", []))?.first?[1].string == "Synced"
+                let primary = (try? admin.query("SHOW STATUS LIKE 'wsrep_cluster_status'", []))?.first?[1].string == "Primary"
+                if synced && primary { break }
+                usleep(50_000)
+            }
+            admin.close()
+        }
+        let c = try env.coordinator()
+        defer { c.close() }
+        try c.run { saga in
+            try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('before', 1)", [])
+            try saga.kv.put("before", "1")
+        }
+        try admin.execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=1'", [])
+        for _ in 0..<600 where (try? admin.query("SHOW STATUS LIKE 'wsrep_cluster_status'", []))?.first?[1].string == "Primary" { usleep(50_000) }
+        #expect((try? admin.query("SHOW STATUS LIKE 'wsrep_cluster_status'", []))?.first?[1].string == "non-Primary")
+        var succeeded = 0
+        var errors: [String] = []
+        for n in 1...3 {
+            do {
+                try c.run { saga in
+                    try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES (?, ?)", [.text("after\(n)"), .integer(Int64(n))])
+                    try saga.kv.put("after\(n)", "\(n)")
+                }
+                succeeded += 1
+            } catch {
+                errors.append("\(error) (retryable: \(error.isRetryable))")
+            }
+        }
+        print("pooledConnectionsToANodeThatLeftAreNotReused: \(succeeded) of 3 succeeded; \(errors)")
+        // A pooled connection found lost at BEGIN is closed and the next one tried; one whose
+        // node left the primary component is as useless, and nothing of the saga ran.
+        #expect(succeeded == 3, "sagas went to the node that left the primary component: \(errors)")
+    }
+
     // MARK: URLs
 
     /// "The password is never in a message": a password with a character that ends the

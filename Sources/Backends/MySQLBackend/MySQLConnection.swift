@@ -193,7 +193,9 @@ public final class MySQLConnection: SQLConnection {
     }
 
     private func record(_ error: MySQLError) -> MySQLError {
-        if error.isConnectionLost { lost = true }
+        // 1047 on a cluster node: it left the primary component (or refuses queries); nothing
+        // more runs on this connection, like a lost one (the server rolls back).
+        if error.isConnectionLost || error.code == Self.notReady { lost = true }
         if error.isRolledBackConflict { transactionGone = true }
         return error
     }
