@@ -35,6 +35,9 @@ public final class MySQLProxy: @unchecked Sendable {
         for (pair, packet) in packets { _ = writeAll(pair.server, packet) }
     }
 
+    /// Ends the partition only: new connections pass again; held packets stay held.
+    public func heal() { lock.withLock { partitioned = false } }
+
     /// How many held COMMIT packets the server has answered since their late delivery.
     public var heldRepliesArrived: Int { lock.withLock { heldReplies } }
 

@@ -283,6 +283,40 @@ struct GaleraAdversaryTests {
         #expect(succeeded == 3, "sagas went to the node that left the primary component: \(errors)")
     }
 
+    /// The same partition on one plain MariaDB server (the old behaviour must hold): the
+    /// fence cannot reach the server, so the saga stays in doubt, keys locked; once the
+    /// network is back, `recover()` ends the old session first, then fences; the late packet
+    /// then finds its session gone.
+    @Test func lateCommitAfterPartitionOnOneServer() throws {
+        var configuration = MySQLDatabase.Configuration()
+        configuration.connectTimeout = .seconds(2)
+        configuration.readTimeout = .seconds(2)
+        let env = try MySQLEnvironment(serverURL: try SharedMariaDB.url(), configuration: configuration)
+        defer { env.proxy.release(); env.destroy() }
+        try env.kvSet([("s", "s0")])
+        let c = try env.coordinator(.init(hooks: RunAt(.commit) { env.proxy.arm(.hold) }))
+        defer { c.close() }
+        let result = Result { () throws(SagaError) in
+            try c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('s', 1)", [])
+                try saga.kv.put("s", "s1")
+            }
+        }
+        guard case .failure(.inDoubt) = result else {
+            Issue.record("one server out of reach: expected in doubt, got \(result)")
+            return
+        }
+        env.proxy.heal()
+        let report = try c.recover()
+        print("lateCommitAfterPartitionOnOneServer: \(report)")
+        _ = try c.collectGarbage()
+        env.proxy.release()
+        #expect(c.inDoubt.isEmpty)
+        let kv = try env.kvGet("s")
+        let sql = try env.row("s")
+        #expect((sql == 1) == (kv == "s1"), "SQL \(sql.map(String.init) ?? "no row"), KV \(kv ?? "absent")")
+    }
+
     // MARK: URLs
 
     /// "The password is never in a message": a password with a character that ends the
