@@ -117,7 +117,9 @@ struct GaleraAdversaryTests {
     /// although nodes 2 and 3 are healthy. README: "a node cut off from the cluster, or one
     /// that refuses more connections is skipped".
     @Test func nodeRejectingQueriesIsSkipped() throws {
-        let url = try MySQLURL(try SharedGalera.url())
+        let cluster = try GaleraCluster()  // its own: node 1's global settings change
+        defer { cluster.stop() }
+        let url = try MySQLURL(cluster.url)
         var node1 = url
         node1.endpoints = [url.endpoints[0]]
         let admin = try MySQLDatabase(url: node1).openConnection()
@@ -142,10 +144,12 @@ struct GaleraAdversaryTests {
     /// answers on a non-primary node, the saga's outcome must match the rows once node 1 has
     /// rejoined.
     @Test func commitOnNodeThatLeftThePrimaryComponent() throws {
+        let cluster = try GaleraCluster()  // its own: node 1 leaves the primary component
+        defer { cluster.stop() }
         var configuration = MySQLDatabase.Configuration()
         configuration.connectTimeout = .seconds(2)
         configuration.readTimeout = .seconds(6)
-        let env = try MySQLEnvironment(serverURL: try SharedGalera.url(), configuration: configuration)
+        let env = try MySQLEnvironment(serverURL: cluster.url, configuration: configuration)
         defer { env.destroy() }
         var node1 = env.directURL
         node1.endpoints = [env.directURL.endpoints[0]]
@@ -240,7 +244,9 @@ struct GaleraAdversaryTests {
     /// `poolSize`, 16), although nodes 2 and 3 are healthy; BEGIN on a pooled connection that
     /// was found lost is retried on another, one that is not ready is not.
     @Test func pooledConnectionsToANodeThatLeftAreNotReused() throws {
-        let env = try MySQLEnvironment(serverURL: try SharedGalera.url())
+        let cluster = try GaleraCluster()  // its own: node 1 leaves the primary component
+        defer { cluster.stop() }
+        let env = try MySQLEnvironment(serverURL: cluster.url)
         defer { env.destroy() }
         var node1 = env.directURL
         node1.endpoints = [env.directURL.endpoints[0]]
