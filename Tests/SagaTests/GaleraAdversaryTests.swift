@@ -48,6 +48,17 @@ struct GaleraAdversaryTests {
         // Garbage collection, as it runs every gcThreshold sagas (or after recover()).
         let collected = try c.collectGarbage()
         print("lateCommitOnUnreachableNodeAfterFenceAndGC: garbage collection removed \(collected) marker row(s)")
+        // Node 1 is in the cluster all along: it applies the fence's insert and the delete,
+        // as it would during any partition that lasts longer than a replication round trip.
+        // (Checked with a causal read straight to node 1, so the late packet below never
+        // races the delete's replication.)
+        var node1 = env.directURL
+        node1.endpoints = [env.directURL.endpoints[0]]
+        let direct = try MySQLDatabase(url: node1).openConnection()
+        defer { direct.close() }
+        try direct.execute("SET SESSION wsrep_sync_wait = 7", [])
+        let rowsOnNode1 = try direct.query("SELECT status FROM saga_markers", []).map { $0[0].string ?? "?" }
+        print("lateCommitOnUnreachableNodeAfterFenceAndGC: marker rows on node 1 before the late packet: \(rowsOnNode1)")
         // The partition heals: the held packet reaches node 1, on the session nobody ended.
         env.proxy.release()
         for _ in 0..<600 where env.proxy.heldRepliesArrived == 0 { usleep(100_000) }  // a hang guard
