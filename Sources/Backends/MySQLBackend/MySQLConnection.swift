@@ -588,8 +588,10 @@ public final class MySQLConnection: SQLConnection {
     /// so it is never killed. Returns the sessions still listed after ``sessionEndTimeout``.
     ///
     /// With several servers in the URL (a cluster), a session may live on any of them: it is
-    /// ended on each that answers (a server that does not is left alone: a node cut off from
-    /// its cluster cannot commit, and its sessions' fate is settled by certification).
+    /// ended on each that answers, also one that is not ready for clients. A server this client
+    /// cannot reach may still be in the cluster and commit a late COMMIT on a session nobody
+    /// ended: on a cluster only the `aborted` row stops it, so those rows are kept
+    /// (``SQLDialect/keepsAbortedMarkers``).
     public func endSessions(_ sessions: [SQLSession]) throws -> Set<SQLSession> {
         var left = try endSessionsOnThisServer(sessions)
         guard url.endpoints.count > 1, !sessions.isEmpty else { return left }
