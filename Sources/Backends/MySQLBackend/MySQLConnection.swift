@@ -116,6 +116,7 @@ public final class MySQLConnection: SQLConnection {
         }
         let status = readServerStatus()
         serverStart = status.start ?? 0
+        isClusterNode = status.ready != nil
         if status.ready == false && requireReady {
             throw MySQLError(code: Self.notReady, sqlState: "08S01", message: "the cluster node at \(endpoint) is not ready (wsrep_ready is OFF: not synced with the primary component; or wsrep_reject_queries is set)", context: "connect to \(url)")
         }
@@ -123,6 +124,9 @@ public final class MySQLConnection: SQLConnection {
             client = SQLSession.clientHash(host)
         }
     }
+
+    /// The server is a Galera node (it has a cluster provider), found at connect.
+    private var isClusterNode = false
 
     /// A hash of this connection's client address as the server sees it (0: unknown).
     private var client: UInt64 = 0
@@ -494,8 +498,14 @@ public final class MySQLConnection: SQLConnection {
     /// other argument, and it is two round trips). The server runs `COMMIT` only if the insert
     /// succeeded; a failed insert (a fencing row holds the id, or the instance's claim moved)
     /// leaves the transaction open, and it is rolled back: failed. A lost connection: unknown.
+    ///
+    /// Not on a Galera node: a brute-force abort by a replicated write (a fence on another
+    /// node) that lands between the two statements of the packet rolls the transaction back,
+    /// and the `COMMIT` that follows in the same packet then succeeds on nothing (seen:
+    /// `GaleraAdversaryTests.twoFencesOnTwoNodesAgainstTheCommit`). Sent as a command of its
+    /// own, `COMMIT` of an aborted transaction gets 1213.
     public func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult {
-        guard let inlined = Self.inliningIntegers(statement, arguments) else { return executeThenCommit(statement, arguments) }
+        guard !isClusterNode, let inlined = Self.inliningIntegers(statement, arguments) else { return executeThenCommit(statement, arguments) }
         let sql = inlined + "; COMMIT"
         guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
         if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
