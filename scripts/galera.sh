@@ -56,7 +56,7 @@ server() {
         --wsrep-cluster-address="gcomm://$gcomm" --wsrep-node-address=127.0.0.1 --wsrep-node-name="node$n" \
         --wsrep-node-incoming-address="127.0.0.1:$sql" \
         --wsrep-sst-method=rsync --wsrep-sst-receive-address="127.0.0.1:$(( g + 20 ))" \
-        --wsrep-provider-options="gmcast.listen_addr=tcp://127.0.0.1:$g;ist.recv_addr=127.0.0.1:$(( g + 10 ));gcache.size=32M;evs.keepalive_period=PT0.5S;evs.suspect_timeout=PT2S;evs.inactive_timeout=PT4S;evs.install_timeout=PT3S;evs.join_retrans_period=PT0.5S;pc.announce_timeout=PT1S" \
+        --wsrep-provider-options="gmcast.listen_addr=tcp://127.0.0.1:$g;ist.recv_addr=127.0.0.1:$(( g + 10 ));gcache.size=32M;evs.keepalive_period=PT0.5S;evs.suspect_timeout=${SAGA_GALERA_SUSPECT_TIMEOUT:-PT2S};evs.inactive_timeout=${SAGA_GALERA_INACTIVE_TIMEOUT:-PT4S};evs.install_timeout=PT3S;evs.join_retrans_period=PT0.5S;pc.announce_timeout=PT1S" \
         "$@" >/dev/null 2>&1 &
 }
 

@@ -273,7 +273,7 @@ extension MarkerTable {
             try inTransaction(on: conn) {
                 try checkClaim(owner, on: conn)
                 for chunk in Self.chunks(ids) {
-                    try conn.execute("DELETE FROM \(table) WHERE instance = ? AND saga_id IN (\(Self.list("?", chunk.count)))", [Self.key(owner.instance)] + chunk.map(Self.key))
+                    try conn.execute("DELETE FROM \(table) WHERE instance = ? AND saga_id IN (\(Self.list("?", chunk.count)))\(keptRows)", [Self.key(owner.instance)] + chunk.map(Self.key))
                 }
             }
         }
@@ -295,8 +295,12 @@ extension MarkerTable {
             }
         }
 
+        /// On a database that keeps `aborted` rows (``SQLDialect/keepsAbortedMarkers``), the
+        /// condition that leaves them out of deletes and of the orphan scan.
+        private var keptRows: String { dialect.keepsAbortedMarkers ? " AND status = 'committed'" : "" }
+
         package func ids(instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID] {
-            try db.query("SELECT saga_id FROM \(table) WHERE instance = ? ORDER BY saga_id", [Self.key(instance)])
+            try db.query("SELECT saga_id FROM \(table) WHERE instance = ?\(keptRows) ORDER BY saga_id", [Self.key(instance)])
                 .compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
         }
 

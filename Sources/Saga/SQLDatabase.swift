@@ -175,15 +175,24 @@ public struct SQLDialect: Sendable {
     /// another node; a COMMIT certified later conflicts with the fence's own, and one of the two
     /// is rolled back. nil for a single server.
     public var causalWait: String?
+    /// The old session of a saga cannot always be ended: on a cluster it may live on a node
+    /// this client cannot reach that is still in the cluster, and a COMMIT sent on it can land
+    /// long after the fence. Only the fence's `aborted` row stops it, so garbage collection
+    /// never deletes `aborted` rows where this is set (on Galera, "keep `aborted` rows longer
+    /// than any session can live"). False for a single server, whose old sessions are ended
+    /// first.
+    public var keepsAbortedMarkers: Bool
 
     public init(
         insertIgnore: String, lockingRead: String, causalWait: String? = nil,
+        keepsAbortedMarkers: Bool = false,
         isNotNullViolation: @escaping @Sendable (any Error) -> Bool,
         isRolledBackByConflict: @escaping @Sendable (any Error) -> Bool = { _ in false }
     ) {
         self.insertIgnore = insertIgnore
         self.lockingRead = lockingRead
         self.causalWait = causalWait
+        self.keepsAbortedMarkers = keepsAbortedMarkers
         self.isNotNullViolation = isNotNullViolation
         self.isRolledBackByConflict = isRolledBackByConflict
     }

@@ -21,12 +21,15 @@ public final class GaleraCluster: @unchecked Sendable {
 
     /// Starts a new cluster in a new temporary directory (a few seconds; the first cluster on a
     /// machine also builds the template).
-    public init() throws {
+    /// - Parameter evictAfter: how long the other nodes wait for a silent node before they
+    ///   suspect it (`evs.suspect_timeout`; twice that, `evs.inactive_timeout`); nil: 2 s.
+    public init(evictAfter: Int? = nil) throws {
         dir = try MariaDBServer.makeTempDir("galera")
         var lastError = ""
+        let environment = evictAfter.map { ["SAGA_GALERA_SUSPECT_TIMEOUT": "PT\($0)S", "SAGA_GALERA_INACTIVE_TIMEOUT": "PT\(2 * $0)S"] } ?? [:]
         // A random base port may be taken: try a few.
         for _ in 0..<3 {
-            let result = try Shell.run("/bin/bash", [Self.script, "start", dir])
+            let result = try Shell.run("/bin/bash", [Self.script, "start", dir], environment: environment)
             if result.status == 0, let last = result.stdout.split(separator: "\n").last, last.hasPrefix("mysql://") {
                 url = String(last)
                 try waitUntilAnswering()

@@ -12,7 +12,34 @@ public final class MySQLProxy: @unchecked Sendable {
         case loseReply
         /// Forward COMMIT, then run this (e.g. kill the server), then close the connection.
         case afterForwarding(@Sendable () -> Void)
+        /// A network partition between the client and this server, with the COMMIT packet in
+        /// flight: the packet is held (not forwarded), the server-side connection stays open
+        /// (the server sees an idle session, nothing to kill it), and every new connection
+        /// through the proxy is cut at once (2013 during the handshake) until ``release()``,
+        /// which heals the partition and delivers the held packet late.
+        case hold
     }
+
+    private var partitioned = false
+    private var held: [(pair: Pair, packet: [UInt8])] = []
+    private var heldReplies = 0
+
+    /// Ends a partition started by ``Action/hold``: new connections pass again, and the held
+    /// COMMIT packets are delivered to the server now (their replies are dropped).
+    public func release() {
+        let packets = lock.withLock { () -> [(pair: Pair, packet: [UInt8])] in
+            partitioned = false
+            defer { held.removeAll() }
+            return held
+        }
+        for (pair, packet) in packets { _ = writeAll(pair.server, packet) }
+    }
+
+    /// Ends the partition only: new connections pass again; held packets stay held.
+    public func heal() { lock.withLock { partitioned = false } }
+
+    /// How many held COMMIT packets the server has answered since their late delivery.
+    public var heldRepliesArrived: Int { lock.withLock { heldReplies } }
 
     public let port: UInt16
     private var target: (host: String, port: UInt16)
@@ -76,6 +103,7 @@ public final class MySQLProxy: @unchecked Sendable {
         while true {
             let client = accept(listener, nil, nil)
             if client < 0 { return }
+            if lock.withLock({ partitioned }) { shutdown(client, Int32(SHUT_RDWR)); close(client); continue }
             let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             let to = lock.withLock { target }
             var addr = Self.loopback(port: to.port)
@@ -97,6 +125,7 @@ public final class MySQLProxy: @unchecked Sendable {
         let client: Int32, server: Int32
         let lock = NSLock()
         var dropNextReply = false
+        var heldCommit = false
         var pumpsDone = 0
         init(client: Int32, server: Int32) { self.client = client; self.server = server }
         /// Stops both directions. The descriptors are closed only once both pump threads have
@@ -131,7 +160,11 @@ public final class MySQLProxy: @unchecked Sendable {
         var buf = [UInt8](repeating: 0, count: 65_536)
         while true {
             let n = buf.withUnsafeMutableBytes { recv(pair.client, $0.baseAddress, $0.count, 0) }
-            if n <= 0 { pair.closeBoth(); return }
+            if n <= 0 {
+                // Partitioned: the client's goodbye never reaches the server either.
+                if pair.lock.withLock({ pair.heldCommit }) { return }
+                pair.closeBoth(); return
+            }
             pending += buf[0..<n]
             // Forward whole packets, one at a time, so a COMMIT can be recognised.
             while pending.count >= 4 {
@@ -145,6 +178,11 @@ public final class MySQLProxy: @unchecked Sendable {
                 let action: Action? = isCommit ? lock.withLock { nextAction() } : nil
                 // Either way the client must not hear the reply.
                 if action != nil { pair.lock.withLock { pair.dropNextReply = true } }
+                if case .hold? = action {
+                    pair.lock.withLock { pair.heldCommit = true }
+                    lock.withLock { partitioned = true; held.append((pair, packet)) }
+                    continue
+                }
                 if !writeAll(pair.server, packet) { pair.closeBoth(); return }
                 if case .afterForwarding(let after)? = action {
                     after()
@@ -161,6 +199,12 @@ public final class MySQLProxy: @unchecked Sendable {
         while true {
             let n = buf.withUnsafeMutableBytes { recv(pair.server, $0.baseAddress, $0.count, 0) }
             if n <= 0 { pair.closeBoth(); return }
+            if pair.lock.withLock({ pair.heldCommit }) {
+                // The late COMMIT's reply: the client gave up long ago.
+                lock.withLock { heldReplies += 1 }
+                pair.closeBoth()
+                return
+            }
             if pair.lock.withLock({ pair.dropNextReply }) {
                 // The server answered the COMMIT: it is committed. The client never hears it.
                 pair.closeBoth()

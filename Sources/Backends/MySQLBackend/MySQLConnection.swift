@@ -15,6 +15,7 @@ public final class MySQLConnection: SQLConnection {
     private var handle: UnsafeMutablePointer<MYSQL>?
     private let statements: StatementCache<UnsafeMutablePointer<MYSQL_STMT>>
     private let markerTable: String
+    private let requireReady: Bool
     private let configuration: MySQLDatabase.Configuration
     public let url: MySQLURL
     /// The connection died: nothing more can run on it.
@@ -27,7 +28,10 @@ public final class MySQLConnection: SQLConnection {
     /// run of the server from one of an earlier run whose id was reused.
     private var serverStart: UInt64 = 0
 
-    init(url: MySQLURL, configuration: MySQLDatabase.Configuration) throws {
+    /// - Parameter requireReady: false to reach a cluster node that is not ready for clients
+    ///   (to end old sessions on it, which needs no table).
+    init(url: MySQLURL, configuration: MySQLDatabase.Configuration, requireReady: Bool = true) throws {
+        self.requireReady = requireReady
         guard MySQLLibrary.initialized else {
             throw MySQLUsageError(description: "the MariaDB client library failed to initialize")
         }
@@ -112,8 +116,8 @@ public final class MySQLConnection: SQLConnection {
         }
         let status = readServerStatus()
         serverStart = status.start ?? 0
-        if status.ready == false {
-            throw MySQLError(code: Self.notReady, sqlState: "08S01", message: "the cluster node at \(endpoint) is not ready (wsrep_ready is OFF: not synced with the primary component)", context: "connect to \(url)")
+        if status.ready == false && requireReady {
+            throw MySQLError(code: Self.notReady, sqlState: "08S01", message: "the cluster node at \(endpoint) is not ready (wsrep_ready is OFF: not synced with the primary component; or wsrep_reject_queries is set)", context: "connect to \(url)")
         }
         if let host = (try? query("SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()", []))?.first?[0].string {
             client = SQLSession.clientHash(host)
@@ -144,6 +148,12 @@ public final class MySQLConnection: SQLConnection {
         // A server without a cluster provider reports wsrep_ready OFF too: not a cluster node.
         clusterNode = !provider.isEmpty
         if provider.isEmpty { ready = nil }
+        // A node drained by its operator (`wsrep_reject_queries` other than NONE) reports
+        // wsrep_ready ON and answers this, but refuses every statement on a table (1047).
+        if ready == true, let reject = (try? query("SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_reject_queries'", []))?.first?[1].string,
+           reject.uppercased() != "NONE" {
+            ready = false
+        }
         guard let uptime, now > uptime else { return (nil, ready) }
         return (UInt64(now - uptime), ready)
     }
@@ -187,7 +197,9 @@ public final class MySQLConnection: SQLConnection {
     }
 
     private func record(_ error: MySQLError) -> MySQLError {
-        if error.isConnectionLost { lost = true }
+        // 1047 on a cluster node: it left the primary component (or refuses queries); nothing
+        // more runs on this connection, like a lost one (the server rolls back).
+        if error.isConnectionLost || error.code == Self.notReady { lost = true }
         if error.isRolledBackConflict { transactionGone = true }
         return error
     }
@@ -606,7 +618,7 @@ public final class MySQLConnection: SQLConnection {
             for address in url.endpoints + view.addresses where address != endpoint {
                 var single = url
                 single.endpoints = [address]
-                guard let peer = try? MySQLConnection(url: single, configuration: configuration),
+                guard let peer = try? MySQLConnection(url: single, configuration: configuration, requireReady: false),
                       let peerView = try? peer.clusterView() else { continue }
                 defer { peer.close() }
                 guard peerView.cluster == view.cluster, !reached.contains(peerView.node) else { continue }

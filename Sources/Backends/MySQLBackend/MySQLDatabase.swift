@@ -59,6 +59,7 @@ public final class MySQLDatabase: SQLDatabase {
         SQLDialect(
             insertIgnore: "INSERT IGNORE", lockingRead: " LOCK IN SHARE MODE",
             causalWait: isClusterNode ? "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1" : nil,
+            keepsAbortedMarkers: isClusterNode,
             isNotNullViolation: { ($0 as? MySQLError)?.code == 1048 },
             isRolledBackByConflict: { ($0 as? MySQLError)?.isRolledBackConflict == true })
     }

@@ -66,10 +66,11 @@ public struct MySQLUsageError: Error, CustomStringConvertible, Sendable {
 
 extension MySQLError: TransientClassifiable {
     /// Deadlock victim (1213, SQLSTATE 40001), lock wait timeout (1205), too many connections
-    /// (1040), the server unreachable (2002, 2003) or shutting down (1053), a lost connection:
+    /// (1040), the server unreachable (2002, 2003) or shutting down (1053), a cluster node that
+    /// left the primary component or refuses queries (1047), a lost connection:
     /// the same work may succeed when run again.
     public var isTransient: Bool {
         code == Self.deadlock || code == Self.lockWaitTimeout || sqlState == "40001"
-            || [1040, 2002, 2003].contains(code) || isConnectionLost
+            || [1040, 2002, 2003, 1047].contains(code) || isConnectionLost
     }
 }

@@ -77,7 +77,9 @@ public struct MySQLURL: Sendable, Equatable, CustomStringConvertible {
                 endpoints.append(endpoint)
             }
         } else {
-            let host = components.host ?? ""
+            var host = components.host ?? ""
+            // A bracketed IPv6 address: the client library takes it without brackets.
+            if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
             guard !host.isEmpty || socket != nil else { throw bad("no host") }
             if let port = components.port, !(1...65535).contains(port) { throw bad("port \(port) is out of range") }
             endpoints = [Endpoint(host: host.isEmpty ? "localhost" : host, port: UInt32(components.port ?? 3306))]
@@ -115,6 +117,8 @@ public struct MySQLURL: Sendable, Equatable, CustomStringConvertible {
                 guard after.hasPrefix(":"), let p = UInt32(after.dropFirst()) else { return nil }
                 port = p
             }
+        } else if host.filter({ $0 == ":" }).count > 1 {
+            return nil  // an IPv6 address goes in brackets; host:port:port is nothing
         } else if let colon = host.lastIndex(of: ":") {
             guard let p = UInt32(host[host.index(after: colon)...]) else { return nil }
             port = p
@@ -130,11 +134,13 @@ public struct MySQLURL: Sendable, Equatable, CustomStringConvertible {
         return "mysql://\(user):***@\(endpoints.map(\.description).joined(separator: ","))/\(database)"
     }
 
+    /// Hides everything between the user's `:` and the last `@`: it works on text that is no
+    /// valid URL too (a password with an unencoded `/`, `?` or `#`), and hides too much rather
+    /// than too little.
     static func redact(_ url: String) -> String {
-        let (single, hosts) = splitHosts(url)
-        guard var c = URLComponents(string: single), c.password != nil else { return url }
-        c.password = "***"
-        guard let redacted = c.string else { return url }
-        return hosts.map { redacted.replacingOccurrences(of: "placeholder", with: $0) } ?? redacted
+        guard let schemeEnd = url.range(of: "://"), let at = url.lastIndex(of: "@"), at > schemeEnd.upperBound else { return url }
+        let userInfo = url[schemeEnd.upperBound..<at]
+        guard let colon = userInfo.firstIndex(of: ":") else { return url }
+        return String(url[..<url.index(after: colon)]) + "***" + String(url[at...])
     }
 }
