@@ -61,8 +61,11 @@ struct GaleraAdversaryTests {
         print("lateCommitOnUnreachableNodeAfterFenceAndGC: marker rows on node 1 before the late packet: \(rowsOnNode1)")
         // The partition heals: the held packet reaches node 1, on the session nobody ended.
         env.proxy.release()
-        for _ in 0..<600 where env.proxy.heldRepliesArrived == 0 { usleep(100_000) }  // a hang guard
-        #expect(env.proxy.heldRepliesArrived == 1, "node 1 answered the late COMMIT")
+        // Either node 1 answers the late COMMIT (an error: the `aborted` row is there), or the
+        // fence ended the held session on node 1 (reached through the address node 1
+        // advertises to the cluster) and the packet finds it gone. Both must leave no write.
+        for _ in 0..<100 where env.proxy.heldRepliesArrived == 0 { usleep(100_000) }  // a hang guard
+        print("lateCommitOnUnreachableNodeAfterFenceAndGC: \(env.proxy.heldRepliesArrived == 1 ? "node 1 answered the late COMMIT" : "the late COMMIT found its session ended")")
         for n in 0..<3 {
             var url = env.directURL
             url.endpoints = [env.directURL.endpoints[n]]
