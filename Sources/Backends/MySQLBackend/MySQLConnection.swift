@@ -201,6 +201,11 @@ public final class MySQLConnection: SQLConnection {
         // more runs on this connection, like a lost one (the server rolls back).
         if error.isConnectionLost || error.code == Self.notReady { lost = true }
         if error.isRolledBackConflict { transactionGone = true }
+        // A failure the client library reports without an error (code 0, seen once at
+        // START TRANSACTION on a pooled connection to a Galera node under load): nothing is
+        // known of the connection's state, so it is never lent again (a saga's BEGIN then
+        // moves on to another connection).
+        if error.code == 0 { stateUnknown = true }
         return error
     }
 
