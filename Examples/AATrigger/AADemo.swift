@@ -67,6 +67,8 @@ func recoverySummary(_ node: Node) -> String {
         + (pending.isEmpty ? "" : "; still in doubt: \(pending.map(String.init(describing:)).joined(separator: ", "))")
 }
 
+extension SagaCoordinator.Configuration.Mode: ExpressibleByArgument {}
+
 /// Where a node keeps its state: shared by every subcommand.
 struct NodeLocation: ParsableArguments {
     @Option(help: "The node's data directory (KV in DIR/kv, SQL in DIR/ledger.sqlite).")
@@ -74,6 +76,9 @@ struct NodeLocation: ParsableArguments {
 
     @Option(help: "Keep the SQL side in MySQL/MariaDB instead: mysql://user:password@host:port/db.")
     var sql: String?
+
+    @Option(help: "How sagas write the KV side: compensate (KV batch and journal record before COMMIT, undone if it fails) or redo (after-images in the SQL transaction, KV batch after COMMIT). A node's stores open in either mode.")
+    var mode: SagaCoordinator.Configuration.Mode = .compensate
 
     /// For commands that work on an existing node: both stores must be there.
     func requireExisting() throws {
@@ -123,7 +128,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("pause-occurrences"), help: "Pause on these times the step is reached, comma-separated (1 = the first).")
     var pauseOccurrences: String = "1"
 
-    @Option(name: .customLong("gc-every"), help: "Collect garbage after this many finished sagas.")
+    @Option(name: .customLong("gc-every"), help: "Collect garbage after this many finished sagas (redo mode: checkpoint after this many applied sagas).")
     var gcEvery: Int = 512
 
     @Option(name: .customLong("max-attempts"), help: "Attempts per trigger before a transient failure (lock timeout, deadlock, lost transaction, failed COMMIT, SQL unreachable) stops the node (exit 4).")
@@ -180,7 +185,7 @@ struct Run: ParsableCommand {
         }
         let hooks: (any SagaHooks)? = stepHooks.isEmpty ? nil : CombinedHooks(stepHooks)
         let open = { [location, unprotected, gcEvery] in
-            try Node(dir: location.data, sqlURL: location.sql, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
+            try Node(dir: location.data, sqlURL: location.sql, mode: location.mode, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
         }
         let node = try open()
         if !unprotected { say(recoverySummary(node)) }
@@ -220,7 +225,7 @@ struct Recover: ParsableCommand {
 
     @OptionGroup var location: NodeLocation
 
-    @Option(name: .customLong("crash-at"), help: "SIGKILL the process at this step of recovery (resolve, committed, compensate, compensated, gcJournal, gcMarkers).")
+    @Option(name: .customLong("crash-at"), help: "SIGKILL the process at this step of recovery (resolve, committed, compensate, compensated, gcJournal, gcMarkers; redo mode: replay, checkpoint, checkpointed).")
     var crashAt: String?
 
     func run() throws {
@@ -230,7 +235,7 @@ struct Recover: ParsableCommand {
             guard let step = SagaStep(rawValue: crashAt) else { throw ValidationError("unknown step \"\(crashAt)\"") }
             hooks = StepTrigger(.crash, at: step, phase: step == .gcJournal || step == .gcMarkers ? .gc : .recovery)
         }
-        let node = try Node(dir: location.data, sqlURL: location.sql, protected: true, hooks: hooks, logger: makeLogger(verbose: false))
+        let node = try Node(dir: location.data, sqlURL: location.sql, mode: location.mode, protected: true, hooks: hooks, logger: makeLogger(verbose: false))
         defer { node.close() }
         say(recoverySummary(node))
         let pending = node.coordinator?.inDoubt ?? []

@@ -4,16 +4,19 @@
 ///     offset  size  field
 ///     0       1     magic 0x53 ('S')
 ///     1       1     format version: 1, or 2 for a prepared record that names its SQL session
-///     2       1     state: 1 prepared, 2 committed, 3 compensated
+///     2       1     state: 1 prepared, 2 committed, 3 compensated, 4 redo (redo mode's
+///                   after-images: only in the saga's marker row, never in the journal)
 ///     3       8     saga id, big-endian
 ///     11      24    version 2 only: the SQL session, u64 id, u64 server start, u64 client
-///     ...     ...   prepared only: u32 entry count, then per entry
+///     ...     ...   prepared and redo only: u32 entry count, then per entry
 ///                   u32 key length, key, pre-image, after-image;
 ///                   an image is 0x00 (absent) or 0x01, u32 length, bytes
 ///     end-4   4     CRC-32C of every byte before it, big-endian
 package struct JournalRecord: Sendable, Equatable {
     package enum State: UInt8, Sendable {
-        case prepared = 1, committed = 2, compensated = 3
+        case prepared = 1, committed = 2, compensated = 3, redo = 4
+        /// Whether records in this state carry their entries.
+        var hasEntries: Bool { self == .prepared || self == .redo }
     }
 
     /// A key the saga wrote: its bytes before the saga and the bytes the saga wrote.
@@ -73,7 +76,7 @@ package struct JournalRecord: Sendable, Equatable {
             out.appendBigEndian(session.serverStart)
             out.appendBigEndian(session.client)
         }
-        if state == .prepared {
+        if state.hasEntries {
             out.appendBigEndian(UInt32(entries.count))
             for e in entries {
                 out.appendBigEndian(UInt32(e.key.count))
@@ -123,7 +126,7 @@ package struct JournalRecord: Sendable, Equatable {
             session = SQLSession(id: try r.u64(), serverStart: try r.u64(), client: try r.u64())
         }
         var entries: [Entry] = []
-        if state == .prepared {
+        if state.hasEntries {
             let count = try r.u32()
             // Every entry takes at least 6 bytes: refuse counts the record cannot hold.
             guard Int(count) <= r.remaining / 6 else { throw DecodingError(reason: "entry count \(count) exceeds the record size") }

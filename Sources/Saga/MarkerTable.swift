@@ -45,13 +45,17 @@ extension MarkerTable {
         /// The saga's marker insert: one text for every saga (prepared once per connection),
         /// built once; the instance, id and claim are bound.
         private let insertCommittedText: String
+        /// Redo mode's marker: the same row, with the saga's sequence and after-images.
+        private let insertRedoText: String
 
         /// The statements for `database`'s marker table (a name checked with
         /// ``MarkerTable/isValidName(_:)``), in its dialect.
         package init(for database: any SQLDatabase) {
             table = database.markerTable
             dialect = database.dialect
-            insertCommittedText = "INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, (SELECT 'committed' FROM \(table)_instances WHERE instance = ? AND claim = ?\(dialect.lockingRead)))"
+            let committedIfClaimed = "(SELECT 'committed' FROM \(table)_instances WHERE instance = ? AND claim = ?\(dialect.lockingRead))"
+            insertCommittedText = "INSERT INTO \(table) (instance, saga_id, status) VALUES (?, ?, \(committedIfClaimed))"
+            insertRedoText = "INSERT INTO \(table) (instance, saga_id, status, seq, redo) VALUES (?, ?, \(committedIfClaimed), ?, ?)"
         }
 
         private var insertIgnore: String { dialect.insertIgnore }
@@ -60,7 +64,17 @@ extension MarkerTable {
         /// The saga's marker, then `COMMIT`: the decision point (one round trip where the
         /// backend can). A marker the claim check refused is ``InstanceClaimLost``.
         package func commit(insertingMarker id: SagaID, owner: MarkerOwner, on conn: any SQLConnection) -> CommitResult {
-            switch conn.commit(afterRunning: insertCommittedText, insertCommittedArguments(id, owner: owner)) {
+            commit(id, running: insertCommittedText, insertCommittedArguments(id, owner: owner), owner: owner, on: conn)
+        }
+
+        /// Redo mode: the saga's marker row carrying its sequence and after-images (a `redo`
+        /// ``JournalRecord``), then `COMMIT`.
+        package func commit(insertingRedo id: SagaID, sequence: UInt64, record: Bytes, owner: MarkerOwner, on conn: any SQLConnection) -> CommitResult {
+            commit(id, running: insertRedoText, insertCommittedArguments(id, owner: owner) + [.integer(Int64(bitPattern: sequence)), .blob(record)], owner: owner, on: conn)
+        }
+
+        private func commit(_ id: SagaID, running text: String, _ arguments: [SQLValue], owner: MarkerOwner, on conn: any SQLConnection) -> CommitResult {
+            switch conn.commit(afterRunning: text, arguments) {
             case .failed(let e) where dialect.isNotNullViolation(e): return .failed(InstanceClaimLost(owner: owner))
             case .committed where dialect.causalWait != nil:
                 // On a cluster, a success is read back on the same connection (its node applied
@@ -74,6 +88,52 @@ extension MarkerTable {
                 }
             case let outcome: return outcome
             }
+        }
+
+        // MARK: Redo rows
+
+        /// Up to `limit` redo rows of `instance` with a sequence above `watermark`, in sequence
+        /// order. A row whose record cannot be decoded is ``DamagedRedoRow``.
+        package func redoRows(instance: InstanceID, above watermark: UInt64, limit: Int, on db: any SQLExecutor) throws -> [RedoRow] {
+            let rows = try db.query("SELECT saga_id, seq, redo FROM \(table) WHERE instance = ? AND seq > ? ORDER BY seq LIMIT \(limit)",
+                                    [Self.key(instance), .integer(Int64(bitPattern: watermark))])
+            return try rows.map { row in
+                let id = SagaID(UInt64(bitPattern: row[0].int64 ?? 0))
+                guard let seq = row[1].int64, case .blob(let bytes) = row[2] else {
+                    throw DamagedRedoRow(saga: id, reason: "no sequence or no after-images")
+                }
+                do {
+                    let record = try JournalRecord(decoding: bytes)
+                    guard record.saga == id, record.state == .redo else {
+                        throw JournalRecord.DecodingError(reason: "the record is a \(record.state) record of \(record.saga)")
+                    }
+                    return RedoRow(saga: id, sequence: UInt64(bitPattern: seq), record: record)
+                } catch {
+                    throw DamagedRedoRow(saga: id, reason: "\(error)")
+                }
+            }
+        }
+
+        /// The largest sequence of `instance`'s redo rows.
+        package func maxSequence(instance: InstanceID, on db: any SQLExecutor) throws -> UInt64? {
+            try db.query("SELECT MAX(seq) FROM \(table) WHERE instance = ?", [Self.key(instance)])
+                .first?[0].int64.map { UInt64(bitPattern: $0) }
+        }
+
+        /// The claim check and the deletion of the redo rows at or below `watermark`, in one
+        /// transaction of its own on `conn`.
+        package func deleteRedo(upTo watermark: UInt64, owner: MarkerOwner, on conn: any SQLConnection) throws {
+            try inTransaction(on: conn) {
+                try checkClaim(owner, on: conn)
+                try conn.execute("DELETE FROM \(table) WHERE instance = ? AND seq <= ?", [Self.key(owner.instance), .integer(Int64(bitPattern: watermark))])
+            }
+        }
+
+        /// A redo row that cannot be read back: recovery refuses to guess.
+        package struct DamagedRedoRow: Error, CustomStringConvertible {
+            package let saga: SagaID
+            package let reason: String
+            package var description: String { "the redo row of \(saga) is damaged: \(reason)" }
         }
 
         /// The sizes id lists are bound in.
@@ -299,8 +359,10 @@ extension MarkerTable {
         /// condition that leaves them out of deletes and of the orphan scan.
         private var keptRows: String { dialect.keepsAbortedMarkers ? " AND status = 'committed'" : "" }
 
+        /// The saga ids of `instance`'s marker rows, redo rows left out (they go by the
+        /// watermark, not by the journal).
         package func ids(instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID] {
-            try db.query("SELECT saga_id FROM \(table) WHERE instance = ?\(keptRows) ORDER BY saga_id", [Self.key(instance)])
+            try db.query("SELECT saga_id FROM \(table) WHERE instance = ? AND seq IS NULL\(keptRows) ORDER BY saga_id", [Self.key(instance)])
                 .compactMap { $0[0].int64 }.map { SagaID(UInt64(bitPattern: $0)) }
         }
 

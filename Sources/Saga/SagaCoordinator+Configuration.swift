@@ -3,6 +3,32 @@ extension SagaCoordinator {
     /// Checked when the coordinator opens: a value out of range is refused with
     /// ``SagaError/Misuse/invalidConfiguration(_:)``.
     public struct Configuration: Sendable {
+        /// How a saga's KV writes reach the store (<doc:Protocol>, "Redo mode").
+        public enum Mode: String, Sendable, CaseIterable, CustomStringConvertible {
+            /// The KV writes and a journal record with their pre-images are written, synced,
+            /// before `COMMIT`, and undone if `COMMIT` fails: two synced writes per saga, and
+            /// a reader outside sagas can see a KV value that is later undone.
+            case compensate
+            /// The after-images ride in the SQL transaction, in the saga's marker row;
+            /// `COMMIT` is the saga's only synced write. The KV batch is written after
+            /// `COMMIT`, unsynced, before the keys are released; a periodic synced
+            /// checkpoint makes it durable, and recovery replays what a crash or a power loss
+            /// of the KV store lost from the SQL rows. Readers outside sagas never see a KV
+            /// value that SQL did not commit.
+            case redo
+            public var description: String { rawValue }
+        }
+
+        /// How a saga's KV writes reach the store: ``Mode/compensate`` (the default) or
+        /// ``Mode/redo``. Either mode's leftovers are recovered whichever mode the next open
+        /// uses.
+        public var mode: Mode
+        /// Redo mode: a checkpoint (a synced KV write of the watermark, then deleting the
+        /// redo rows at or below it) runs once this many sagas applied since the last one,
+        /// or once ``checkpointInterval`` passed and a saga ends; and at ``SagaCoordinator/close()``.
+        public var checkpointEvery: Int
+        /// Redo mode: the longest time between checkpoints while sagas run.
+        public var checkpointInterval: Duration
         /// How long a saga waits for a key lock before giving up (also ends deadlocks that run
         /// through the SQL database's own locks). At most ``maxLockTimeout``.
         public var lockTimeout: Duration
@@ -34,9 +60,15 @@ extension SagaCoordinator {
         public static let recordSizeLimit = Int(UInt32.max) - (1 << 20)
         /// The largest accepted ``asyncThreads``.
         public static let maxAsyncThreads = 4096
+        /// The largest accepted ``checkpointEvery``.
+        public static let maxCheckpointEvery = 1 << 20
 
         public init(lockTimeout: Duration = .seconds(5), hooks: (any SagaHooks)? = nil, gcThreshold: Int = 512, poolSize: Int = 16, maxRecordSize: Int = 1 << 30,
-                    executor: (any TaskExecutor)? = nil, asyncThreads: Int = SagaThreadPool.defaultThreadCount) {
+                    executor: (any TaskExecutor)? = nil, asyncThreads: Int = SagaThreadPool.defaultThreadCount,
+                    mode: Mode = .compensate, checkpointEvery: Int = 256, checkpointInterval: Duration = .milliseconds(200)) {
+            self.mode = mode
+            self.checkpointEvery = checkpointEvery
+            self.checkpointInterval = checkpointInterval
             self.lockTimeout = lockTimeout
             self.hooks = hooks
             self.gcThreshold = gcThreshold
@@ -60,6 +92,12 @@ extension SagaCoordinator {
             }
             if asyncThreads < 1 || asyncThreads > Self.maxAsyncThreads {
                 return "asyncThreads must be between 1 and \(Self.maxAsyncThreads), not \(asyncThreads)"
+            }
+            if checkpointEvery < 1 || checkpointEvery > Self.maxCheckpointEvery {
+                return "checkpointEvery must be between 1 and \(Self.maxCheckpointEvery), not \(checkpointEvery)"
+            }
+            if checkpointInterval <= .zero || checkpointInterval > Self.maxLockTimeout {
+                return "checkpointInterval must be positive and at most \(Self.maxLockTimeout), not \(checkpointInterval)"
             }
             return nil
         }

@@ -3,11 +3,14 @@
 
 extension SagaCoordinator {
     /// Removes the journal records and marker rows of finished sagas, in the only safe order:
-    /// first the journal records, synced; then their markers. Returns how many sagas were
+    /// first the journal records, synced; then their markers. In redo mode, first a checkpoint:
+    /// the watermark, synced, then the redo rows at or below it. Returns how many sagas were
     /// collected. Runs by itself every ``Configuration/gcThreshold`` finished sagas.
     @discardableResult
     public func collectGarbage() throws(SagaError) -> Int {
         try gcLock.withLock { () throws(SagaError) -> Int in
+            // Redo mode: the checkpoint (watermark, then the redo rows below it).
+            if configuration.mode == .redo { try checkpointLocked(phase: .gc) }
             let ids = book.withLock { $0.takeFinished() }
             if !ids.isEmpty {
                 do {

@@ -41,12 +41,14 @@ extension SagaCoordinator {
                 guard record.saga == id else {
                     throw JournalRecord.DecodingError(reason: "record names \(record.saga) but is stored under \(id)")
                 }
+                // Redo records live in marker rows only.
+                guard record.state != .redo else { throw JournalRecord.DecodingError(reason: "a redo record in the journal") }
             } catch {
                 report.problems.append(.journalCorrupt(saga: id, key: key, reason: "\(error)"))
                 continue
             }
             switch record.state {
-            case .committed, .compensated:
+            case .committed, .compensated, .redo:
                 if atOpen { book.withLock { $0.foundFinished(id) } }
             case .prepared:
                 if !atOpen {
@@ -60,6 +62,7 @@ extension SagaCoordinator {
             }
         }
         resolve(pending, adoptLocks: atOpen, into: &report)
+        if !atOpen { resolveRedoPending(into: &report) }
         if atOpen { removeOrphanMarkers(keeping: journaled) }
         do { _ = try collectGarbage() } catch { logger.warning("garbage collection after recovery failed: \(error)") }
         return report

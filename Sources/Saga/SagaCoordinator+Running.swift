@@ -43,6 +43,7 @@ extension SagaCoordinator {
     /// The saga state machine: begin, body, prepare, marker and commit, then one of the three
     /// outcomes of COMMIT.
     private func execute<T>(_ id: SagaID, _ body: (Saga) throws -> T) throws(SagaError) -> T {
+        if configuration.mode == .redo { return try executeRedo(id, body) }
         var log = logger
         log[metadataKey: "saga"] = "\(id.rawValue)"
 
@@ -85,7 +86,7 @@ extension SagaCoordinator {
     /// nothing of a saga had run on it). Any other failure (a busy database, a lost new
     /// connection) is the saga's: retrying it on every pooled connection would only multiply
     /// the wait.
-    private func begin(_ id: SagaID) throws(SagaError) -> any SQLConnection {
+    func begin(_ id: SagaID) throws(SagaError) -> any SQLConnection {
         try throwIfCancelled(id)
         do {
             try hook(.begin, id)
@@ -110,7 +111,7 @@ extension SagaCoordinator {
 
     /// Runs the body. On any failure the SQL transaction is rolled back and the locks go:
     /// nothing was written.
-    private func runBody<T>(_ body: (Saga) throws -> T, of saga: Saga, on conn: any SQLConnection) throws(SagaError) -> T {
+    func runBody<T>(_ body: (Saga) throws -> T, of saga: Saga, on conn: any SQLConnection) throws(SagaError) -> T {
         do {
             try throwIfCancelled(saga.id)
             let value = try body(saga)
@@ -276,7 +277,7 @@ extension SagaCoordinator {
     /// so a saga run from a thread of one's own is never cancelled). Checked before BEGIN,
     /// before the body and right before the forward KV batch is written, never after it: a
     /// saga cancelled in time is rolled back with nothing written anywhere.
-    private func throwIfCancelled(_ id: SagaID) throws(SagaError) {
+    func throwIfCancelled(_ id: SagaID) throws(SagaError) {
         if Task.isCancelled { throw .cancelled(saga: id) }
     }
 
@@ -298,7 +299,7 @@ extension SagaCoordinator {
     /// Returns a saga's connection to the pool, unless its body ran a statement that may have
     /// left session state behind (table locks, `SET autocommit`, pragmas): that one is closed,
     /// and the next saga gets a clean connection.
-    private func giveBack(_ conn: any SQLConnection, after saga: Saga) {
+    func giveBack(_ conn: any SQLConnection, after saga: Saga) {
         if saga.ranSessionStatement { conn.close() } else { pool.giveBack(conn) }
     }
 
@@ -311,6 +312,12 @@ extension SagaCoordinator {
         case inDoubt
         /// Nothing of it is in the KV store: locks released, nothing to collect.
         case abandoned
+        /// Redo mode: committed and its after-images written to the KV store; locks released,
+        /// its row deleted by a checkpoint.
+        case applied(sequence: UInt64)
+        /// Redo mode: not committed, nothing written; locks released. `fenced`: its `aborted`
+        /// marker row is collected like a finished saga's.
+        case notCommitted(sequence: UInt64, fenced: Bool = false)
     }
 
     func end(_ id: SagaID, _ ending: Ending) {
@@ -326,6 +333,15 @@ extension SagaCoordinator {
         case .abandoned:
             book.withLock { $0.abandoned(id) }
             locks.releaseAll(id)
+        case .applied(let sequence), .notCommitted(let sequence, _):
+            book.withLock { $0.abandoned(id) }
+            locks.releaseAll(id)
+            var applied = false
+            if case .applied = ending { applied = true }
+            if case .notCommitted(_, true) = ending { book.withLock { $0.collected([id]) } }
+            if redoLog.settle(sequence, applied: applied, every: configuration.checkpointEvery, interval: configuration.checkpointInterval) {
+                do { _ = try collectGarbage() } catch { logger.warning("checkpoint failed: \(error)") }
+            }
         }
     }
 

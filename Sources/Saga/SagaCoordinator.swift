@@ -37,6 +37,10 @@ public final class SagaCoordinator: Sendable {
     private let claim: StoreClaim
     /// The SQL database's hold on the instance, released with the store claim.
     private let hold: any InstanceHold
+    /// Redo mode's sequence, watermark and checkpoint schedule.
+    let redoLog = RedoLog(after: 0, durable: 0)
+    /// Redo mode: sagas of this process whose COMMIT outcome is unknown, for ``recover()``.
+    let redoPending = Locked<[SagaID: RedoPending]>([:])
     let gcLock = Lock()
     let recoveryLock = Lock()
     /// Where the async `run` runs sagas: `configuration.executor`, or `ownPool`.
@@ -51,6 +55,11 @@ public final class SagaCoordinator: Sendable {
     /// (database unreachable, foreign write) stay prepared and locked: see ``inDoubt``.
     public init(kv: any KVStore, sql: any SQLDatabase, configuration: Configuration = .init(), logger: Logger = Logger(label: "saga")) throws(SagaError) {
         if let problem = configuration.problem { throw .misuse(.invalidConfiguration(problem)) }
+        if configuration.mode == .redo, sql.dialect.keepsAbortedMarkers {
+            // At open, redo mode relies on the instance's claim row to refuse a late COMMIT of an
+            // earlier open; on a cluster a locking read of it does not reach across nodes.
+            throw .misuse(.invalidConfiguration("redo mode is not supported on a clustered database (\(sql.markerTable) keeps aborted markers: a Galera cluster); use compensate mode"))
+        }
         // The name is spliced into SQL text: a backend of someone else's must not pass anything
         // but a plain identifier.
         guard MarkerTable.isValidName(sql.markerTable) else {
@@ -150,7 +159,8 @@ public final class SagaCoordinator: Sendable {
         } catch {
             throw .stopped(reason: "cannot persist the id lease: \(error)")
         }
-        let report = try recover(atOpen: true, journal: journal)
+        var report = try recover(atOpen: true, journal: journal)
+        try replayRedoRows(into: &report)
         if let corrupt = report.problems.first(where: { if case .journalCorrupt = $0 { true } else { false } }) {
             throw corrupt
         }
@@ -176,6 +186,10 @@ public final class SagaCoordinator: Sendable {
     /// themselves belong to the caller.
     public func close() {
         let idle = book.withLock { $0.close() }
+        // Redo mode: the last checkpoint, so that the next open finds nothing to replay.
+        if configuration.mode == .redo, book.withLock({ $0.stopped }) == nil {
+            do { _ = try collectGarbage() } catch { logger.warning("the checkpoint at close failed: \(error)") }
+        }
         pool.closeAll()
         // Sagas still running keep the store: no other coordinator may open on it before the
         // last one has ended.

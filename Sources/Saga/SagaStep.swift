@@ -29,6 +29,30 @@ public enum SagaStep: String, CaseIterable, Sendable, CustomStringConvertible {
     /// GC: the journal records are gone; their marker rows are about to be deleted.
     case gcMarkers
 
+    // Redo mode (<doc:Protocol>, "Redo mode"). It also reaches begin, body, marker, commit,
+    // committed (COMMIT succeeded; nothing is in the KV store yet) and resolve.
+
+    /// Redo mode: the after-images are written to the KV store (not synced); the saga's locks
+    /// are not released yet.
+    case applied
+    /// Redo mode: the watermark (every saga up to its sequence applied) is about to be written,
+    /// synced.
+    case checkpoint
+    /// Redo mode: the watermark is durable; the redo rows at or below it are about to be
+    /// deleted.
+    case checkpointed
+    /// Redo mode, recovery: a chunk of redo rows above the watermark is about to be written to
+    /// the KV store (reached once per chunk, so a crash can land inside replay).
+    case replay
+
+    /// The steps a saga, recovery or garbage collection reaches in `mode`.
+    public static func steps(of mode: SagaCoordinator.Configuration.Mode) -> [SagaStep] {
+        switch mode {
+        case .compensate: [.begin, .body, .prepare, .prepared, .marker, .commit, .committed, .compensate, .compensated, .resolve, .gcJournal, .gcMarkers]
+        case .redo: [.begin, .body, .marker, .commit, .committed, .applied, .resolve, .checkpoint, .checkpointed, .replay]
+        }
+    }
+
     public var description: String { rawValue }
 }
 

@@ -32,6 +32,29 @@ public protocol HarnessEnvironment: AnyObject, Sendable {
     var serializesWriters: Bool { get }
     /// Removes the stores.
     func destroy()
+    /// The mode every coordinator of ``coordinator(_:)`` runs in: ``SagaCoordinator/Configuration/Mode/compensate``
+    /// unless the environment is wrapped by ``ModeEnvironment``.
+    var mode: SagaCoordinator.Configuration.Mode { get }
+}
+
+extension HarnessEnvironment {
+    public var mode: SagaCoordinator.Configuration.Mode { .compensate }
+}
+
+/// An environment whose coordinators run in `mode`: the conformance suite, unchanged, in redo
+/// mode. Everything else is the wrapped environment's.
+public final class ModeEnvironment: HarnessEnvironment {
+    public let base: any HarnessEnvironment
+    public let mode: SagaCoordinator.Configuration.Mode
+    public init(_ base: any HarnessEnvironment, mode: SagaCoordinator.Configuration.Mode) { self.base = base; self.mode = mode }
+    public var kv: any KVStore { base.kv }
+    public var sql: any SQLDatabase { base.sql }
+    public func reopen() throws { try base.reopen() }
+    public func arrangeCommitFailure(in saga: Saga) throws { try base.arrangeCommitFailure(in: saga) }
+    public func endTransactionUnseen(in saga: Saga) throws { try base.endTransactionUnseen(in: saga) }
+    public func unknownCommitHooks() -> any SagaHooks { base.unknownCommitHooks() }
+    public var serializesWriters: Bool { base.serializesWriters }
+    public func destroy() { base.destroy() }
 }
 
 /// A check that failed, with the place it was made.
@@ -61,7 +84,9 @@ public func expectSagaError<T>(_ body: () throws -> T, file: StaticString = #fil
 extension HarnessEnvironment {
     /// A coordinator over the environment's stores (recovery runs as it opens).
     public func coordinator(_ configuration: SagaCoordinator.Configuration = .init()) throws -> SagaCoordinator {
-        try SagaCoordinator(kv: kv, sql: sql, configuration: configuration)
+        var configuration = configuration
+        configuration.mode = mode
+        return try SagaCoordinator(kv: kv, sql: sql, configuration: configuration)
     }
 
     /// One query on a fresh connection, outside any saga.

@@ -12,7 +12,7 @@ import Testing
 /// that forwarded only what the compiler demanded silently held nothing: a copy of the node's
 /// KV store opened beside it and stopped it (aa-demo's own `CountingDatabase` did that). They
 /// have no default now: the compiler asks for them, and a forwarding wrapper keeps the hold.
-private final class ForwardingWhatTheCompilerAsks: SQLDatabase, @unchecked Sendable {
+class ForwardingWhatTheCompilerAsks: SQLDatabase, @unchecked Sendable {
     let base: any SQLDatabase
     init(_ base: any SQLDatabase) { self.base = base }
     func connect() throws -> any SQLConnection { try base.connect() }

@@ -34,18 +34,25 @@ struct MarkerStatementReuseTests {
 @testable import MySQLBackend
 
 /// MariaDB sends the marker insert and COMMIT as one text query, which binds nothing: the
-/// integer arguments are written into the text, and anything else falls back to two round trips.
+/// integer and blob arguments (redo mode's after-images) are written into the text, and anything
+/// else falls back to two round trips.
 @Suite("MariaDB: the marker insert's arguments in its text")
 struct InliningTests {
     @Test func integersAreWrittenIn() {
-        #expect(MySQLConnection.inliningIntegers("INSERT INTO t VALUES (?, ?, (SELECT 'committed' FROM i WHERE a = ?))", [1, -2, .integer(Int64.max)])
+        #expect(MySQLConnection.inliningLiterals("INSERT INTO t VALUES (?, ?, (SELECT 'committed' FROM i WHERE a = ?))", [1, -2, .integer(Int64.max)])
                 == "INSERT INTO t VALUES (1, -2, (SELECT 'committed' FROM i WHERE a = 9223372036854775807))")
     }
 
+    @Test func blobsAreWrittenInAsHex() {
+        #expect(MySQLConnection.inliningLiterals("INSERT INTO t VALUES (?, ?)", [1, .blob([0x00, 0x27, 0xAB, 0xFF])])
+                == "INSERT INTO t VALUES (1, X'0027abff')", "a quote byte becomes hex digits")
+        #expect(MySQLConnection.inliningLiterals("SELECT ?", [.blob([])]) == "SELECT X''")
+    }
+
     @Test func anythingElseIsRefused() {
-        #expect(MySQLConnection.inliningIntegers("SELECT ?", [.text("x")]) == nil, "text is never spliced")
-        #expect(MySQLConnection.inliningIntegers("SELECT ?, ?", [1]) == nil, "too few arguments")
-        #expect(MySQLConnection.inliningIntegers("SELECT ?", [1, 2]) == nil, "too many arguments")
-        #expect(MySQLConnection.inliningIntegers("SELECT '?', ?", [1]) == nil, "a ? inside a string literal")
+        #expect(MySQLConnection.inliningLiterals("SELECT ?", [.text("x")]) == nil, "text is never spliced")
+        #expect(MySQLConnection.inliningLiterals("SELECT ?, ?", [1]) == nil, "too few arguments")
+        #expect(MySQLConnection.inliningLiterals("SELECT ?", [1, 2]) == nil, "too many arguments")
+        #expect(MySQLConnection.inliningLiterals("SELECT '?', ?", [1]) == nil, "a ? inside a string literal")
     }
 }

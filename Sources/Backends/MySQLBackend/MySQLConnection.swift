@@ -510,7 +510,7 @@ public final class MySQLConnection: SQLConnection {
     /// was rolled back (seen by saga-torture: acknowledged sagas missing from every node). A
     /// `COMMIT` sent as a command of its own reports such an abort (1213).
     public func commit(afterRunning statement: String, _ arguments: [SQLValue]) -> CommitResult {
-        guard !clusterNode, let inlined = Self.inliningIntegers(statement, arguments) else { return executeThenCommit(statement, arguments) }
+        guard !clusterNode, let inlined = Self.inliningLiterals(statement, arguments) else { return executeThenCommit(statement, arguments) }
         let sql = inlined + "; COMMIT"
         guard let db = handle, !lost else { return .failed(MySQLUsageError(description: "the connection is closed")) }
         if mysql_real_query(db, sql, UInt(sql.utf8.count)) != 0 {
@@ -539,10 +539,11 @@ public final class MySQLConnection: SQLConnection {
         }
     }
 
-    /// `statement` with each `?` replaced by its argument's decimal text, when every argument is
-    /// an integer and the text holds no quote (so no `?` sits inside a string literal); nil
-    /// otherwise.
-    static func inliningIntegers(_ statement: String, _ arguments: [SQLValue]) -> String? {
+    /// `statement` with each `?` replaced by its argument as a literal, when every argument is
+    /// an integer (decimal text) or a blob (`X'...'`, hex digits only: nothing in it can end the
+    /// literal) and the text holds no quote around a `?` (so none sits inside a string
+    /// literal); nil otherwise. Text is never spliced.
+    static func inliningLiterals(_ statement: String, _ arguments: [SQLValue]) -> String? {
         // Between quotes are the odd pieces of the text split at each quote.
         let pieces = statement.split(separator: "'", omittingEmptySubsequences: false)
         guard pieces.enumerated().allSatisfy({ $0.offset % 2 == 0 || !$0.element.contains("?") }) else { return nil }
@@ -550,10 +551,26 @@ public final class MySQLConnection: SQLConnection {
         var out = ""
         for ch in statement {
             guard ch == "?" else { out.append(ch); continue }
-            guard case .integer(let v)? = values.next() else { return nil }
-            out += String(v)
+            switch values.next() {
+            case .integer(let v)?: out += String(v)
+            case .blob(let bytes)?: out += Self.hexLiteral(bytes)
+            default: return nil
+            }
         }
         return values.next() == nil ? out : nil
+    }
+
+    /// `X'0a1b...'`.
+    private static func hexLiteral(_ bytes: Bytes) -> String {
+        let digits: [UInt8] = Array("0123456789abcdef".utf8)
+        var text: [UInt8] = [0x58, 0x27]  // X'
+        text.reserveCapacity(bytes.count * 2 + 3)
+        for b in bytes {
+            text.append(digits[Int(b >> 4)])
+            text.append(digits[Int(b & 0x0F)])
+        }
+        text.append(0x27)
+        return String(decoding: text, as: UTF8.self)
     }
 
     /// Asks the server whether this connection has a transaction open: a statement that needs
@@ -706,18 +723,29 @@ public final class MySQLConnection: SQLConnection {
                 instance BIGINT UNSIGNED NOT NULL,
                 saga_id BIGINT UNSIGNED NOT NULL,
                 status ENUM('committed', 'aborted') NOT NULL,
+                seq BIGINT UNSIGNED NULL,
+                redo LONGBLOB NULL,
                 PRIMARY KEY (instance, saga_id)
             ) ENGINE=InnoDB
             """)
-        let hasInstance = try query("""
-            SELECT COUNT(*) FROM information_schema.COLUMNS
-            WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'instance'
-            """, [.text(markerTable)]).first?[0].int64 ?? 0
-        guard hasInstance == 0 else { return }
-        do {
-            try simple("ALTER TABLE \(markerTable) ADD COLUMN instance BIGINT UNSIGNED NOT NULL DEFAULT 0 FIRST, DROP PRIMARY KEY, ADD PRIMARY KEY (instance, saga_id)")
-        } catch let e as MySQLError where e.code == 1060 {
-            // Duplicate column: another client migrated it meanwhile.
+        let columns = Set(try query("""
+            SELECT COLUMN_NAME FROM information_schema.COLUMNS
+            WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME IN ('instance', 'seq')
+            """, [.text(markerTable)]).compactMap { $0[0].string })
+        if !columns.contains("instance") {
+            do {
+                try simple("ALTER TABLE \(markerTable) ADD COLUMN instance BIGINT UNSIGNED NOT NULL DEFAULT 0 FIRST, DROP PRIMARY KEY, ADD PRIMARY KEY (instance, saga_id)")
+            } catch let e as MySQLError where e.code == 1060 {
+                // Duplicate column: another client migrated it meanwhile.
+            }
+        }
+        if !columns.contains("seq") {
+            // A table of a version before redo mode: its rows are markers, without a sequence.
+            do {
+                try simple("ALTER TABLE \(markerTable) ADD COLUMN seq BIGINT UNSIGNED NULL, ADD COLUMN redo LONGBLOB NULL")
+            } catch let e as MySQLError where e.code == 1060 {
+                // Duplicate column: another client migrated it meanwhile.
+            }
         }
     }
 }

@@ -256,27 +256,32 @@ public final class SQLiteConnection: SQLConnection {
     public func ensureMarkerTable() throws {
         try execute("CREATE TABLE IF NOT EXISTS \(markerTable)_instances (instance INTEGER PRIMARY KEY, claim INTEGER NOT NULL)", [])
         func columns() throws -> [String] { try query("PRAGMA table_info(\(markerTable))", []).compactMap { $0["name"]?.string } }
-        if try columns().contains("instance") { return }
+        let current = try columns()
+        if current.contains("instance") && current.contains("seq") { return }
         try begin()
         do {
             // Another process may have migrated it meanwhile: look again under the write lock.
             let columns = try columns()
-            if columns.contains("instance") {
-                try rollback()
-                return
+            if !columns.contains("instance") {
+                try execute("""
+                    CREATE TABLE \(markerTable)_new (
+                        instance INTEGER NOT NULL,
+                        saga_id INTEGER NOT NULL,
+                        status TEXT NOT NULL CHECK (status IN ('committed', 'aborted')),
+                        seq INTEGER,
+                        redo BLOB,
+                        PRIMARY KEY (instance, saga_id)) WITHOUT ROWID
+                    """, [])
+                if !columns.isEmpty {
+                    try execute("INSERT INTO \(markerTable)_new (instance, saga_id, status) SELECT 0, saga_id, status FROM \(markerTable)", [])
+                    try execute("DROP TABLE \(markerTable)", [])
+                }
+                try execute("ALTER TABLE \(markerTable)_new RENAME TO \(markerTable)", [])
+            } else if !columns.contains("seq") {
+                // A table of a version before redo mode: its rows are markers, without a sequence.
+                try execute("ALTER TABLE \(markerTable) ADD COLUMN seq INTEGER", [])
+                try execute("ALTER TABLE \(markerTable) ADD COLUMN redo BLOB", [])
             }
-            try execute("""
-                CREATE TABLE \(markerTable)_new (
-                    instance INTEGER NOT NULL,
-                    saga_id INTEGER NOT NULL,
-                    status TEXT NOT NULL CHECK (status IN ('committed', 'aborted')),
-                    PRIMARY KEY (instance, saga_id)) WITHOUT ROWID
-                """, [])
-            if !columns.isEmpty {
-                try execute("INSERT INTO \(markerTable)_new (instance, saga_id, status) SELECT 0, saga_id, status FROM \(markerTable)", [])
-                try execute("DROP TABLE \(markerTable)", [])
-            }
-            try execute("ALTER TABLE \(markerTable)_new RENAME TO \(markerTable)", [])
             switch commit() {
             case .committed: break
             case .failed(let e), .unknown(let e): throw e
