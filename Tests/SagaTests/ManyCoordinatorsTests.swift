@@ -69,6 +69,39 @@ struct ManyCoordinatorsTests {
         #expect(c?.inDoubt.isEmpty == true)
     }
 
+    /// A marker table of the version before redo mode (instance, saga_id, status): the open adds
+    /// the `seq` and `redo` columns, keeps every row, and a coordinator decides by them and
+    /// runs in redo mode on the migrated table.
+    @Test(arguments: ["sqlite", "mariadb"])
+    func aTableBeforeRedoModeMigrates(_ backend: String) throws {
+        let env: any HarnessEnvironment = backend == "sqlite" ? try SQLiteEnvironment() : try MySQLEnvironment(serverURL: try SharedMariaDB.url())
+        defer { env.destroy() }
+        let statusType = backend == "sqlite" ? "TEXT" : "ENUM('committed', 'aborted')"
+        _ = try env.sqlExecute("DROP TABLE saga_markers")
+        _ = try env.sqlExecute("CREATE TABLE saga_markers (instance BIGINT NOT NULL, saga_id BIGINT NOT NULL, status \(statusType) NOT NULL, PRIMARY KEY (instance, saga_id))")
+        let instance = Int64(bitPattern: try SagaCoordinator.instance(in: env.kv).rawValue)
+        _ = try env.sqlExecute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, 5, 'committed')", [.integer(instance)])
+        var batch = KVWriteBatch()
+        for (id, key) in [(5, "m5"), (6, "m6")] {
+            let saga = SagaID(UInt64(id))
+            batch.put(Bytes(key.utf8), Bytes("after".utf8))
+            batch.put(JournalRecord.key(for: saga), JournalRecord(saga: saga, state: .prepared, entries: [
+                .init(key: Bytes(key.utf8), preImage: Bytes("before".utf8), afterImage: Bytes("after".utf8)),
+            ]).encoded(), in: .journal)
+        }
+        try env.kv.write(batch, sync: true)
+        try env.reopen()
+        let c = try env.coordinator(.init(mode: .redo))
+        #expect(try env.kvGet("m5") == "after", "the committed saga's marker still decides it")
+        #expect(try env.kvGet("m6") == "before", "the uncommitted one is undone")
+        try c.run { saga in
+            _ = try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('r', 1)", [])
+            try saga.kv.put("r", "1")
+        }
+        #expect(try env.kvGet("r") == "1" && env.row("r") == 1, "a redo saga commits on the migrated table")
+        c.close()
+    }
+
     /// One journal, one coordinator: a second coordinator on the same KV store is refused while
     /// the first is open, and allowed once it is closed. A second process is refused by RocksDB,
     /// with a message that says the store is in use.
