@@ -82,10 +82,12 @@ public func expectSagaError<T>(_ body: () throws -> T, file: StaticString = #fil
 }
 
 extension HarnessEnvironment {
-    /// A coordinator over the environment's stores (recovery runs as it opens).
+    /// A coordinator over the environment's stores (recovery runs as it opens), in the
+    /// environment's ``mode`` when it is a ``ModeEnvironment``.
     public func coordinator(_ configuration: SagaCoordinator.Configuration = .init()) throws -> SagaCoordinator {
         var configuration = configuration
-        configuration.mode = mode
+        // A ModeEnvironment runs every coordinator in its mode; otherwise the caller's.
+        if let forced = (self as? ModeEnvironment)?.mode { configuration.mode = forced }
         return try SagaCoordinator(kv: kv, sql: sql, configuration: configuration)
     }
 

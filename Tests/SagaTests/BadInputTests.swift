@@ -204,11 +204,13 @@ struct BadInputTests {
     /// A saga whose journal record would be over the limit is refused at prepare: nothing is
     /// written, not even its valid writes. (RocksDB drops a record of 4 GiB or more from the
     /// batch without an error: the forward writes would land without their undo record.)
-    @Test func aSagaOverTheRecordLimitWritesNothing() throws {
+    /// In redo mode the limit is the redo row's: refused before its sequence or COMMIT.
+    @Test(arguments: SagaCoordinator.Configuration.Mode.allCases)
+    func aSagaOverTheRecordLimitWritesNothing(_ mode: SagaCoordinator.Configuration.Mode) throws {
         let env = try SQLiteEnvironment()
         defer { env.destroy() }
         try env.kvSet([("old0", "x")])
-        let c = try env.coordinator(.init(lockTimeout: .milliseconds(200), maxRecordSize: 64 << 10))
+        let c = try env.coordinator(.init(lockTimeout: .milliseconds(200), maxRecordSize: 64 << 10, mode: mode))
         let value = String(repeating: "v", count: 20 << 10)
         let error = try expectSagaError {
             try c.run { saga in
