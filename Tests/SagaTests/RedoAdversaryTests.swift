@@ -130,6 +130,183 @@ struct RedoAdversaryTests {
         c.close()
     }
 
+    // MARK: - Late COMMITs and in-doubt sagas on MariaDB
+
+    static func mysqlRedo(readTimeout: Duration = .seconds(120)) throws -> (MySQLEnvironment, ModeEnvironment) {
+        var configuration = MySQLDatabase.Configuration()
+        configuration.connectTimeout = .seconds(2)
+        configuration.readTimeout = readTimeout
+        let base = try MySQLEnvironment(serverURL: try SharedMariaDB.url(), configuration: configuration)
+        return (base, ModeEnvironment(base, mode: .redo))
+    }
+
+    /// Fires `action` at the first COMMIT of a saga only.
+    final class Once: SagaHooks, @unchecked Sendable {
+        let step: SagaStep
+        let action: @Sendable () -> Void
+        let done = AdvShared(false)
+        init(_ step: SagaStep, _ action: @escaping @Sendable () -> Void) { self.step = step; self.action = action }
+        func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
+            if step == self.step, phase == .run, !done.value { done.value = true; action() }
+        }
+    }
+
+    /// Attack that failed to break it: the saga's `INSERT redo row; COMMIT` packet is held in
+    /// a network partition; the client times out, the fence cannot connect, the saga is in
+    /// doubt. The coordinator is closed, the partition heals (the packet still held), the
+    /// stores are reopened (the claim moves) and a new saga writes the same key. Then the held
+    /// packet reaches the server, late: the claim check in the row insert refuses it, so the
+    /// old saga never commits and the new value stays.
+    @Test func attackFailedLateCommitAfterReopenIsRefusedByTheClaim() throws {
+        let (base, env) = try Self.mysqlRedo(readTimeout: .seconds(2))
+        defer { base.proxy.release(); env.destroy() }
+        try env.kvSet([("late", "l0")])
+        let c = try env.coordinator(.init(hooks: Once(.commit) { base.proxy.arm(.hold) }))
+        let result = Result { () throws(SagaError) in
+            try c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('late', 1)", [])
+                try saga.kv.put("late", "l1")
+            }
+        }
+        guard case .failure(.inDoubt) = result else { Issue.record("expected inDoubt, got \(result)"); return }
+        #expect(try env.kvGet("late") == "l0")
+        c.close()
+        base.proxy.heal()
+        try env.reopen()
+        let c2 = try env.coordinator()
+        try c2.run { saga in
+            try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('late2', 2)", [])
+            try saga.kv.put("late", "l2")
+        }
+        base.proxy.release()
+        for _ in 0..<50 where base.proxy.heldRepliesArrived == 0 { usleep(100_000) }
+        usleep(300_000)
+        #expect(try env.row("late") == nil, "the late COMMIT of the previous open must not commit")
+        #expect(try env.markers().values.filter { $0 == "committed" }.count <= 1)
+        c2.close()
+        try env.reopen()
+        let c3 = try env.coordinator()
+        #expect(try env.kvGet("late") == "l2")
+        c3.close()
+    }
+
+    /// Attack that failed to break it: the same held packet, but the partition heals while the
+    /// first coordinator still runs; `recover()` ends the held session, fences (aborted), the
+    /// aborted row is garbage-collected, and only then the packet arrives: its session is gone.
+    @Test func attackFailedLateCommitAfterRecoverAndGC() throws {
+        let (base, env) = try Self.mysqlRedo(readTimeout: .seconds(2))
+        defer { base.proxy.release(); env.destroy() }
+        try env.kvSet([("late", "l0")])
+        let c = try env.coordinator(.init(hooks: Once(.commit) { base.proxy.arm(.hold) }))
+        defer { c.close() }
+        let result = Result { () throws(SagaError) in
+            try c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('late', 1)", [])
+                try saga.kv.put("late", "l1")
+            }
+        }
+        guard case .failure(.inDoubt) = result else { Issue.record("expected inDoubt, got \(result)"); return }
+        base.proxy.heal()
+        let report = try c.recover()
+        #expect(c.inDoubt.isEmpty, "\(report)")
+        try c.collectGarbage()
+        let left = try env.markers()
+        #expect(left.isEmpty, "the aborted row is collected: \(left)")
+        base.proxy.release()
+        for _ in 0..<20 where base.proxy.heldRepliesArrived == 0 { usleep(100_000) }
+        usleep(300_000)
+        #expect(try env.row("late") == nil, "the late COMMIT must not land after the aborted row is gone")
+        try c.run { saga in try saga.kv.put("late", "l2") }
+        #expect(try env.kvGet("late") == "l2")
+    }
+
+    /// Attack that failed to break it: a COMMIT whose reply is lost (committed), and a fence
+    /// that cannot run (a hook refuses it): in doubt, key locked, KV untouched. `recover()` at
+    /// runtime applies it, the watermark moves past it, its row goes; and the same after a
+    /// close and reopen instead (replay).
+    @Test func attackFailedInDoubtCommittedRedoSagaIsAppliedByRecoverOrReopen() throws {
+        for viaReopen in [false, true] {
+            let (base, env) = try Self.mysqlRedo()
+            defer { env.destroy() }
+            try env.kvSet([("d", "d0")])
+            let c = try env.coordinator(.init(hooks: CombinedHooks([LoseCommitReply(proxy: base.proxy), StepTrigger(.fail, at: .resolve, phase: .run)]),
+                                              checkpointEvery: 1))
+            let result = Result { () throws(SagaError) in
+                try c.run { saga in
+                    try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('d', 1)", [])
+                    try saga.kv.put("d", "d1")
+                }
+            }
+            guard case .failure(.inDoubt) = result else { Issue.record("expected inDoubt, got \(result)"); return }
+            #expect(try env.row("d") == 1, "the lost reply's COMMIT did commit")
+            #expect(try env.kvGet("d") == "d0", "not applied while in doubt")
+            // Another saga meanwhile (disjoint key): applied, but the watermark stays below
+            // the one in doubt.
+            try c.run { saga in try saga.kv.put("e", "e1") }
+            #expect(try Self.durableWatermark(env) == 0, "the saga in doubt holds the watermark back")
+            if viaReopen {
+                c.close()
+                try env.reopen()
+                let c2 = try env.coordinator()
+                #expect(try env.kvGet("d") == "d1", "replayed at open")
+                #expect(try Self.redoRows(env).isEmpty)
+                c2.close()
+            } else {
+                let report = try c.recover()
+                #expect(report.committed.count == 1, "\(report)")
+                #expect(try env.kvGet("d") == "d1", "applied by recover()")
+                #expect(c.inDoubt.isEmpty)
+                try c.collectGarbage()
+                #expect(try Self.redoRows(env).isEmpty)
+                #expect(try Self.durableWatermark(env) == 2)
+                try c.run { saga in try saga.kv.put("d", "d2") }
+                c.close()
+                try env.reopen()
+                let c2 = try env.coordinator()
+                #expect(try env.kvGet("d") == "d2")
+                c2.close()
+            }
+        }
+    }
+
+    // MARK: - Switching modes with leftovers
+
+    /// Attack that failed to break it (SQLite): redo mode commits a saga whose KV apply fails
+    /// (stopped, row left); the next open is in compensate mode (it replays the row), runs
+    /// compensate sagas on the same key, crashes with one prepared and uncommitted; the next
+    /// open is in redo mode again: the prepared one is undone, the replayed row is not
+    /// replayed a second time over the compensate-mode value.
+    @Test func attackFailedModeSwitchWithLeftoversOfEach() throws {
+        let env = try SQLiteHarness().makeEnvironment()
+        defer { env.destroy() }
+        try env.kvSet([("m", "m0")])
+        var c: SagaCoordinator? = try SagaCoordinator(kv: env.kv, sql: env.sql, configuration: .init(hooks: StepTrigger(.fail, at: .committed, phase: .run), mode: .redo))
+        try c?.run { saga in try saga.kv.put("m", "redo1"); try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('m1', 1)", []) }
+        #expect(try env.kvGet("m") == "m0")
+        c = nil
+        try env.reopen()
+        c = try SagaCoordinator(kv: env.kv, sql: env.sql, configuration: .init(mode: .compensate))
+        #expect(try env.kvGet("m") == "redo1", "compensate mode replays redo leftovers")
+        try c?.run { saga in try saga.kv.put("m", "comp2") }
+        // A compensate saga that crashes after prepare, before COMMIT (the hook fails at the
+        // marker: compensated at once), and one left prepared by a failing compensation.
+        c = nil
+        try env.reopen()
+        c = try SagaCoordinator(kv: env.kv, sql: env.sql, configuration: .init(hooks: StepTrigger(.fail, at: .compensate, phase: .run), mode: .compensate))
+        _ = try? c?.run { saga in try saga.kv.put("m", "comp3-uncommitted"); try env.arrangeCommitFailure(in: saga) }
+        #expect(try env.kvGet("m") == "comp3-uncommitted", "left prepared: compensation refused by the hook")
+        c = nil
+        try env.reopen()
+        c = try SagaCoordinator(kv: env.kv, sql: env.sql, configuration: .init(mode: .redo))
+        #expect(try env.kvGet("m") == "comp2", "the uncommitted compensate saga is undone, the old redo row not replayed again")
+        try c?.run { saga in try saga.kv.put("m", "redo4") }
+        c = nil
+        try env.reopen()
+        c = try SagaCoordinator(kv: env.kv, sql: env.sql, configuration: .init(mode: .redo))
+        #expect(try env.kvGet("m") == "redo4")
+        c?.close()
+    }
+
     // MARK: - A huge saga on MariaDB
 
     /// A saga with one 9 MB KV value, far under `maxRecordSize` (1 GiB by default): compensate
