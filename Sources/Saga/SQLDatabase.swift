@@ -182,10 +182,14 @@ public struct SQLDialect: Sendable {
     /// than any session can live"). False for a single server, whose old sessions are ended
     /// first.
     public var keepsAbortedMarkers: Bool
+    /// The largest value the database takes in one statement (MySQL's `max_allowed_packet`,
+    /// SQLite's length limit), nil if none is known: redo mode refuses a saga whose redo row is
+    /// larger, before COMMIT, with ``SagaError/Misuse/sagaTooLarge(size:limit:)``.
+    public var maxStatementBytes: Int?
 
     public init(
         insertIgnore: String, lockingRead: String, causalWait: String? = nil,
-        keepsAbortedMarkers: Bool = false,
+        keepsAbortedMarkers: Bool = false, maxStatementBytes: Int? = nil,
         isNotNullViolation: @escaping @Sendable (any Error) -> Bool,
         isRolledBackByConflict: @escaping @Sendable (any Error) -> Bool = { _ in false }
     ) {
@@ -193,6 +197,7 @@ public struct SQLDialect: Sendable {
         self.lockingRead = lockingRead
         self.causalWait = causalWait
         self.keepsAbortedMarkers = keepsAbortedMarkers
+        self.maxStatementBytes = maxStatementBytes
         self.isNotNullViolation = isNotNullViolation
         self.isRolledBackByConflict = isRolledBackByConflict
     }

@@ -81,12 +81,18 @@ extension SagaCoordinator {
     private func redoRecord(_ saga: Saga, _ writes: [(key: Bytes, image: Bytes?)], on conn: any SQLConnection) throws(SagaError) -> Bytes {
         let entries = writes.map { JournalRecord.Entry(key: $0.key, preImage: nil, afterImage: $0.image) }
         let encoded = JournalRecord(saga: saga.id, state: .redo, entries: entries).encoded()
-        if encoded.count > configuration.maxRecordSize {
+        // The row must also fit one statement of the database (MySQL's max_allowed_packet),
+        // with room for the rest of the insert.
+        let limit = min(configuration.maxRecordSize, markers.dialect.maxStatementBytes.map { $0 - Self.statementOverhead } ?? .max)
+        if encoded.count > limit {
             abandon(saga, conn)
-            throw .misuse(.sagaTooLarge(size: encoded.count, limit: configuration.maxRecordSize))
+            throw .misuse(.sagaTooLarge(size: encoded.count, limit: limit))
         }
         return encoded
     }
+
+    /// Room left in a statement for the insert's text and its other values.
+    static let statementOverhead = 4096
 
     // MARK: 5. Marker and 6. Commit
 

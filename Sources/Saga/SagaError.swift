@@ -103,7 +103,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             case .keyTooLarge(let size, let limit): "a key of \(size) bytes is over the limit of \(limit) bytes"
             case .valueTooLarge(let size, let limit): "a value of \(size) bytes is over the limit of \(limit) bytes"
             case .transactionControl(let sql): "`\(sql)` starts or ends a transaction, which the saga owns (it commits or rolls back when the body returns or throws); not run"
-            case .sagaTooLarge(let size, let limit): "the saga's journal record (its keys with their pre- and after-images) takes \(size) bytes, over the limit of \(limit) bytes (Configuration.maxRecordSize); split the work into smaller sagas"
+            case .sagaTooLarge(let size, let limit): "the saga's journal record (its keys with their pre- and after-images) takes \(size) bytes, over the limit of \(limit) bytes (Configuration.maxRecordSize; in redo mode also the database's largest statement, such as MySQL's max_allowed_packet, less 4 KiB); split the work into smaller sagas"
             case .closed: "the coordinator is closed"
             case .instanceClaimedByAnotherJournal(let instance): "\(instance) of this SQL database was opened by another journal since this journal last opened it: two journals share one instance id (two journals written before instance ids on one database, a copy of a KV store opened beside its original, or a KV store restored from a backup); refused before any marker row was read. Give each node its own journal, or its own SQL database"
             case .instanceInUse(let instance): "\(instance) is open in another coordinator right now (another process on a copy of this KV store, on the same SQL database); refused before any marker row was read"

@@ -173,8 +173,10 @@ public final class MySQLProxy: @unchecked Sendable {
                 let packet = Array(pending[0..<(4 + len)])
                 pending.removeFirst(4 + len)
                 // A plain COMMIT, or the coordinator's "INSERT marker; COMMIT" in one query.
-                let text = packet[4] == 0x03 && len < 512 ? String(decoding: packet[5...], as: UTF8.self).uppercased() : ""
-                let isCommit = text == "COMMIT" || text.hasSuffix("; COMMIT")
+                // Only the end of the text is read: a redo row's after-images make the query as
+                // long as the saga's writes.
+                let tail = packet[4] == 0x03 ? String(decoding: packet[max(5, packet.count - 8)...], as: UTF8.self).uppercased() : ""
+                let isCommit = tail == "COMMIT" || tail.hasSuffix("; COMMIT")
                 let action: Action? = isCommit ? lock.withLock { nextAction() } : nil
                 // Either way the client must not hear the reply.
                 if action != nil { pair.lock.withLock { pair.dropNextReply = true } }

@@ -158,16 +158,16 @@ extension ConformanceSuite {
 }
 
 /// A value shared between a test's threads.
-final class TestShared<Value: Sendable>: @unchecked Sendable {
+public final class TestShared<Value: Sendable>: @unchecked Sendable {
     private let lock = NSLock()
     private var stored: Value
-    init(_ value: Value) { stored = value }
-    var value: Value {
+    public init(_ value: Value) { stored = value }
+    public var value: Value {
         get { lock.withLock { stored } }
         set { lock.withLock { stored = newValue } }
     }
 }
 
 extension TestShared where Value == Int {
-    func add(_ n: Int) { lock.withLock { stored += n } }
+    public func add(_ n: Int) { lock.withLock { stored += n } }
 }

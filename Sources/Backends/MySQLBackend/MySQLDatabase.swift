@@ -59,13 +59,16 @@ public final class MySQLDatabase: SQLDatabase {
         SQLDialect(
             insertIgnore: "INSERT IGNORE", lockingRead: " LOCK IN SHARE MODE",
             causalWait: isClusterNode ? "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1" : nil,
-            keepsAbortedMarkers: isClusterNode,
+            keepsAbortedMarkers: isClusterNode, maxStatementBytes: maxAllowedPacket,
             isNotNullViolation: { ($0 as? MySQLError)?.code == 1048 },
             isRolledBackByConflict: { ($0 as? MySQLError)?.isRolledBackConflict == true })
     }
 
     /// The server is a node of a Galera cluster (`wsrep_on` is ON), found at open.
     public let isClusterNode: Bool
+    /// The server's `max_allowed_packet` at open: the largest statement (with its bound values)
+    /// it takes.
+    public let maxAllowedPacket: Int?
 
     public convenience init(url: String, configuration: Configuration = Configuration()) throws {
         try self.init(url: try MySQLURL(url), configuration: configuration)
@@ -80,6 +83,7 @@ public final class MySQLDatabase: SQLDatabase {
         try conn.ensureMarkerTable()
         // MySQL has no such variable (error 1193): not a cluster node.
         isClusterNode = (try? conn.query("SELECT @@wsrep_on", []))?.first?[0].int64 == 1
+        maxAllowedPacket = (try conn.query("SELECT @@max_allowed_packet", [])).first?[0].int64.map { Int($0) }
     }
 
     public func connect() throws -> any SQLConnection { try openConnection() }

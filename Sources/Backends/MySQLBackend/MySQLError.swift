@@ -38,9 +38,18 @@ public struct MySQLError: Error, CustomStringConvertible, Sendable, Equatable {
 
     public var description: String {
         var s = "MySQL error \(code) (SQLSTATE \(sqlState)): \(message)"
-        if let context { s += " -- while running `\(context)`" }
+        if let context { s += " -- while running `\(Self.shortened(context))`" }
         return s
     }
+
+    /// A statement as an error message shows it: at most ``contextLimit`` characters (a redo
+    /// row's after-images can make one as long as a saga's writes).
+    static func shortened(_ statement: String) -> String {
+        guard statement.count > contextLimit else { return statement }
+        return statement.prefix(contextLimit) + "... (\(statement.count - contextLimit) more characters)"
+    }
+
+    static let contextLimit = 300
 
     init(connection: UnsafeMutablePointer<MYSQL>, context: String?) {
         self.init(

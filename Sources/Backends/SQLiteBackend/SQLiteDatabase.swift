@@ -56,7 +56,8 @@ public final class SQLiteDatabase: SQLDatabase {
     /// `INSERT OR IGNORE`; no locking read is needed (the writer holds the whole database);
     /// `SQLITE_CONSTRAINT_NOTNULL`.
     public var dialect: SQLDialect {
-        SQLDialect(insertIgnore: "INSERT OR IGNORE", lockingRead: "") { ($0 as? SQLiteError)?.extendedCode == SQLITE_CONSTRAINT | (5 << 8) }
+        // SQLite refuses a value over SQLITE_MAX_LENGTH (10^9 bytes unless built otherwise).
+        SQLDialect(insertIgnore: "INSERT OR IGNORE", lockingRead: "", maxStatementBytes: 1_000_000_000) { ($0 as? SQLiteError)?.extendedCode == SQLITE_CONSTRAINT | (5 << 8) }
     }
     /// Write transactions of this database's connections queue here (see ``WriterGate``).
     let gate = WriterGate()
