@@ -18,7 +18,7 @@ struct SagaTorture: ParsableCommand {
             of sagas pending. Exits 1 when anything is lost, unexpected or divergent (on the \
             cluster: when its three nodes differ); the seed replays the same schedule.
             """,
-        subcommands: [Torture.self, Worker.self],
+        subcommands: [Torture.self, Worker.self, KVPowerLossProbe.self],
         defaultSubcommand: Torture.self)
 }
 
