@@ -57,6 +57,9 @@
  * - the rewrite happens on the live file system, so what survives is what this model chose,
  *   not what the disk would have had (no reordering inside a single write besides tearing, no
  *   damage to synced data, metadata blocks never torn).
+ * A power cut does not wait for a sync to finish: a sync (of a file or the directory) still
+ * running when the cut begins makes nothing durable, and neither it nor any other call that was
+ * in flight returns to its caller (RocksDB must not acknowledge a write the cut may drop).
  * Thread-safe: calls that touch the directory hold a reader side of a writer-preferring lock
  * while they run, the cut takes the writer side and keeps it, so nothing under the directory
  * changes while (or after) it rewrites the files. Not async-signal-safe. */
@@ -153,6 +156,18 @@ static void pl_init(void) {
     pthread_rwlockattr_destroy(&a);
 }
 #define PL_INIT() pthread_once(&pl_init_once, pl_init)
+
+/* Set when a cut begins. A call that was in flight then does not return: a sync that had not
+ * returned when the power went off made nothing durable, and the caller must not go on as if it
+ * had (a KV batch acknowledged after the cut dropped it could let its saga commit in SQL). */
+static atomic_int pl_cutting;
+
+/* Ends a call's hold on the I/O lock; during a cut, the call never returns. */
+static void leave_io(void) {
+    pthread_rwlock_unlock(&pl_io);
+    if (atomic_load(&pl_cutting))
+        for (;;) pause();
+}
 
 /* ---- paths ---- */
 
@@ -349,7 +364,7 @@ static int enter_fd(int fd, struct stat *st, char *path) {
     if (!fd_under_dir(fd, path)) return 0;
     pthread_rwlock_rdlock(&pl_io);
     if (!atomic_load(&pl_armed) || fstat(fd, st) != 0 || !(S_ISREG(st->st_mode) || S_ISDIR(st->st_mode))) {
-        pthread_rwlock_unlock(&pl_io);
+        leave_io();
         return 0;
     }
     return 1;
@@ -359,7 +374,7 @@ int saga_pl_write_begin(int fd, off_t off, size_t len, saga_pl_ticket *t) {
     struct stat st;
     char path[PATH_MAX];
     if (!enter_fd(fd, &st, path)) return 0;
-    if (!S_ISREG(st.st_mode)) { pthread_rwlock_unlock(&pl_io); return 0; }
+    if (!S_ISREG(st.st_mode)) { leave_io(); return 0; }
     if (off < 0) off = (fcntl(fd, F_GETFL) & O_APPEND) ? st.st_size : lseek(fd, 0, SEEK_CUR);
     memset(t, 0, offsetof(saga_pl_ticket, dir));
     t->off = off < 0 ? 0 : off;
@@ -390,7 +405,7 @@ void saga_pl_write_end(saga_pl_ticket *t, ssize_t written) {
         free(t->old);
     }
     pthread_mutex_unlock(&pl_mu);
-    pthread_rwlock_unlock(&pl_io);
+    leave_io();
 }
 
 int saga_pl_sync_begin(int fd, saga_pl_ticket *t) {
@@ -409,6 +424,7 @@ int saga_pl_sync_begin(int fd, saga_pl_ticket *t) {
 }
 
 void saga_pl_sync_end(saga_pl_ticket *t, int rc) {
+    if (atomic_load(&pl_cutting)) leave_io();   /* cut before it returned: nothing made durable */
     pthread_mutex_lock(&pl_mu);
     if (rc == 0 && t->is_dir) {
         /* Creations and renames in this directory made before the sync are durable now. */
@@ -436,7 +452,7 @@ void saga_pl_sync_end(saga_pl_ticket *t, int rc) {
         pl_count.file_syncs++;
     }
     pthread_mutex_unlock(&pl_mu);
-    pthread_rwlock_unlock(&pl_io);
+    leave_io();
 }
 
 /* A size change of a tracked file from size_before to new_size; a shrink saves what it cuts. */
@@ -461,7 +477,7 @@ int saga_pl_fallocate_begin(int fd, int mode, off_t off, off_t len, saga_pl_tick
     struct stat st;
     char path[PATH_MAX];
     if (!enter_fd(fd, &st, path)) return 0;
-    if (!S_ISREG(st.st_mode)) { pthread_rwlock_unlock(&pl_io); return 0; }
+    if (!S_ISREG(st.st_mode)) { leave_io(); return 0; }
     if (mode & ~FALLOC_FL_KEEP_SIZE) {
         /* Punching or zeroing a range: not modelled. */
         pthread_mutex_lock(&pl_mu);
@@ -491,7 +507,7 @@ static void finish_resize(saga_pl_ticket *t, int rc) {
 
 void saga_pl_resize_end(saga_pl_ticket *t, int rc) {
     finish_resize(t, rc);
-    pthread_rwlock_unlock(&pl_io);
+    leave_io();
 }
 
 /* ---- interposed here: open, ftruncate, rename ---- */
@@ -503,7 +519,7 @@ int ftruncate(int fd, off_t length) {
     saga_pl_ticket t;
     if (!enter_fd(fd, &st, path)) return real_ftruncate(fd, length);
     if (!S_ISREG(st.st_mode)) {
-        pthread_rwlock_unlock(&pl_io);
+        leave_io();
         return real_ftruncate(fd, length);
     }
     begin_resize(fd, &st, path, length, &t);
@@ -562,7 +578,7 @@ int open(const char *path, int flags, ...) {
         pl_count.creates++;
         pthread_mutex_unlock(&pl_mu);
     }
-    pthread_rwlock_unlock(&pl_io);
+    leave_io();
     errno = e;
     return fd;
 }
@@ -623,7 +639,7 @@ int rename(const char *from, const char *to) {
         free(op->old);
         free(op);
     }
-    pthread_rwlock_unlock(&pl_io);
+    leave_io();
     errno = e;
     return rc;
 }
@@ -644,7 +660,7 @@ int unlink(const char *path) {
         drop_file(st.st_dev, st.st_ino);
         pthread_mutex_unlock(&pl_mu);
     }
-    pthread_rwlock_unlock(&pl_io);
+    leave_io();
     errno = e;
     return rc;
 }
@@ -660,7 +676,10 @@ static unsigned long long rnd(void) {
 }
 static off_t below(off_t n) { return n <= 0 ? 0 : (off_t)(rnd() % (unsigned long long)n); }
 
-typedef struct { long files, changes, kept, dropped, torn, zero_sized, bytes_lost, ops, ops_undone, creates_undone, renames_undone, skipped; } cut_stats;
+typedef struct {
+    long files, changes, kept, dropped, torn, zero_sized, bytes_lost, ops, ops_undone, creates_undone, renames_undone, skipped;
+    char names[256];   /* "name:changes " per file, for the report (cut short if long) */
+} cut_stats;
 
 static int same_file(const char *path, dev_t dev, ino_t ino) {
     struct stat st;
@@ -762,6 +781,9 @@ static void cut_file(tracked_file *f, int mode, cut_stats *s) {
     if (fstat(fd, &st) != 0) { close(fd); s->skipped++; return; }
     s->files++;
     s->changes += (long)f->n;
+    size_t used = strlen(s->names);
+    const char *base = strrchr(f->path, '/');
+    snprintf(s->names + used, sizeof s->names - used, "%s%s:%zu", used ? " " : "", base ? base + 1 : f->path, f->n);
     int holes = mode & SAGA_KV_POWERLOSS_HOLES;
     size_t cut = (size_t)below((off_t)f->n + 1);      /* default: changes [0, cut) survive */
     survivors v = {.min_off = st.st_size + 1, .cap = st.st_size};
@@ -818,7 +840,9 @@ static void cut_file(tracked_file *f, int mode, cut_stats *s) {
 
 void saga_kv_powerloss_cut(unsigned long long seed, int mode, int report_fd) {
     PL_INIT();
-    /* Wait for the calls in flight; keep every later one waiting for good. */
+    /* Calls in flight finish their real work but never return (syncs among them make nothing
+     * durable); every later one waits for good. */
+    atomic_store(&pl_cutting, 1);
     pthread_rwlock_wrlock(&pl_io);
     pthread_mutex_lock(&pl_mu);
     pl_rng = seed;
@@ -828,10 +852,10 @@ void saga_kv_powerloss_cut(unsigned long long seed, int mode, int report_fd) {
     undo_dir_ops(mode, &s);
     for (size_t i = 0; i < pl_nfiles; i++) cut_file(pl_files[i], mode, &s);
     if (report_fd >= 0) {
-        char line[512];
+        char line[1024];
         int n = snprintf(line, sizeof line,
-                         "kv power loss (seed %llu, mode %d): %ld unsynced change(s) in %ld file(s): %ld kept, %ld dropped, %ld torn, %ld zeroed with the size kept, %ld bytes lost; %ld directory op(s) pending, %ld undone (%ld creations, %ld renames); %ld skipped\n",
-                         seed, mode, pending_changes, s.files, s.kept, s.dropped, s.torn, s.zero_sized, s.bytes_lost,
+                         "kv power loss (seed %llu, mode %d): %ld unsynced change(s) in %ld file(s) [%s]: %ld kept, %ld dropped, %ld torn, %ld zeroed with the size kept, %ld bytes lost; %ld directory op(s) pending, %ld undone (%ld creations, %ld renames); %ld skipped\n",
+                         seed, mode, pending_changes, s.files, s.names, s.kept, s.dropped, s.torn, s.zero_sized, s.bytes_lost,
                          s.ops, s.ops_undone, s.creates_undone, s.renames_undone, s.skipped);
         if (n > (int)sizeof line - 1) n = (int)sizeof line - 1;
         if (n > 0) (void)syscall(SYS_write, report_fd, line, (size_t)n);

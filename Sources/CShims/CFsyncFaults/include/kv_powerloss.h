@@ -49,8 +49,8 @@ typedef struct saga_kv_powerloss_counters {
 void saga_kv_powerloss_get_counters(saga_kv_powerloss_counters *out);
 
 /* The simulated power cut. Every later call that would touch the directory (a write, sync,
- * open with O_CREAT, rename, truncate of a file under it) blocks forever; calls in flight are
- * waited for. Then the files are rewritten to a state chosen with `seed` and `mode` (the flags
+ * open with O_CREAT, rename, truncate of a file under it) blocks forever; calls in flight finish
+ * their real work and then block forever too (a sync in flight makes nothing durable). Then the files are rewritten to a state chosen with `seed` and `mode` (the flags
  * above), one line describing it ("kv power loss: ...") is written to report_fd (if >= 0) with
  * a single write(2), and the process SIGKILLs itself. Never returns. */
 void saga_kv_powerloss_cut(unsigned long long seed, int mode, int report_fd) __attribute__((noreturn));
