@@ -49,7 +49,9 @@ let package = Package(
         // Faults made around real stores, shared by the tests and the torture program: a
         // throwaway MariaDB server, a TCP proxy that loses COMMIT replies, a process runner.
         // SQLite's fault VFS (SQLiteFaults) lives here too: out of the shipping backend.
-        .target(name: "SagaFaultKit", dependencies: ["Saga", "MySQLBackend", "SQLiteBackend", "CSQLite", "CSagaFaults"]),
+        // KVPowerLoss wraps CFsyncFaults' power-loss simulation for RocksDB's files, so every
+        // program that links this kit gets the interposers (they forward when unarmed).
+        .target(name: "SagaFaultKit", dependencies: ["Saga", "MySQLBackend", "SQLiteBackend", "CSQLite", "CSagaFaults", "CFsyncFaults"]),
 
         // The conformance suite, written against the protocols only; every backend runs it. Also
         // StepTrigger, the hooks that crash the process or fail a step.

@@ -19,11 +19,13 @@ struct Intensity: Sendable {
     var kvFaultsPerKind: Int
     /// SIGKILLs of a node with hundreds of sagas pending in its journal.
     var backlogKills: Int
+    /// Simulated power losses of RocksDB's files (per coordinator mode).
+    var kvPowerLosses: Int
     /// Second crashes in recovery after every first crash (long), or once per recovery step.
     var fullSecondCrashes: Bool
 
-    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, nodeKills: 6, contentionSagas: 300, replicaTriggers: 30, kvFaultsPerKind: 2, backlogKills: 12, fullSecondCrashes: false)
-    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, nodeKills: 60, contentionSagas: 3000, replicaTriggers: 200, kvFaultsPerKind: 8, backlogKills: 100, fullSecondCrashes: true)
+    static let short = Intensity(randomKills: 50, powerLosses: 10, serverKills: 4, nodeKills: 6, contentionSagas: 300, replicaTriggers: 30, kvFaultsPerKind: 2, backlogKills: 12, kvPowerLosses: 8, fullSecondCrashes: false)
+    static let long = Intensity(randomKills: 1000, powerLosses: 300, serverKills: 60, nodeKills: 60, contentionSagas: 3000, replicaTriggers: 200, kvFaultsPerKind: 8, backlogKills: 100, kvPowerLosses: 100, fullSecondCrashes: true)
 
     /// The cluster's share of a short run. Its sagas are slower (every COMMIT is certified by
     /// three nodes) and a node's rejoin takes seconds, so it repeats less of what the other
@@ -81,12 +83,13 @@ final class Campaign {
     enum Name: String, CaseIterable, Sendable {
         case crashPoints = "crash-points", randomKills = "random-kills", ioCountdown = "io-countdown",
              powerLoss = "power-loss", serverKills = "server-kills", nodeKills = "node-kills", contention, replicas,
-             kvWriteFaults = "kv-write-faults", pendingBacklog = "pending-backlog"
+             kvWriteFaults = "kv-write-faults", pendingBacklog = "pending-backlog", kvPowerLoss = "kv-power-loss"
         /// Whether it applies to this backend at all.
         func applies(to backend: NodeSite.Backend) -> Bool {
             switch self {
             case .ioCountdown, .powerLoss: backend == .sqlite
             case .serverKills: backend == .mysql
+            case .kvPowerLoss: backend == .sqlite || backend == .mysql
             case .nodeKills: backend == .galera
             default: true
             }
@@ -112,6 +115,7 @@ final class Campaign {
             case .replicas: try replicas()
             case .kvWriteFaults: try kvWriteFaults()
             case .pendingBacklog: try pendingBacklog()
+            case .kvPowerLoss: try kvPowerLoss()
             }
             if backend == .galera { sampleNodeCounters() }
         }

@@ -33,6 +33,13 @@ struct BackendFigures: Codable, Sendable {
     var kvFaultFiles: [String: Int] = [:]
     /// The assertion messages of the aborts, counted.
     var kvAbortAssertions: [String: Int] = [:]
+    /// Simulated power losses of RocksDB's files, the unsynced changes (writes, size changes)
+    /// at the cuts, how many of them the cuts dropped or tore, and the file creations and
+    /// renames they undid.
+    var kvPowerLosses = 0
+    var kvPowerLossChanges = 0
+    var kvPowerLossLost = 0
+    var kvPowerLossDirOpsUndone = 0
     var lostReplies = 0
     /// Galera: kill -9 of the node the workload's connections went to, of another node, and
     /// rejoins; sagas rolled back by a conflict (1213) and transactions of the other writer
@@ -104,6 +111,7 @@ struct TortureReport: Codable, Sendable {
             ("checks of all 3 nodes / nodes identical", { "\($0.nodeChecks) / \($0.nodesIdentical)" }),
             ("KV write faults injected / runs", { "\($0.kvFaultsInjected) / \($0.kvFaultRuns)" }),
             ("KV fault runs: stopped / aborted / ran on", { "\($0.kvStopped) / \($0.kvAborted) / \($0.kvRanOn)" }),
+            ("KV power losses / unsynced changes / lost", { "\($0.kvPowerLosses) / \($0.kvPowerLossChanges) / \($0.kvPowerLossLost)" }),
             ("backlog kills / max pending at reopen", { "\($0.backlogKills) / \($0.backlogMaxPending)" }),
             ("backlog: next runs done / slowest (s)", { "\($0.backlogProgressRuns) / " + String(format: "%.1f", $0.backlogSlowestProgress) }),
             ("sagas committed / failed / unknown", { "\($0.sagasCommitted) / \($0.sagasFailed) / \($0.sagasUnknown)" }),

@@ -14,18 +14,18 @@ struct SagaTorture: ParsableCommand {
             SQLite's VFS, kill -9 of the MariaDB server and lost COMMIT replies, kill -9 and rejoin \
             of the nodes of a 3-node Galera cluster with another writer making sagas lose \
             certification, a contention run checked against a model, three replicas with faults \
-            in two, RocksDB's own writes failing (ENOSPC, EIO), and kills of a node with hundreds \
-            of sagas pending. Exits 1 when anything is lost, unexpected or divergent (on the \
+            in two, RocksDB's own writes failing (ENOSPC, EIO), power loss of RocksDB's files, and \
+            kills of a node with hundreds of sagas pending. Exits 1 when anything is lost, unexpected or divergent (on the \
             cluster: when its three nodes differ); the seed replays the same schedule.
             """,
-        subcommands: [Torture.self, Worker.self],
+        subcommands: [Torture.self, Worker.self, KVPowerLossProbe.self],
         defaultSubcommand: Torture.self)
 }
 
 struct Torture: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "run", abstract: "Run the torture (the default).")
 
-    @Flag(help: "What CI runs: every crash point, 50 random kills a backend, the I/O countdown, the replicas, 16 KV write faults and 12 backlog kills a backend; on the Galera cluster 16 random kills, 4 node kills, 8 KV write faults and 1 backlog kill (a few minutes).")
+    @Flag(help: "What CI runs: every crash point, 50 random kills a backend, the I/O countdown, the replicas, 16 KV write faults, 12 backlog kills and 8 KV power losses a backend; on the Galera cluster 16 random kills, 4 node kills, 8 KV write faults and 1 backlog kill (a few minutes).")
     var short = false
 
     @Flag(help: "Thousands of kills, for humans (an hour or more).")

@@ -38,6 +38,12 @@ struct Worker: ParsableCommand {
     @Option(name: .customLong("crash-occurrence")) var crashOccurrence: Int = 1
     @Option(name: .customLong("gc-every")) var gcEvery: Int = 64
     @Option(name: .customLong("power-loss-after-ms")) var powerLossAfterMs: Int?
+    @Option(name: .customLong("kv-power-loss-after-ms"), help: "Arm the KV power-loss simulation on the RocksDB directory before the node opens, and cut after this many milliseconds.")
+    var kvPowerLossAfterMs: Int?
+    @Option(name: .customLong("kv-power-loss-seed")) var kvPowerLossSeed: UInt64 = 0
+    @Option(name: .customLong("kv-write-buffer"), help: "RocksDB's memtable size in bytes (small: flushes and compactions under the workload).")
+    var kvWriteBuffer: Int?
+    @Option(help: "The coordinator's mode.") var mode: CoordinatorMode = .compensate
     @Option(name: .customLong("lose-replies-one-in")) var loseRepliesOneIn: Int?
     @Option(name: .customLong("conflict-url"), help: "Galera: another writer on this node (a URL of one node) keeps changing hot accounts and back in transactions of its own, so that sagas on other nodes lose certification to it (1213) and it to them.")
     var conflictURL: String?
@@ -83,8 +89,15 @@ struct Worker: ParsableCommand {
             }
         }
 
+        if let ms = kvPowerLossAfterMs {
+            // Armed before the node opens: its recovery's writes are tracked too.
+            try KVPowerLoss.arm(directory: site.kvPath)
+            KVPowerLoss.cut(afterMilliseconds: ms, seed: kvPowerLossSeed)
+        }
+
         let openStart = Date()
-        let node = try WorkerNode(site: site, proxyPort: proxy?.port, hooks: CombinedHooks(hooks), gcEvery: gcEvery, logger: logger)
+        let node = try WorkerNode(site: site, proxyPort: proxy?.port, hooks: CombinedHooks(hooks), gcEvery: gcEvery,
+                                  kvWriteBuffer: kvWriteBuffer, mode: mode, logger: logger)
         let inDoubt = node.withCoordinator { c, _ in c.inDoubt }
         if expectNoDoubt {
             print(String(format: "open (recovery included): %.3f s, in doubt: %d", Date().timeIntervalSince(openStart), inDoubt.count))
@@ -319,6 +332,14 @@ struct FenceCounter: SagaHooks {
     }
 }
 
+/// The coordinator's mode for a worker and a campaign. The library has one mode today; when
+/// `SagaCoordinator.Configuration.mode` lands, add `case redo` here and set the mode in
+/// `WorkerNode.open` (the line marked there): every campaign that loops over `allCases` (the
+/// KV power loss) then runs in both modes.
+enum CoordinatorMode: String, CaseIterable, Sendable, ExpressibleByArgument {
+    case compensate
+}
+
 /// The node's stores and coordinator; replaced as a whole when the worker reopens them.
 final class WorkerNode: @unchecked Sendable {
     // Writer first: a reopen must not wait behind threads that keep starting sagas.
@@ -331,32 +352,42 @@ final class WorkerNode: @unchecked Sendable {
     private let proxyPort: UInt16?
     private let hooks: any SagaHooks
     private let gcEvery: Int
+    private let kvOptions: RocksDBStore.Options
+    private let mode: CoordinatorMode
     private let logger: Logger
 
-    init(site: NodeSite, proxyPort: UInt16?, hooks: any SagaHooks, gcEvery: Int, logger: Logger) throws {
+    init(site: NodeSite, proxyPort: UInt16?, hooks: any SagaHooks, gcEvery: Int, kvWriteBuffer: Int? = nil, mode: CoordinatorMode = .compensate, logger: Logger) throws {
         self.site = site
         self.proxyPort = proxyPort
         self.hooks = hooks
         self.gcEvery = gcEvery
+        var kvOptions = RocksDBStore.Options()
+        kvOptions.writeBufferSize = kvWriteBuffer
+        self.kvOptions = kvOptions
+        self.mode = mode
         self.logger = logger
         // The tables and accounts exist already: the parent made them with no fault armed
         // (`Campaign.setUp`). Everything here goes through the campaign's faults, so the first
         // open retries like every reopen.
-        (sql, kv, coordinator) = try Self.open(site: site, proxyPort: proxyPort, hooks: hooks, gcEvery: gcEvery, logger: logger)
+        (sql, kv, coordinator) = try Self.open(site: site, proxyPort: proxyPort, hooks: hooks, gcEvery: gcEvery, kvOptions: kvOptions, mode: mode, logger: logger)
     }
 
     /// Opens both stores and the coordinator (recovery runs at open). The database may be away
     /// (a killed server, being restarted): retry, as a node would, for up to a minute.
-    private static func open(site: NodeSite, proxyPort: UInt16?, hooks: any SagaHooks, gcEvery: Int, logger: Logger) throws
+    private static func open(site: NodeSite, proxyPort: UInt16?, hooks: any SagaHooks, gcEvery: Int, kvOptions: RocksDBStore.Options,
+                             mode: CoordinatorMode, logger: Logger) throws
         -> (any SQLDatabase, RocksDBStore, SagaCoordinator)
     {
+        let configuration = SagaCoordinator.Configuration(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery)
+        // configuration.mode = mode  (the one line to add when the library has modes; `var` above)
+        _ = mode
         var attempt = 0
         while true {
             do {
                 let newSQL = try site.openSQL(proxyPort: proxyPort)
-                let newKV = try RocksDBStore(path: site.kvPath)
+                let newKV = try RocksDBStore(path: site.kvPath, options: kvOptions)
                 do {
-                    let c = try SagaCoordinator(kv: newKV, sql: newSQL, configuration: .init(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery), logger: logger)
+                    let c = try SagaCoordinator(kv: newKV, sql: newSQL, configuration: configuration, logger: logger)
                     return (newSQL, newKV, c)
                 } catch {
                     newKV.close()  // the next attempt opens it again
@@ -412,7 +443,7 @@ final class WorkerNode: @unchecked Sendable {
         coordinator.close()
         kv.close()
         // Every other thread waits here instead of running into the closed coordinator.
-        (sql, kv, coordinator) = try Self.open(site: site, proxyPort: proxyPort, hooks: hooks, gcEvery: gcEvery, logger: logger)
+        (sql, kv, coordinator) = try Self.open(site: site, proxyPort: proxyPort, hooks: hooks, gcEvery: gcEvery, kvOptions: kvOptions, mode: mode, logger: logger)
         generation += 1
     }
 

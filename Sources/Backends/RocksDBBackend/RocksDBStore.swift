@@ -18,6 +18,9 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
         public var paranoidChecks = true
         /// How RocksDB replays its write-ahead log at open.
         public var walRecovery: WALRecovery = .tolerateCorruptedTailRecords
+        /// RocksDB's memtable size (`write_buffer_size`); nil keeps RocksDB's default (64 MiB).
+        /// Tests make it small to have RocksDB flush and compact while they write.
+        package var writeBufferSize: Int?
         public init() {}
     }
 
@@ -63,6 +66,7 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
         // Tolerate a torn tail only: damage before the end of the log fails the open instead of
         // dropping the synced writes after it (which point-in-time recovery would do).
         rocksdb_options_set_wal_recovery_mode(options, opts.walRecovery.rawValue)
+        if let size = opts.writeBufferSize { rocksdb_options_set_write_buffer_size(options, size) }
         readOptions = rocksdb_readoptions_create()
         syncWrite = rocksdb_writeoptions_create()
         rocksdb_writeoptions_set_sync(syncWrite, 1)

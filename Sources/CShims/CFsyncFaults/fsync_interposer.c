@@ -4,6 +4,7 @@
  * which is what a dying disk does. Used to make a real RocksDB synced write fail. */
 #define _GNU_SOURCE
 #include "fsync_faults.h"
+#include "powerloss_hooks.h"
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
@@ -71,16 +72,26 @@ static void resolve(void) {
     real_fdatasync = (sync_fn)dlsym(RTLD_NEXT, "fdatasync");
 }
 
-int fsync(int fd) {
-    pthread_once(&resolve_once, resolve);
+static int sync_with(sync_fn real, int fd) {
     atomic_fetch_add(&fs_calls, 1);
     if (should_fail_fd(fd)) { errno = EIO; return -1; }
-    return real_fsync(fd);
+    /* A successful sync makes the file's changes (a directory's entries) durable for the
+     * power-loss simulation (powerloss_interposer.c). */
+    saga_pl_ticket t;
+    if (!saga_pl_sync_begin(fd, &t)) return real(fd);
+    int rc = real(fd);
+    int e = errno;
+    saga_pl_sync_end(&t, rc);
+    errno = e;
+    return rc;
+}
+
+int fsync(int fd) {
+    pthread_once(&resolve_once, resolve);
+    return sync_with(real_fsync, fd);
 }
 
 int fdatasync(int fd) {
     pthread_once(&resolve_once, resolve);
-    atomic_fetch_add(&fs_calls, 1);
-    if (should_fail_fd(fd)) { errno = EIO; return -1; }
-    return real_fdatasync(fd);
+    return sync_with(real_fdatasync, fd);
 }

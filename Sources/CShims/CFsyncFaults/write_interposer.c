@@ -10,9 +10,13 @@
  * step with open/close/dup. (A descriptor closed and reused by another thread between the
  * readlink and the call could be misattributed; for a test fault that is acceptable.) Calls
  * from inside glibc (stdio's buffered writes, RocksDB's info LOG through fwrite) do not go
- * through these symbols and are never failed. */
+ * through these symbols and are never failed.
+ *
+ * Every one of them also reports to the power-loss simulation (powerloss_interposer.c), which
+ * does nothing unless armed. */
 #define _GNU_SOURCE
 #include "write_faults.h"
+#include "powerloss_hooks.h"
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -143,8 +147,15 @@ static enum verdict wf_decide(int fd, const char *op) {
     return FAIL;
 }
 
-ssize_t write(int fd, const void *buf, size_t n) {
-    RESOLVE();
+/* Each exported write-family call reports to the power-loss simulation
+ * (powerloss_interposer.c) around the fault logic: SAGA_PL_WRITE. */
+static size_t iov_bytes(const struct iovec *iov, int count) {
+    size_t n = 0;
+    for (int i = 0; i < count; i++) n += iov[i].iov_len;
+    return n;
+}
+
+static ssize_t fault_write(int fd, const void *buf, size_t n) {
     switch (wf_decide(fd, "write")) {
     case PASS: return real_write(fd, buf, n);
     case SHORT: if (n > 1) return real_write(fd, buf, n / 2); /* fall through */
@@ -153,8 +164,12 @@ ssize_t write(int fd, const void *buf, size_t n) {
     return -1;
 }
 
-ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
+ssize_t write(int fd, const void *buf, size_t n) {
     RESOLVE();
+    SAGA_PL_WRITE(fd, -1, n, ssize_t, fault_write(fd, buf, n));
+}
+
+static ssize_t fault_pwrite(int fd, const void *buf, size_t n, off_t off) {
     switch (wf_decide(fd, "pwrite")) {
     case PASS: return real_pwrite(fd, buf, n, off);
     case SHORT: if (n > 1) return real_pwrite(fd, buf, n / 2, off); /* fall through */
@@ -163,8 +178,12 @@ ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
     return -1;
 }
 
-ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
     RESOLVE();
+    SAGA_PL_WRITE(fd, off, n, ssize_t, fault_pwrite(fd, buf, n, off));
+}
+
+static ssize_t fault_pwrite64(int fd, const void *buf, size_t n, off64_t off) {
     switch (wf_decide(fd, "pwrite64")) {
     case PASS: return real_pwrite64(fd, buf, n, off);
     case SHORT: if (n > 1) return real_pwrite64(fd, buf, n / 2, off); /* fall through */
@@ -173,8 +192,12 @@ ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
     return -1;
 }
 
-ssize_t writev(int fd, const struct iovec *iov, int count) {
+ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
     RESOLVE();
+    SAGA_PL_WRITE(fd, off, n, ssize_t, fault_pwrite64(fd, buf, n, off));
+}
+
+static ssize_t fault_writev(int fd, const struct iovec *iov, int count) {
     switch (wf_decide(fd, "writev")) {
     case PASS: return real_writev(fd, iov, count);
     case SHORT: if (count > 0 && iov[0].iov_len > 1) return real_write(fd, iov[0].iov_base, iov[0].iov_len / 2); /* fall through */
@@ -183,14 +206,23 @@ ssize_t writev(int fd, const struct iovec *iov, int count) {
     return -1;
 }
 
-ssize_t pwritev(int fd, const struct iovec *iov, int count, off_t off) {
+ssize_t writev(int fd, const struct iovec *iov, int count) {
     RESOLVE();
+    SAGA_PL_WRITE(fd, -1, iov_bytes(iov, count), ssize_t, fault_writev(fd, iov, count));
+}
+
+static ssize_t fault_pwritev(int fd, const struct iovec *iov, int count, off_t off) {
     switch (wf_decide(fd, "pwritev")) {
     case PASS: return real_pwritev(fd, iov, count, off);
     case SHORT: if (count > 0 && iov[0].iov_len > 1) return real_pwrite(fd, iov[0].iov_base, iov[0].iov_len / 2, off); /* fall through */
     case FAIL: errno = atomic_load(&wf_errno); return -1;
     }
     return -1;
+}
+
+ssize_t pwritev(int fd, const struct iovec *iov, int count, off_t off) {
+    RESOLVE();
+    SAGA_PL_WRITE(fd, off, iov_bytes(iov, count), ssize_t, fault_pwritev(fd, iov, count, off));
 }
 
 /* Allocation is not counted; once a persistent ENOSPC has tripped, a full disk cannot
@@ -208,11 +240,21 @@ static int wf_disk_full(int fd, const char *op) {
 int fallocate(int fd, int mode, off_t off, off_t len) {
     RESOLVE();
     if (wf_disk_full(fd, "fallocate")) { errno = ENOSPC; return -1; }
-    return real_fallocate(fd, mode, off, len);
+    saga_pl_ticket t;
+    if (!saga_pl_fallocate_begin(fd, mode, off, len, &t)) return real_fallocate(fd, mode, off, len);
+    int rc = real_fallocate(fd, mode, off, len);
+    int e = errno;
+    saga_pl_resize_end(&t, rc);
+    errno = e;
+    return rc;
 }
 
 int posix_fallocate(int fd, off_t off, off_t len) {
     RESOLVE();
     if (wf_disk_full(fd, "posix_fallocate")) return ENOSPC;
-    return real_posix_fallocate(fd, off, len);
+    saga_pl_ticket t;
+    if (!saga_pl_fallocate_begin(fd, 0, off, len, &t)) return real_posix_fallocate(fd, off, len);
+    int rc = real_posix_fallocate(fd, off, len);
+    saga_pl_resize_end(&t, rc);
+    return rc;
 }

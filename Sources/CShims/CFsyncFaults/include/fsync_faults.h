@@ -6,6 +6,8 @@
  * of a file under a path prefix fails with EIO. */
 /* The write-family companion (write, pwrite, writev, fallocate...). */
 #include "write_faults.h"
+/* The power-loss simulation for a directory's files (open, rename, ftruncate, unlink...). */
+#include "kv_powerloss.h"
 
 #ifdef __cplusplus
 extern "C" {
