@@ -3,7 +3,8 @@ import RocksDBBackend
 import Saga
 
 /// A node whose garbage collection is rare (gcThreshold 100000), so that the journal holds
-/// hundreds of `prepared` records of finished sagas, SIGKILLed again and again. Recovery at the
+/// hundreds of `prepared` records of finished sagas (redo mode: hundreds of redo rows above the
+/// watermark), SIGKILLed again and again. Recovery at the
 /// next open must resolve them all (it fences them in chunks: the recovery of more than 256
 /// pending sagas on SQLite was once broken by a dangling pointer). After every kill: the
 /// pending records are counted (read-only, before any recovery), then a progress run must
@@ -17,7 +18,7 @@ extension Campaign {
 
     func pendingBacklog() throws {
         let n = intensity.backlogKills
-        say("[\(backend.rawValue)] pending backlog: \(n) SIGKILLs of a node with GC every \(Self.backlogGCThreshold) sagas after 100-1500 committed sagas, each followed by a run of \(Self.backlogProgressSagas) sagas that must finish within \(Int(Self.backlogProgressBound)) s with nothing in doubt")
+        say("[\(label)] pending backlog: \(n) SIGKILLs of a node with GC every \(Self.backlogGCThreshold) sagas after 100-1500 committed sagas, each followed by a run of \(Self.backlogProgressSagas) sagas that must finish within \(Int(Self.backlogProgressBound)) s with nothing in doubt")
         let site = try newSite("backlog")
         let gc = ["--gc-every", "\(Self.backlogGCThreshold)"]
         for i in 0..<n {
@@ -73,8 +74,15 @@ extension Campaign {
         removeSite(site)
     }
 
-    /// Journal records still `prepared`, read straight from RocksDB with no coordinator.
+    /// Journal records still `prepared`, read straight from RocksDB with no coordinator; in
+    /// redo mode, the redo rows left in the marker table (the open replays those above the
+    /// watermark and deletes the rest).
     func pendingRecords(_ site: NodeSite) throws -> Int {
+        if mode == .redo {
+            let conn = try site.openSQL().connect()
+            defer { conn.close() }
+            return Int(try conn.query("SELECT COUNT(*) FROM saga_markers WHERE seq IS NOT NULL", []).first?[0].int64 ?? 0)
+        }
         let kv = try RocksDBStore(path: site.kvPath)
         defer { kv.close() }
         var n = 0

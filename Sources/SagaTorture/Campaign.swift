@@ -44,6 +44,8 @@ struct Intensity: Sendable {
 /// Every fault campaign against one SQL backend (with RocksDB), accumulating figures.
 final class Campaign {
     let backend: NodeSite.Backend
+    /// The coordinator mode every worker of this campaign runs in.
+    let mode: CoordinatorMode
     let root: String
     let seed: UInt64
     let intensity: Intensity
@@ -59,22 +61,26 @@ final class Campaign {
     var nodeCounters: [Int: [Int]] = [:]
     private let say: (String) -> Void
 
-    init(backend: NodeSite.Backend, root: String, seed: UInt64, intensity: Intensity, server: MariaDBServer?, cluster: GaleraCluster? = nil, say: @escaping (String) -> Void) {
+    init(backend: NodeSite.Backend, mode: CoordinatorMode = .compensate, root: String, seed: UInt64, intensity: Intensity, server: MariaDBServer?, cluster: GaleraCluster? = nil, say: @escaping (String) -> Void) {
         self.backend = backend
-        self.root = root + "/" + backend.rawValue
+        self.mode = mode
+        self.root = root + "/" + backend.rawValue + (mode == .redo ? "-redo" : "")
         self.seed = seed
         self.intensity = intensity
         self.server = server
         self.cluster = cluster
         self.say = say
-        figures = BackendFigures(backend: backend.rawValue)
+        figures = BackendFigures(backend: backend.rawValue + (mode == .redo ? " redo" : ""))
         let stream: UInt64 = switch backend {
         case .sqlite: 0x51
         case .mysql: 0x3D
         case .galera: 0x6A
         }
-        rng = SplitMix64(seed: seed ^ stream)
+        rng = SplitMix64(seed: seed ^ stream ^ (mode == .redo ? 0x7E00 : 0))
     }
+
+    /// The backend, and the mode unless it is the default: how output names this campaign.
+    var label: String { backend.rawValue + (mode == .redo ? " redo" : "") }
 
     /// The server (or cluster) URL to create and drop the sites' databases through.
     var adminURL: String? { server?.url ?? cluster?.url }
@@ -162,7 +168,7 @@ final class Campaign {
     var spec: BankSpec { BankSpec(seed: seed) }
 
     func workerArgs(_ site: NodeSite, firstTxid: Int64, sagas: Int, extra: [String]) -> [String] {
-        var args = ["worker", "--backend", backend.rawValue, "--dir", site.dir, "--seed", "\(seed)",
+        var args = ["worker", "--backend", backend.rawValue, "--mode", mode.rawValue, "--dir", site.dir, "--seed", "\(seed)",
                     "--first-txid", "\(firstTxid)", "--sagas", "\(sagas)", "--log", site.dir + "/outcomes.log"]
         if let url = site.mysqlURL { args += ["--mysql-url", url] }
         return args + extra
@@ -208,7 +214,7 @@ final class Campaign {
 
     func fail(_ message: String) {
         figures.failures.append(message)
-        say("  FAILED [\(backend.rawValue)] \(message)")
+        say("  FAILED [\(label)] \(message)")
     }
 
     /// Adds a site's outcome log to the saga counts (once, when the site is done).
@@ -243,18 +249,34 @@ final class Campaign {
 
     // MARK: 1. Crash points
 
-    static let recoverySteps: [SagaStep] = [.resolve, .committed, .compensate, .compensated, .gcJournal, .gcMarkers]
+    /// The steps of recovery a second crash lands in.
+    var recoverySteps: [SagaStep] {
+        switch mode {
+        case .compensate: [.resolve, .committed, .compensate, .compensated, .gcJournal, .gcMarkers]
+        case .redo: [.replay, .checkpoint, .checkpointed]
+        }
+    }
+
+    /// The steps a saga of this mode can crash at. Redo mode: replay is only reached at open
+    /// (a second crash); on SQLite an unknown COMMIT (an fsync error) stops the node and the
+    /// next open decides it by the claim, without a fence: resolve is MariaDB's.
+    var sagaSteps: [SagaStep] {
+        switch mode {
+        case .compensate: SagaStep.steps(of: .compensate)
+        case .redo: SagaStep.steps(of: .redo).filter { $0 != .replay && ($0 != .resolve || backend.usesMySQL) }
+        }
+    }
 
     /// Every step x every COMMIT outcome: the worker SIGKILLs itself at the step, the checker
     /// recovers and checks. Then a second crash at each step of recovery.
     func crashMatrix() throws {
-        say("[\(backend.rawValue)] crash points: \(SagaStep.allCases.count) steps x \(ForcedOutcome.allCases.count) COMMIT outcomes")
+        say("[\(label)] crash points: \(sagaSteps.count) steps x \(ForcedOutcome.allCases.count) COMMIT outcomes")
         var covered: Set<SagaStep> = []
         var secondCovered: Set<SagaStep> = []
         var crashedCells: [(SagaStep, ForcedOutcome)] = []
-        figures.stepsKnown = SagaStep.allCases.count
+        figures.stepsKnown = sagaSteps.count
         for outcome in ForcedOutcome.allCases {
-            for step in SagaStep.allCases {
+            for step in sagaSteps {
                 figures.crashCells += 1
                 let site = try newSite("crash-\(step)-\(outcome)")
                 let crashed = try firstCrash(site, step, outcome)
@@ -271,9 +293,12 @@ final class Campaign {
         // Second crashes: inside the recovery that follows a first crash.
         var plan: [(SagaStep, ForcedOutcome, SagaStep)] = []
         if intensity.fullSecondCrashes {
-            for (s, o) in crashedCells { for r in Self.recoverySteps { plan.append((s, o, r)) } }
+            for (s, o) in crashedCells { for r in recoverySteps { plan.append((s, o, r)) } }
+        } else if mode == .redo {
+            // A crash right after COMMIT leaves a row above the watermark for the open to replay.
+            for r in recoverySteps { plan.append((.committed, .committed, r)) }
         } else {
-            for r in Self.recoverySteps { plan.append((r == .committed ? .committed : .commit, .committed, r)) }
+            for r in recoverySteps { plan.append((r == .committed ? .committed : .commit, .committed, r)) }
         }
         for (s, o, r) in plan {
             let site = try newSite("crash2-\(s)-\(o)-\(r)")
@@ -291,11 +316,11 @@ final class Campaign {
             removeSite(site)
         }
         figures.stepsCovered = covered.count
-        let missing = SagaStep.allCases.filter { !covered.contains($0) }
+        let missing = sagaSteps.filter { !covered.contains($0) }
         if !missing.isEmpty { fail("steps never reached by a crash: \(missing)") }
-        let missingSecond = Self.recoverySteps.filter { !secondCovered.contains($0) }
+        let missingSecond = recoverySteps.filter { !secondCovered.contains($0) }
         if !missingSecond.isEmpty { fail("recovery steps never reached by a second crash: \(missingSecond)") }
-        say("  covered \(covered.count)/\(SagaStep.allCases.count) steps: crashed in \(figures.firstCrashes) of \(figures.crashCells) cells (the others are off that outcome's path), \(figures.secondCrashes) more crashes inside recovery")
+        say("  covered \(covered.count)/\(sagaSteps.count) steps: crashed in \(figures.firstCrashes) of \(figures.crashCells) cells (the others are off that outcome's path), \(figures.secondCrashes) more crashes inside recovery")
     }
 
     /// Three sagas with the forced outcome, crash at the first time `step` is reached.
@@ -316,7 +341,7 @@ final class Campaign {
 
     func randomKills() throws {
         let n = intensity.randomKills
-        say("[\(backend.rawValue)] random kills: \(n) SIGKILLs of a 4-thread workload (hot keys, 1-20 keys a saga, 1 in 10 COMMITs failing\(backend.usesMySQL ? ", 1 in 8 COMMIT replies lost" : "")\(backend == .galera ? "; nodes tried in a new order each run, another writer on the last" : ""))")
+        say("[\(label)] random kills: \(n) SIGKILLs of a 4-thread workload (hot keys, 1-20 keys a saga, 1 in 10 COMMITs failing\(backend.usesMySQL ? ", 1 in 8 COMMIT replies lost" : "")\(backend == .galera ? "; nodes tried in a new order each run, another writer on the last" : ""))")
         let site = try newSite("kills")
         var extra = ["--threads", "4", "--fail-one-in", "10"]
         if backend.usesMySQL { extra += ["--lose-replies-one-in", "8"] }
@@ -429,7 +454,7 @@ final class Campaign {
 
     func contention() throws {
         let n = intensity.contentionSagas
-        say("[\(backend.rawValue)] contention: \(n) sagas on 8 threads over 4 hot accounts, 1 in 10 COMMITs failing\(backend == .galera ? ", another writer of the hot accounts on another node" : "")")
+        say("[\(label)] contention: \(n) sagas on 8 threads over 4 hot accounts, 1 in 10 COMMITs failing\(backend == .galera ? ", another writer of the hot accounts on another node" : "")")
         let site = try newSite("contention")
         let order = nodeOrder()
         let child = try startWorker(site, order: order, firstTxid: 1, sagas: n, extra: ["--threads", "8", "--hot", "4", "--fail-one-in", "10"] + otherWriter(site, on: order.last), tag: "contention")

@@ -7,22 +7,17 @@ import SagaFaultKit
 /// dropped or torn, every file creation and rename not covered by a directory fsync is kept or
 /// undone, as a journaling file system may leave them; then the process is SIGKILLed. Half of
 /// the runs use a 64 KiB memtable, so that cuts land in flushes, compactions and WAL switches.
-/// The parent reopens both stores and runs the checker. The campaign runs once per coordinator
-/// mode (`CoordinatorMode.allCases`).
+/// The parent reopens both stores and runs the checker, in the campaign's coordinator mode.
 extension Campaign {
     func kvPowerLoss() throws {
-        for mode in CoordinatorMode.allCases { try kvPowerLoss(mode: mode) }
-    }
-
-    func kvPowerLoss(mode: CoordinatorMode) throws {
         let n = intensity.kvPowerLosses
-        say("[\(backend.rawValue)] KV power loss (\(mode.rawValue) mode): \(n) cuts of RocksDB's files under a 4-thread workload; unsynced KV writes kept, dropped or torn, non-durable creations and renames kept or undone")
+        say("[\(label)] KV power loss: \(n) cuts of RocksDB's files under a 4-thread workload; unsynced KV writes kept, dropped or torn, non-durable creations and renames kept or undone")
         let site = try newSite("kvpower-\(mode.rawValue)")
         for i in 0..<n {
             let ms = rng.between(200, 900)
             let cutSeed = rng.next() % 1_000_000_007
             let smallBuffer = rng.below(2) == 0
-            var extra = ["--threads", "4", "--fail-one-in", "10", "--mode", mode.rawValue,
+            var extra = ["--threads", "4", "--fail-one-in", "10",
                          "--kv-power-loss-after-ms", "\(ms)", "--kv-power-loss-seed", "\(cutSeed)"]
             if smallBuffer { extra += ["--kv-write-buffer", "65536"] }
             if backend.usesMySQL { extra += ["--lose-replies-one-in", "8"] }

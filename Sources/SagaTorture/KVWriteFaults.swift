@@ -33,7 +33,7 @@ extension Campaign {
                 }
             }
         }
-        say("[\(backend.rawValue)] KV write faults: \(plan.count) runs, the n-th write under RocksDB's directory fails (ENOSPC or EIO, once, persistent, or a disk filling up; all files or data files only)")
+        say("[\(label)] KV write faults: \(plan.count) runs, the n-th write under RocksDB's directory fails (ENOSPC or EIO, once, persistent, or a disk filling up; all files or data files only)")
         let site = try newSite("kvfaults")
         let faultLog = site.dir + "/kvfaults.log"
         for (i, fault) in plan.enumerated() {

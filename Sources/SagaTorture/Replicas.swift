@@ -14,7 +14,7 @@ extension Campaign {
 
     func replicas() throws {
         let triggers = intensity.replicaTriggers
-        say("[\(backend.rawValue)] replicas: 3 nodes x \(triggers) AA triggers, faults in 2 of them")
+        say("[\(label)] replicas: 3 nodes x \(triggers) AA triggers, faults in 2 of them")
         guard FileManager.default.isExecutableFile(atPath: Self.aaDemoPath) else {
             fail("aa-demo not found next to saga-torture (\(Self.aaDemoPath)); build every product with `swift build`")
             return
@@ -30,7 +30,7 @@ extension Campaign {
             if let url = site.mysqlURL { all += ["--sql", url] }
             return try ChildProcess(Self.aaDemoPath, all, outputIn: site.dir, tag: tag)
         }
-        let base = ["run", "--triggers", "\(triggers)", "--seed", "\(streamSeed)", "--gc-every", "7"]
+        let base = ["run", "--triggers", "\(triggers)", "--seed", "\(streamSeed)", "--gc-every", "7", "--mode", mode.rawValue]
         // A replica whose fault rounds ran out before its queue was empty.
         var finishedByAPlainRun: [String] = []
         func finishQueue(_ site: NodeSite, _ name: String) throws {
@@ -50,8 +50,11 @@ extension Campaign {
         var done = false
         for round in 0..<60 where !done {
             // Steps on every saga's path, so that most rounds do crash.
-            let onPath: [SagaStep] = [.begin, .body, .prepare, .prepared, .marker, .commit, .committed]
-            let step = round == 0 ? SagaStep.compensate : onPath[rng.below(onPath.count)]
+            let onPath: [SagaStep] = mode == .redo ? [.begin, .body, .marker, .commit, .committed, .applied]
+                : [.begin, .body, .prepare, .prepared, .marker, .commit, .committed]
+            // Round 0 fails a COMMIT and crashes after it: in compensation, or (redo mode, with
+            // nothing to undo) right after the next COMMIT.
+            let step = round == 0 ? (mode == .redo ? SagaStep.committed : .compensate) : onPath[rng.below(onPath.count)]
             var args = base + ["--crash-at", step.rawValue, "--crash-occurrence", "\(round == 0 ? 1 : rng.between(1, 4))"]
             if round == 0 { args += ["--fail-commit-at", "\(rng.between(2, triggers))", "--fail-mode", failMode] }
             let b = try demo(sites[1], args, tag: "run")

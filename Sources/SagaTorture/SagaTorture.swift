@@ -37,6 +37,9 @@ struct Torture: ParsableCommand {
     @Option(help: "Backends to torture, comma-separated: sqlite, mysql, galera (a 3-node cluster); both (sqlite and mysql) or all.")
     var backend: String = "all"
 
+    @Option(help: "Coordinator modes, comma-separated: compensate, redo. Every campaign of a backend runs once per mode (the Galera cluster in compensate mode only: redo mode is refused on a cluster).")
+    var modes: String = "compensate,redo"
+
     @Option(name: .customLong("random-kills"), help: "Override the number of random kills per backend.")
     var randomKills: Int?
 
@@ -61,6 +64,17 @@ struct Torture: ParsableCommand {
         if let randomKills, randomKills < 0 { throw ValidationError("--random-kills must be 0 or more") }
         if let nodeKills, nodeKills < 0 { throw ValidationError("--node-kills must be 0 or more") }
         _ = try selectedCampaigns()
+        _ = try selectedModes()
+    }
+
+    func selectedModes() throws -> [CoordinatorMode] {
+        let names = modes.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        let chosen = try names.map { name in
+            guard let m = CoordinatorMode(rawValue: name) else { throw ValidationError("--modes takes compensate and redo (comma-separated), not \(name)") }
+            return m
+        }
+        guard !chosen.isEmpty else { throw ValidationError("--modes names no mode") }
+        return chosen
     }
 
     func selectedBackends() throws -> [NodeSite.Backend] {
@@ -125,18 +139,20 @@ struct Torture: ParsableCommand {
             var intensity = b == .galera && !long ? base.forShortClusterRun : base
             if let randomKills { intensity.randomKills = randomKills }
             if let nodeKills { intensity.nodeKills = nodeKills }
-            let campaign = Campaign(backend: b, root: root, seed: seed, intensity: intensity, server: server, cluster: cluster, say: say)
-            campaign.verbose = verbose
-            do {
-                if let startError { throw startError }
-                try campaign.runAll(try selectedCampaigns())
-            } catch {
-                // A campaign that throws leaves its worker running: it would go on against a
-                // stopped server.
-                Cleanup.killChildren()
-                campaign.fail("aborted: \(error)")
+            for mode in try selectedModes() where mode == .compensate || b != .galera {
+                let campaign = Campaign(backend: b, mode: mode, root: root, seed: seed, intensity: intensity, server: server, cluster: cluster, say: say)
+                campaign.verbose = verbose
+                do {
+                    if let startError { throw startError }
+                    try campaign.runAll(try selectedCampaigns())
+                } catch {
+                    // A campaign that throws leaves its worker running: it would go on against
+                    // a stopped server.
+                    Cleanup.killChildren()
+                    campaign.fail("aborted: \(error)")
+                }
+                report.backends.append(campaign.figures)
             }
-            report.backends.append(campaign.figures)
         }
         report.passed = report.backends.allSatisfy(\.passed)
         say("")

@@ -337,7 +337,14 @@ struct FenceCounter: SagaHooks {
 /// `WorkerNode.open` (the line marked there): every campaign that loops over `allCases` (the
 /// KV power loss) then runs in both modes.
 enum CoordinatorMode: String, CaseIterable, Sendable, ExpressibleByArgument {
-    case compensate
+    case compensate, redo
+
+    var library: SagaCoordinator.Configuration.Mode {
+        switch self {
+        case .compensate: .compensate
+        case .redo: .redo
+        }
+    }
 }
 
 /// The node's stores and coordinator; replaced as a whole when the worker reopens them.
@@ -378,9 +385,10 @@ final class WorkerNode: @unchecked Sendable {
                              mode: CoordinatorMode, logger: Logger) throws
         -> (any SQLDatabase, RocksDBStore, SagaCoordinator)
     {
-        let configuration = SagaCoordinator.Configuration(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery)
-        // configuration.mode = mode  (the one line to add when the library has modes; `var` above)
-        _ = mode
+        // Redo mode checkpoints every gcEvery sagas, and by time only when that is rare (the
+        // backlog campaign's 100000: rows pile up above the watermark for the next open).
+        let configuration = SagaCoordinator.Configuration(lockTimeout: .seconds(1), hooks: hooks, gcThreshold: gcEvery, mode: mode.library,
+                                                          checkpointEvery: gcEvery, checkpointInterval: gcEvery >= 10_000 ? .seconds(3600) : .milliseconds(200))
         var attempt = 0
         while true {
             do {
