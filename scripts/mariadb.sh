@@ -41,7 +41,9 @@ start)
             --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1 \
             || { cat "$dir/install.log" >&2; exit 1; }
     fi
-    mariadbd --no-defaults --datadir="$dir/data" --tmpdir="$dir/tmp" --socket="$dir/mysqld.sock" --port="$port" \
+    # MARIADBD_PRELOAD: a library for the server alone (saga-bench's fsync delay), not for the
+    # clients this script runs.
+    LD_PRELOAD="${MARIADBD_PRELOAD:-}" mariadbd --no-defaults --datadir="$dir/data" --tmpdir="$dir/tmp" --socket="$dir/mysqld.sock" --port="$port" \
         --bind-address=127.0.0.1 --user=root --pid-file="$dir/mariadbd.pid" \
         --log-error="$dir/error.log" --skip-name-resolve --innodb-flush-log-at-trx-commit=1 \
         --innodb-buffer-pool-size=64M --innodb-log-file-size=16M ${MARIADBD_EXTRA:-} >/dev/null 2>&1 &

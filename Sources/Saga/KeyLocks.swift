@@ -8,7 +8,7 @@
 final class KeyLocks: @unchecked Sendable {
     // All state below is guarded by `condition`.
     private let condition = MonotonicCondition()
-    private var owner: [Bytes: SagaID] = [:]
+    private var owner: [HashedBytes: SagaID] = [:]
     private var held: [SagaID: [Bytes]] = [:]
     private var waitingFor: [SagaID: Bytes] = [:]
 
@@ -18,8 +18,8 @@ final class KeyLocks: @unchecked Sendable {
         defer { condition.unlock() }
         let deadline = MonotonicCondition.Deadline(after: timeout)
         while true {
-            guard let current = owner[key] else {
-                owner[key] = saga
+            guard let current = owner[HashedBytes(key)] else {
+                owner[HashedBytes(key)] = saga
                 held[saga, default: []].append(key)
                 return
             }
@@ -30,7 +30,7 @@ final class KeyLocks: @unchecked Sendable {
             waitingFor[saga] = key
             let signalled = condition.wait(until: deadline)
             waitingFor[saga] = nil
-            if !signalled, let holder = owner[key], holder != saga {
+            if !signalled, let holder = owner[HashedBytes(key)], holder != saga {
                 throw .lockTimeout(saga: saga, keys: [key], heldBy: [holder])
             }
         }
@@ -42,7 +42,7 @@ final class KeyLocks: @unchecked Sendable {
         var chain = [start]
         var seen: Set<SagaID> = [start]
         var at = start
-        while let key = waitingFor[at], let next = owner[key] {
+        while let key = waitingFor[at], let next = owner[HashedBytes(key)] {
             if next == target { return chain + [target] }
             guard seen.insert(next).inserted else { return nil }
             chain.append(next)
@@ -58,9 +58,9 @@ final class KeyLocks: @unchecked Sendable {
         defer { condition.unlock() }
         var conflicts: [(Bytes, SagaID)] = []
         for key in keys {
-            if let current = owner[key], current != saga { conflicts.append((key, current)); continue }
-            if owner[key] == nil {
-                owner[key] = saga
+            if let current = owner[HashedBytes(key)], current != saga { conflicts.append((key, current)); continue }
+            if owner[HashedBytes(key)] == nil {
+                owner[HashedBytes(key)] = saga
                 held[saga, default: []].append(key)
             }
         }
@@ -71,7 +71,7 @@ final class KeyLocks: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         guard let keys = held.removeValue(forKey: saga) else { return }
-        for key in keys where owner[key] == saga { owner[key] = nil }
+        for key in keys where owner[HashedBytes(key)] == saga { owner[HashedBytes(key)] = nil }
         condition.broadcast()
     }
 

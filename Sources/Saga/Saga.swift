@@ -16,7 +16,7 @@ public final class Saga {
     let connection: any SQLConnection
     let context: SagaContext
     /// Staged writes: key -> image to write (nil = delete), in first-touch order.
-    private(set) var staged: [Bytes: Bytes?] = [:]
+    private(set) var staged: [HashedBytes: Bytes?] = [:]
     private(set) var writeOrder: [Bytes] = []
     var ended = false
     /// The body ran a statement other than plain DML: it may have left session state on the
@@ -70,18 +70,18 @@ public final class Saga {
             throw .misuse(.valueTooLarge(size: image.count, limit: SagaContext.maxValueSize))
         }
         try lock(key)
-        if staged.updateValue(image, forKey: key) == nil { writeOrder.append(key) }
+        if staged.updateValue(image, forKey: HashedBytes(key)) == nil { writeOrder.append(key) }
     }
 
     fileprivate func read(_ key: Bytes) throws -> Bytes? {
         try lock(key)
-        if let image = staged[key] { return image }
+        if let image = staged[HashedBytes(key)] { return image }
         return try context.kv.get(key)
     }
 
     /// The staged writes in first-touch order.
     var writes: [(key: Bytes, image: Bytes?)] {
-        writeOrder.map { ($0, staged[$0] ?? nil) }
+        writeOrder.map { ($0, staged[HashedBytes($0)] ?? nil) }
     }
 }
 

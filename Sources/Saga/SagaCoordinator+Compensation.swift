@@ -7,7 +7,7 @@ extension SagaCoordinator {
     /// Undoes a saga whose COMMIT failed (`commitError`). On success the saga is finished;
     /// when compensation cannot be done, the saga stays prepared, its keys stay locked, and the
     /// error carries both the COMMIT's error and why the undo stopped.
-    func compensateOrHold(_ id: SagaID, _ record: JournalRecord?, after commitError: any Error, log: Logger) throws(SagaError) -> Int {
+    func compensateOrHold(_ id: SagaID, _ record: JournalRecord?, after commitError: any Error, log: SagaLog) throws(SagaError) -> Int {
         // Nothing reached the KV store (a saga that only read keys): nothing to undo, but its
         // locks must go all the same.
         guard let record else {

@@ -107,7 +107,7 @@ extension SagaCoordinator {
             for record in chunk {
                 switch decisions[record.saga] {
                 case .committed?:
-                    finishCommitted(record.saga, phase: .recovery, log: logger)
+                    finishCommitted(record.saga, phase: .recovery, log: SagaLog(logger))
                     report.committed.append(record.saga)
                 case .aborted?:
                     aborted.append(record)

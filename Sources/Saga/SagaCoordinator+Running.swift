@@ -44,8 +44,7 @@ extension SagaCoordinator {
     /// outcomes of COMMIT.
     private func execute<T>(_ id: SagaID, _ body: (Saga) throws -> T) throws(SagaError) -> T {
         if configuration.mode == .redo { return try executeRedo(id, body) }
-        var log = logger
-        log[metadataKey: "saga"] = "\(id.rawValue)"
+        let log = SagaLog(logger, saga: id)
 
         // 1. Begin.
         let conn = try begin(id)
@@ -150,7 +149,7 @@ extension SagaCoordinator {
 
     /// Reads the pre-images in one multi-get, then writes the forward writes and the
     /// `prepared` record in one synced batch. A saga that wrote no key writes nothing.
-    private func prepare(_ saga: Saga, session: SQLSession?, on conn: any SQLConnection, log: Logger) throws(SagaError) -> Prepared {
+    private func prepare(_ saga: Saga, session: SQLSession?, on conn: any SQLConnection, log: SagaLog) throws(SagaError) -> Prepared {
         let id = saga.id
         let writes = saga.writes
         var prepared = Prepared()
@@ -221,7 +220,7 @@ extension SagaCoordinator {
     // MARK: 7. The outcome of COMMIT
 
     /// COMMIT failed, as the database proves: undo the KV side, then throw `commitFailed`.
-    private func compensateFailedCommit(_ saga: Saga, _ record: JournalRecord?, error: any Error, on conn: any SQLConnection, log: Logger) throws(SagaError) -> Never {
+    private func compensateFailedCommit(_ saga: Saga, _ record: JournalRecord?, error: any Error, on conn: any SQLConnection, log: SagaLog) throws(SagaError) -> Never {
         // An expected outcome (a deferred constraint, a deadlock at COMMIT): the caller hears
         // of it as an error, so it is no warning.
         log.debug("COMMIT failed: \(error); compensating")
@@ -246,7 +245,7 @@ extension SagaCoordinator {
     /// An fsync or write failed inside COMMIT. The database's own files decide the outcome,
     /// and only after a reopen (its log may replay the transaction or not): never fence or
     /// continue on top of them in this process.
-    private func stopAtFailedCommitIO(_ id: SagaID, _ record: JournalRecord?, error: any Error, on conn: any SQLConnection, log: Logger) throws(SagaError) -> Never {
+    private func stopAtFailedCommitIO(_ id: SagaID, _ record: JournalRecord?, error: any Error, on conn: any SQLConnection, log: SagaLog) throws(SagaError) -> Never {
         conn.close()
         stop("the SQL database failed I/O at COMMIT of \(id): \(error)")
         end(id, record != nil ? .inDoubt : .abandoned)
@@ -258,7 +257,7 @@ extension SagaCoordinator {
     /// recovers its journal), then decide with a fencing insert on a fresh connection that
     /// keeps the saga's turn at the database (it still holds its keys), once the old session
     /// is gone: its COMMIT may still be on the way. Returns when the saga committed.
-    private func decideUnknownCommit(_ id: SagaID, _ record: JournalRecord?, error: any Error, session: SQLSession?, on conn: any SQLConnection, log: Logger) throws(SagaError) {
+    private func decideUnknownCommit(_ id: SagaID, _ record: JournalRecord?, error: any Error, session: SQLSession?, on conn: any SQLConnection, log: SagaLog) throws(SagaError) {
         log.notice("COMMIT outcome unknown: \(error); fencing")
         let fenceConnection = Result { try sql.connect(replacing: conn) }
         switch fence([id], ending: session.map { [$0] } ?? [], phase: .run, on: fenceConnection)?[id] {
@@ -348,7 +347,7 @@ extension SagaCoordinator {
     /// Committed. No journal write: the marker row proves the outcome, and garbage collection
     /// deletes the `prepared` record (a separate write here would cost a WAL append per saga
     /// and split RocksDB's group commits of synced batches).
-    func finishCommitted(_ id: SagaID, phase: SagaPhase, log: Logger) {
+    func finishCommitted(_ id: SagaID, phase: SagaPhase, log: SagaLog) {
         do { try hook(.committed, id, phase: phase) } catch {
             log.warning("hook failure after COMMIT of \(id) ignored: \(error)")
         }

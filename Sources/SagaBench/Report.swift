@@ -24,12 +24,15 @@ struct CellFigures: Codable, Sendable {
     var backend: BenchBackend
     var workload: String
     var threads: Int
+    /// The latency added to every fsync (`--fsync-delay-ms`), 0 for the disk as it is.
+    var fsyncDelayMs: Double? = 0
     var modes: [ModeFigures]
 
-    init(backend: BenchBackend, workload: String, threads: Int, modes: [Mode], results: [Mode: [RoundResult]]) {
+    init(backend: BenchBackend, workload: String, threads: Int, modes: [Mode], results: [Mode: [RoundResult]], fsyncDelayMs: Double = 0) {
         self.backend = backend
         self.workload = workload
         self.threads = threads
+        self.fsyncDelayMs = fsyncDelayMs
         let unsafeRounds = (results[.unsafe] ?? []).map(\.throughput)
         let unsafeMedian = median(unsafeRounds)
         self.modes = modes.map { mode in
@@ -136,14 +139,16 @@ struct BenchReport: Codable, Sendable {
     var clusterComparisons: [ClusterComparison] = []
     var recovery: [String: RecoveryBench.Result] = [:]
     var growth: [String: [GrowthBench.Sample]] = [:]
+    /// `--profile`: the per-step tables.
+    var profiles: [ProfileFigures]? = []
 
     func table() -> String {
-        var out = "backend | workload   | threads | mode   | sagas/s (median) | ratio to unsafe | p50 ms | p99 ms | fsyncs/saga\n"
-        out += "--------+------------+---------+--------+------------------+-----------------+--------+--------+------------\n"
+        var out = "backend | workload   | threads | fsync +ms | mode       | sagas/s (median) | ratio to unsafe | p50 ms | p99 ms | fsyncs/saga\n"
+        out += "--------+------------+---------+-----------+------------+------------------+-----------------+--------+--------+------------\n"
         for c in cells {
             for m in c.modes {
-                out += String(format: "%@ | %@ | %7d | %@ | %16.0f | %15.3f | %6.2f | %6.2f | %11.2f\n",
-                              c.backend.rawValue.padded(7), c.workload.padded(10), c.threads, m.mode.rawValue.padded(6), m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga)
+                out += String(format: "%@ | %@ | %7d | %9.1f | %@ | %16.0f | %15.3f | %6.2f | %6.2f | %11.2f\n",
+                              c.backend.rawValue.padded(7), c.workload.padded(10), c.threads, c.fsyncDelayMs ?? 0, m.mode.rawValue.padded(10), m.medianPerSecond, m.ratioToUnsafe, m.p50Millis, m.p99Millis, m.fsyncsPerSaga)
             }
         }
         if !clusterComparisons.isEmpty {

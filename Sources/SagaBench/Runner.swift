@@ -24,11 +24,18 @@ final class BenchStores: @unchecked Sendable {
     let backend: BenchBackend
     let kv: RocksDBStore
     let sql: any SQLDatabase
-    let coordinator: SagaCoordinator
+    /// Per coordinator mode (``Mode/coordinatorConfiguration``), a coordinator on a RocksDB
+    /// store of its own (a store takes one coordinator), sharing the SQL database.
+    private let coordinators: [Mode: (coordinator: SagaCoordinator, kv: RocksDBStore)]
+    /// The saga mode's coordinator.
+    var coordinator: SagaCoordinator { coordinators[.saga]!.coordinator }
+    func coordinator(for mode: Mode) -> SagaCoordinator? { coordinators[mode]?.coordinator }
     /// For the servers' counters: one connection to each server (each node of a cluster).
     let admins: [any SQLConnection]
 
-    init(backend: BenchBackend, dir: String, mysqlURL: String?, logger: Logger) throws {
+    /// - Parameter profile: the coordinator runs with ``ProfileHooks`` on a ``StampedKVStore``
+    ///   (for `--profile`; the unsafe modes use the store directly).
+    init(backend: BenchBackend, dir: String, mysqlURL: String?, logger: Logger, profile: Bool = false) throws {
         self.backend = backend
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         kv = try RocksDBStore(path: dir + "/kv")
@@ -46,11 +53,22 @@ final class BenchStores: @unchecked Sendable {
                 return try MySQLDatabase(url: one).connect()
             }
         }
-        coordinator = try SagaCoordinator(kv: kv, sql: sql, logger: logger)
+        var coordinators: [Mode: (SagaCoordinator, RocksDBStore)] = [:]
+        for mode in Mode.allCases {
+            guard var configuration = mode.coordinatorConfiguration else { continue }
+            // The saga mode keeps the store the unsafe modes use (as before); others get their own.
+            let store = mode == .saga ? kv : try RocksDBStore(path: dir + "/kv-\(mode.rawValue)")
+            if profile { configuration.hooks = ProfileHooks() }
+            coordinators[mode] = (try SagaCoordinator(kv: profile ? StampedKVStore(store) : store, sql: sql, configuration: configuration, logger: logger), store)
+        }
+        self.coordinators = coordinators
     }
 
     func close() {
-        coordinator.close()
+        for (_, c) in coordinators {
+            c.coordinator.close()
+            if c.kv !== kv { c.kv.close() }
+        }
         admins.forEach { $0.close() }
         kv.close()
     }
@@ -113,6 +131,8 @@ struct RoundResult {
     var counters = ServerCounters()
     var errors = 0
     var firstError: String?
+    /// With `--profile`: one row of stamps per operation (see ``ProfilePoint``).
+    var stamps: [[UInt64]] = []
     var throughput: Double { seconds > 0 ? Double(ops) / seconds : 0 }
 }
 
@@ -145,7 +165,7 @@ final class CellRunner {
 
     func close() { connections.values.forEach { $0.forEach { $0.close() } } }
 
-    func round(_ mode: Mode, duration: Double) -> RoundResult {
+    func round(_ mode: Mode, duration: Double, profile: Bool = false) -> RoundResult {
         let countersBefore = stores.counters()
         let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(duration * 1e9)
         let group = DispatchGroup()
@@ -162,6 +182,8 @@ final class CellRunner {
                 var r = RoundResult()
                 r.latenciesMicros.reserveCapacity(4096)
                 var s = first
+                let recorder = profile ? ProfileRecorder() : nil
+                ProfileRecorder.$current.withValue(recorder) {
                 while DispatchTime.now().uptimeNanoseconds < deadline {
                     let op = workload.operation(thread: t, seq: s)
                     s += 1
@@ -173,12 +195,19 @@ final class CellRunner {
                             try op.runUnsafe(kv: stores.kv, conn: conn)
                         case .unsafeWithRow:
                             guard let conn else { throw BenchError("no connection for the unsafe+row mode") }
-                            try op.runUnsafe(kv: stores.kv, conn: conn, extraRow: Int64(xidCounter.next()))
-                        case .saga:
-                            try op.runSaga(stores.coordinator)
+                            if let recorder {
+                                try op.runUnsafeWithRowProfiled(kv: stores.kv, conn: conn, extraRow: Int64(xidCounter.next()), recorder)
+                            } else {
+                                try op.runUnsafe(kv: stores.kv, conn: conn, extraRow: Int64(xidCounter.next()))
+                            }
+                        case _ where mode.coordinatorConfiguration != nil:
+                            guard let coordinator = stores.coordinator(for: mode) else { throw BenchError("no coordinator for \(mode)") }
+                            if let recorder { try op.runSagaProfiled(coordinator, recorder) } else { try op.runSaga(coordinator) }
                         case .xa:
                             guard let mysql = conn as? MySQLConnection else { throw BenchError("XA needs a MySQL connection") }
                             try op.runXA(kv: stores.kv, conn: mysql, xid: "x\(xidCounter.next())")
+                        default:
+                            throw BenchError("mode \(mode) has no runner")
                         }
                         r.ops += 1
                         r.latenciesMicros.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1000)
@@ -187,6 +216,8 @@ final class CellRunner {
                         if r.firstError == nil { r.firstError = "\(error)" }
                     }
                 }
+                }
+                r.stamps = recorder?.rows ?? []
                 results.set(t, r, seq: s)
             }
         }
@@ -201,6 +232,7 @@ final class CellRunner {
             total.errors += r.errors
             total.firstError = total.firstError ?? r.firstError
             total.latenciesMicros += r.latenciesMicros
+            total.stamps += r.stamps
         }
         total.counters = stores.counters() - countersBefore
         return total

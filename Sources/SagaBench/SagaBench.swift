@@ -28,6 +28,10 @@ struct SagaBench: ParsableCommand {
     @Option(name: .customLong("mysql-url"), help: "Use this MariaDB server (its database is used as is) instead of starting a throwaway one.") var mysqlURL: String?
     @Option(name: .customLong("galera-url"), help: "With --backend galera: use this cluster (mysql://user:password@host1:port1,host2:port2,.../db; its database is used as is) instead of starting a throwaway one.") var galeraURL: String?
     @Option(help: "Write the figures as JSON to this file.") var json: String?
+    @Flag(help: "Instead of the throughput table: where a saga's time goes, step by step (µs per saga, median), beside unsafe+row stamped at the same places. Uses --backend, --workload, --concurrency, --rounds, --seconds.") var profile = false
+    @Option(name: .customLong("fsync-delay-ms"), help: "Added latency of every fsync/fdatasync, in ms, comma-separated: each mode runs at each delay (a fast virtual disk to a real one). Applies to this process (RocksDB, SQLite) and to a MariaDB server saga-bench starts (through an LD_PRELOAD library built with cc); not to a server given with --mysql-url.") var fsyncDelayMs: String = "0"
+    @Option(help: "Write a chart of throughput against added fsync latency (one panel per backend and thread count, one line per mode) as SVG to this file.") var svg: String?
+    @Option(name: .customLong("chart-from"), help: "Only draw the --svg chart from this JSON file (written by --json), running nothing.") var chartFrom: String?
     @Option(help: "Work in this directory (default: a new one under the temporary directory).") var workdir: String?
 
     func validate() throws {
@@ -39,10 +43,19 @@ struct SagaBench: ParsableCommand {
             throw ValidationError("--concurrency takes thread counts from 1 to 64, comma-separated, not \(concurrency)")
         }
         guard !selectedModes.isEmpty, modes.split(separator: ",").allSatisfy({ Mode(rawValue: String($0)) != nil }) else {
-            throw ValidationError("--modes takes unsafe, saga, xa and unsafe+row, comma-separated, not \(modes)")
+            throw ValidationError("--modes takes \(Mode.allCases.map(\.rawValue).joined(separator: ", ")), comma-separated, not \(modes)")
         }
+        guard let delays = fsyncDelays, !delays.isEmpty, delays.allSatisfy({ $0 >= 0 && $0 <= 1000 }) else {
+            throw ValidationError("--fsync-delay-ms takes delays from 0 to 1000 ms, comma-separated, not \(fsyncDelayMs)")
+        }
+        if chartFrom != nil, svg == nil { throw ValidationError("--chart-from goes with --svg") }
         guard recoverySagas >= 0, growthSagas >= 0 else { throw ValidationError("saga counts must be 0 or more") }
         if galeraURL != nil, backend != "galera" { throw ValidationError("--galera-url goes with --backend galera") }
+    }
+
+    var fsyncDelays: [Double]? {
+        let parts = fsyncDelayMs.split(separator: ",").map { Double($0.trimmingCharacters(in: .whitespaces)) }
+        return parts.contains(nil) ? nil : parts.compactMap { $0 }
     }
 
     var selectedModes: [Mode] { modes.split(separator: ",").compactMap { Mode(rawValue: String($0)) } }
@@ -59,6 +72,12 @@ struct SagaBench: ParsableCommand {
     }
 
     func run() throws {
+        if let chartFrom, let svg {
+            let report = try JSONDecoder().decode(BenchReport.self, from: Data(contentsOf: URL(fileURLWithPath: chartFrom)))
+            try FsyncChart(report: report).svg().write(toFile: svg, atomically: true, encoding: .utf8)
+            say("chart written to \(svg)")
+            return
+        }
         var logger = Logger(label: "saga-bench") { StreamLogHandler.standardError(label: $0) }
         logger.logLevel = .error
         let root = try workdir ?? MariaDBServer.makeTempDir("saga-bench")
@@ -70,12 +89,21 @@ struct SagaBench: ParsableCommand {
             : workload == "transfer" ? [TransferWorkload()] : [AATriggerWorkload()]
         let servers = StartedServers()
         defer { servers.stopAll() }
+        let delays = fsyncDelays ?? [0]
+        let delay = try FsyncDelay(dir: root, slowServer: delays.contains { $0 > 0 })
+        if delays.contains(where: { $0 > 0 }), mysqlURL != nil, groups.joined().contains(where: \.isMariaDB) {
+            say("(--fsync-delay-ms slows this process's fsyncs (RocksDB, SQLite) only: the server given with --mysql-url syncs at its own speed)")
+        }
+        if profile {
+            try runProfile(root: root, workloads: workloads, servers: servers, delay: delay, logger: logger)
+            return
+        }
         // An interrupted run does not reach the defer above: its work goes with the servers.
         if workdir == nil { servers.add { try? FileManager.default.removeItem(atPath: root) } }
         var cellNumber = 0
 
         for group in groups {
-            let targets = try group.map { try target($0, servers) }
+            let targets = try group.map { try target($0, servers, delay: delay) }
             let modes = selectedModes.filter { $0 != .xa || group.allSatisfy(\.runsXA) }
             if modes.count < selectedModes.count { say("(xa is not run with --backend galera: MariaDB refuses XA transactions with Galera replication, error 1235)") }
 
@@ -89,7 +117,10 @@ struct SagaBench: ParsableCommand {
                                                      mysqlURL: try t.freshDatabase(cellNumber), logger: logger)
                         cells.append((t, stores, try CellRunner(stores: stores, workload: w, threads: threads)))
                     }
-                    say("[\(group.map(\.rawValue).joined(separator: ", "))] \(w.name), \(threads) thread(s): \(modes.map(\.rawValue).joined(separator: ", "))")
+                    for delayMs in delays {
+                    delay.set(ms: delayMs)
+                    say("[\(group.map(\.rawValue).joined(separator: ", "))] \(w.name), \(threads) thread(s): \(modes.map(\.rawValue).joined(separator: ", "))"
+                        + (delays.count > 1 || delayMs > 0 ? String(format: ", fsync delay %.1f ms", delayMs) : ""))
                     var perMode = Array(repeating: [Mode: [RoundResult]](), count: cells.count)
                     for c in cells { for mode in modes { _ = c.runner.round(mode, duration: min(1, seconds)) } }  // warm-up
                     for r in 1...rounds {
@@ -102,7 +133,7 @@ struct SagaBench: ParsableCommand {
                         }
                     }
                     let figures = cells.indices.map { i in
-                        CellFigures(backend: cells[i].target.backend, workload: w.name, threads: threads, modes: modes, results: perMode[i])
+                        CellFigures(backend: cells[i].target.backend, workload: w.name, threads: threads, modes: modes, results: perMode[i], fsyncDelayMs: delayMs)
                     }
                     for cell in figures {
                         for line in cell.lines() { say("    " + (figures.count > 1 ? "[\(cell.backend.rawValue)] " : "") + line) }
@@ -113,6 +144,8 @@ struct SagaBench: ParsableCommand {
                         for p in pairs { say("    " + p.line()) }
                         report.clusterComparisons += pairs
                     }
+                    }
+                    delay.set(ms: 0)
                 }
             }
 
@@ -137,17 +170,55 @@ struct SagaBench: ParsableCommand {
         say("")
         say(report.table())
         if let json { try report.json().write(toFile: json, atomically: true, encoding: .utf8); say("figures written to \(json)") }
+        if let svg { try FsyncChart(report: report).svg().write(toFile: svg, atomically: true, encoding: .utf8); say("chart written to \(svg)") }
+    }
+
+    /// `--profile`: saga and unsafe+row, rounds interleaved, every operation stamped.
+    func runProfile(root: String, workloads: [any Workload], servers: StartedServers, delay: FsyncDelay, logger: Logger) throws {
+        var report = BenchReport(machine: MachineInfo.read(workdir: root), rounds: rounds, secondsPerRound: seconds)
+        var cellNumber = 0
+        let modes: [Mode] = [.unsafeWithRow, .saga]
+        for group in groups {
+            let targets = try group.map { try target($0, servers, delay: delay) }
+            for w in workloads {
+                for threads in threadCounts {
+                    for t in targets {
+                        cellNumber += 1
+                        let stores = try BenchStores(backend: t.backend, dir: root + "/\(t.backend.rawValue)-\(w.name)-\(threads)-\(cellNumber)",
+                                                     mysqlURL: try t.freshDatabase(cellNumber), logger: logger, profile: true)
+                        defer { stores.close() }
+                        let runner = try CellRunner(stores: stores, workload: w, threads: threads)
+                        defer { runner.close() }
+                        say("[\(t.backend.rawValue)] profile of \(w.name), \(threads) thread(s)")
+                        for mode in modes { _ = runner.round(mode, duration: min(1, seconds), profile: true) }  // warm-up
+                        var stamps: [Mode: [[UInt64]]] = [:]
+                        for _ in 1...rounds {
+                            for mode in modes {
+                                let result = runner.round(mode, duration: seconds, profile: true)
+                                if let e = result.firstError { say("    \(mode): \(result.errors) error(s), first: \(e)") }
+                                stamps[mode, default: []] += result.stamps
+                            }
+                        }
+                        let figures = ProfileFigures(backend: t.backend, workload: w.name, threads: threads, saga: stamps[.saga] ?? [], reference: stamps[.unsafeWithRow] ?? [])
+                        say(figures.table())
+                        report.profiles = (report.profiles ?? []) + [figures]
+                    }
+                }
+            }
+        }
+        say(ProfileFigures.legend)
+        if let json { try report.json().write(toFile: json, atomically: true, encoding: .utf8); say("figures written to \(json)") }
     }
 
     /// The caller's server or cluster, or one started for the run (and stopped with it).
-    func target(_ backend: BenchBackend, _ servers: StartedServers) throws -> BenchTarget {
+    func target(_ backend: BenchBackend, _ servers: StartedServers, delay: FsyncDelay) throws -> BenchTarget {
         switch backend {
         case .sqlite:
             return BenchTarget(backend: .sqlite, serverURL: nil, given: false)
         case .mysql:
             if let mysqlURL { return BenchTarget(backend: .mysql, serverURL: mysqlURL, given: true) }
             say("[mysql] starting a throwaway MariaDB server (innodb_flush_log_at_trx_commit=1)")
-            let server = try MariaDBServer()
+            let server = try MariaDBServer(environment: delay.serverEnvironment)
             servers.add { server.stop() }
             return BenchTarget(backend: .mysql, serverURL: server.url, given: false)
         case .galera:

@@ -102,6 +102,22 @@ enum Mode: String, CaseIterable, Codable, Sendable {
     /// The unsafe sequence plus one more row inserted in the transaction, like Saga's marker:
     /// measures what the marker row alone costs (not a safe mode; run it by name).
     case unsafeWithRow = "unsafe+row"
+    /// The coordinator in redo mode: after-images in the marker row, COMMIT the only synced
+    /// write, the KV batch unsynced after it (checkpoints every 256 sagas or 200 ms).
+    case redo
+    // A mode that runs sagas through a coordinator is one case here and one line in
+    // `coordinatorConfiguration` below: the runner, the stores (one RocksDB store per
+    // coordinator) and the tables follow.
+
+    /// The configuration of the coordinator this mode runs its sagas through; nil for a mode
+    /// that runs the stores directly.
+    var coordinatorConfiguration: SagaCoordinator.Configuration? {
+        switch self {
+        case .saga: .init()
+        case .redo: .init(mode: .redo)
+        case .unsafe, .xa, .unsafeWithRow: nil
+        }
+    }
 }
 
 extension Operation {

@@ -28,15 +28,19 @@ public final class MariaDBServer: @unchecked Sendable {
         return dir
     }
 
-    /// Starts a new server; `extraArguments` go to mariadbd (e.g. `--innodb-rollback-on-timeout`).
-    public init(extraArguments: [String] = []) throws {
+    /// Starts a new server; `extraArguments` go to mariadbd (e.g. `--innodb-rollback-on-timeout`),
+    /// `environment` to the script that starts it (e.g. `MARIADBD_PRELOAD`, a library the
+    /// server alone is started with).
+    public init(extraArguments: [String] = [], environment: [String: String] = [:]) throws {
         dir = try Self.makeTempDir("mariadb")
         port = Int.random(in: 20_000...32_000)  // below the ephemeral range (32768+)
         self.extraArguments = extraArguments
+        self.environment = environment
         try start()
     }
 
     private let extraArguments: [String]
+    private let environment: [String: String]
 
     /// Restarts on a new port (the data stays): clients that still try the old one fail
     /// instead of reaching the restarted server by accident.
@@ -49,7 +53,7 @@ public final class MariaDBServer: @unchecked Sendable {
         // TMPDIR too, for anything else the script starts (the mariadb client).
         try FileManager.default.createDirectory(atPath: tmpDir, withIntermediateDirectories: true)
         let result = try Shell.run("/bin/bash", [Self.script, "start", dir, "\(port)"],
-                                   environment: ["MARIADBD_EXTRA": extraArguments.joined(separator: " "), "TMPDIR": tmpDir])
+                                   environment: environment.merging(["MARIADBD_EXTRA": extraArguments.joined(separator: " "), "TMPDIR": tmpDir]) { $1 })
         guard result.status == 0, let last = result.stdout.split(separator: "\n").last, last.hasPrefix("mysql://") else {
             throw TestSetupError("cannot start MariaDB in \(dir): \(result.stdout) \(result.stderr)")
         }

@@ -137,6 +137,8 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
     }
 
     private func multiGet(_ db: OpaquePointer, family: OpaquePointer, _ keys: [Bytes]) throws -> [Bytes?] {
+        // One key (a saga's read, key by key): a plain get, without multi-get's per-call setup.
+        if keys.count == 1 { return [try get(db, family: family, keys[0])] }
         let n = keys.count
         var values = [UnsafeMutablePointer<CChar>?](repeating: nil, count: n)
         var sizes = [Int](repeating: 0, count: n)
@@ -180,6 +182,23 @@ public final class RocksDBStore: KVStore, @unchecked Sendable {
         }
         if let firstError { throw RocksDBError.read(path: path, message: firstError) }
         return out
+    }
+
+    private func get(_ db: OpaquePointer, family: OpaquePointer, _ key: Bytes) throws -> Bytes? {
+        var size = 0
+        var err: UnsafeMutablePointer<CChar>?
+        let value = key.withUnsafeBufferPointer { k in
+            k.withMemoryRebound(to: CChar.self) { rocksdb_get_cf(db, readOptions, family, $0.baseAddress, $0.count, &size, &err) }
+        }
+        if let err {
+            let message = String(cString: err)
+            rocksdb_free(err)
+            if let value { rocksdb_free(value) }
+            throw RocksDBError.read(path: path, message: message)
+        }
+        guard let value else { return nil }
+        defer { rocksdb_free(value) }
+        return Bytes(UnsafeRawBufferPointer(start: value, count: size))
     }
 
     public func write(_ batch: KVWriteBatch, sync: Bool) throws {

@@ -1,7 +1,8 @@
 /* fsync/fdatasync interposer. Defining these symbols in the executable makes every
  * dynamically linked caller (librocksdb among them) bind to them; unarmed, they forward to
  * the C library's own. Armed, the n-th sync of a file under a path prefix fails with EIO,
- * which is what a dying disk does. Used to make a real RocksDB synced write fail. */
+ * which is what a dying disk does. Used to make a real RocksDB synced write fail. A delay
+ * (saga_fault_fsync_set_delay_ns) makes every sync that slower: a benchmark's slow disk. */
 #define _GNU_SOURCE
 #include "fsync_faults.h"
 #include "powerloss_hooks.h"
@@ -12,6 +13,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static pthread_mutex_t prefix_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -22,6 +24,7 @@ static atomic_int fs_persistent;
 static atomic_int fs_tripped;
 static atomic_int fs_failures;
 static atomic_long fs_calls;
+static atomic_long fs_delay_ns;
 
 void saga_fault_fsync_arm(const char *path_prefix, int n, int persistent) {
     pthread_mutex_lock(&prefix_lock);
@@ -36,6 +39,15 @@ void saga_fault_fsync_arm(const char *path_prefix, int n, int persistent) {
 void saga_fault_fsync_disarm(void) { atomic_store(&fs_armed, 0); }
 int saga_fault_fsync_failures(void) { return atomic_load(&fs_failures); }
 long saga_fault_fsync_calls(void) { return atomic_load(&fs_calls); }
+void saga_fault_fsync_set_delay_ns(long ns) { atomic_store(&fs_delay_ns, ns < 0 ? 0 : ns); }
+
+/* A slower disk: sleep before the real sync (benchmarks only; 0, the default, costs nothing). */
+static void delay(void) {
+    long ns = atomic_load_explicit(&fs_delay_ns, memory_order_relaxed);
+    if (ns <= 0) return;
+    struct timespec t = { ns / 1000000000L, ns % 1000000000L };
+    while (nanosleep(&t, &t) != 0 && errno == EINTR) {}
+}
 
 static int matches(int fd) {
     char link[64], path[PATH_MAX];
@@ -75,6 +87,8 @@ static void resolve(void) {
 static int sync_with(sync_fn real, int fd) {
     atomic_fetch_add(&fs_calls, 1);
     if (should_fail_fd(fd)) { errno = EIO; return -1; }
+    /* The benchmark's added latency, before the real sync. */
+    delay();
     /* A successful sync makes the file's changes (a directory's entries) durable for the
      * power-loss simulation (powerloss_interposer.c). */
     saga_pl_ticket t;

@@ -20,6 +20,9 @@ void saga_fault_fsync_disarm(void);
 int saga_fault_fsync_failures(void);
 /* fsync + fdatasync calls made by this process so far. */
 long saga_fault_fsync_calls(void);
+/* Every fsync/fdatasync sleeps this long before syncing (benchmarks: a slower disk); 0 turns it
+ * off. Applies to this process only (librocksdb, libsqlite3), not to a database server. */
+void saga_fault_fsync_set_delay_ns(long ns);
 
 #ifdef __cplusplus
 }
