@@ -20,7 +20,7 @@ struct SagaBench: ParsableCommand {
     @Option(help: "SQL backends: sqlite, mysql, both (sqlite and mysql), or galera (a 3-node MariaDB Galera cluster against one MariaDB server, rounds interleaved in the same run).") var backend: String = "both"
     @Option(help: "Workloads: aa-trigger, transfer, or both.") var workload: String = "both"
     @Option(help: "Thread counts, comma-separated (disjoint keys per thread).") var concurrency: String = "1,8"
-    @Option(help: "Modes to run, comma-separated (unsafe, saga, xa, unsafe+row); xa runs on one MySQL server only (not with --backend galera: MariaDB refuses XA with Galera replication). unsafe+row adds one row insert to the unsafe sequence: what the marker alone costs.") var modes: String = "unsafe,saga,xa"
+    @Option(help: "Modes to run, comma-separated (unsafe, saga, redo, xa, unsafe+row); saga is the coordinator in compensate mode, redo in redo mode; xa runs on one MySQL server only (not with --backend galera: MariaDB refuses XA with Galera replication). unsafe+row adds one row insert to the unsafe sequence: what the marker alone costs.") var modes: String = "unsafe,saga,redo,xa"
     @Option(help: "Measured rounds per mode (after one warm-up round).") var rounds: Int = 5
     @Option(help: "Seconds each mode runs in a round.") var seconds: Double = 2
     @Option(name: .customLong("recovery-sagas"), help: "Prepared sagas to recover (0: skip).") var recoverySagas: Int = 10_000
