@@ -1,5 +1,3 @@
-import Logging
-
 // Redo mode (see <doc:Protocol>, "Redo mode"): the after-images ride in the SQL transaction, in
 // the saga's marker row; COMMIT is the decision and the only synced write; the KV batch is
 // written after it, unsynced, before the keys are released. A checkpoint makes the applied
@@ -17,8 +15,7 @@ extension SagaCoordinator {
     /// The redo state machine: begin, body, redo row and commit, then one of the three outcomes
     /// of COMMIT.
     func executeRedo<T>(_ id: SagaID, _ body: (Saga) throws -> T) throws(SagaError) -> T {
-        var log = logger
-        log[metadataKey: "saga"] = "\(id.rawValue)"
+        let log = SagaLog(logger, saga: id)
 
         // 1. Begin.
         let conn = try begin(id)
@@ -117,7 +114,7 @@ extension SagaCoordinator {
     /// keys. A failed write (or a hook refusing the step) leaves the saga committed in SQL and
     /// not in KV: the coordinator stops, the keys stay locked, and recovery at the next open
     /// replays the row.
-    func apply(_ id: SagaID, _ writes: [(key: Bytes, image: Bytes?)], sequence: UInt64, phase: SagaPhase, log: Logger) {
+    func apply(_ id: SagaID, _ writes: [(key: Bytes, image: Bytes?)], sequence: UInt64, phase: SagaPhase, log: SagaLog) {
         do {
             try hook(.committed, id, phase: phase)
             var batch = KVWriteBatch()
@@ -248,7 +245,7 @@ extension SagaCoordinator {
             redoPending.withLock { _ = $0.removeValue(forKey: id) }
             switch decision {
             case .committed:
-                apply(id, p.writes, sequence: p.sequence, phase: .recovery, log: logger)
+                apply(id, p.writes, sequence: p.sequence, phase: .recovery, log: SagaLog(logger, saga: id))
                 report.committed.append(id)
             case .aborted:
                 end(id, .notCommitted(sequence: p.sequence, fenced: true))
