@@ -215,17 +215,8 @@ struct MySQLCrashTests {
     @Test(arguments: ["prepared", "marker", "commit", "committed"].map { ($0, "compensate") }
             + ["marker", "commit", "committed", "applied", "resolve"].map { ($0, "redo") })
     func crashAtStepOnMariaDB(_ step: String, _ mode: String) throws {
-        let server = try MySQLURL(try SharedMariaDB.url())
-        let database = "aa_crash_" + UUID().uuidString.prefix(8).lowercased()
-        let admin = try MySQLDatabase(url: server).openConnection()
-        defer {
-            _ = try? admin.execute("DROP DATABASE IF EXISTS \(database)", [])
-            admin.close()
-        }
-        try admin.execute("CREATE DATABASE \(database)", [])
-        var url = server
-        url.database = database
-        let sql = "mysql://\(url.user):\(url.password)@\(url.host):\(url.port)/\(database)"
+        let (sql, drop) = try Self.freshDatabase()
+        defer { drop() }
         let dir = try SQLiteEnvironment.makeTempDir("crash-my")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let base = ["run", "--data", dir, "--sql", sql, "--triggers", CrashTests.triggers, "--seed", CrashTests.seed, "--mode", mode]
@@ -240,6 +231,46 @@ struct MySQLCrashTests {
         #expect(finish.exitCode == 0, "\(finish.stderr)")
         let final = try Demo.run(["verify", "--data", dir, "--sql", sql])
         #expect(final.stdout.contains("digest \(CrashTests.referenceDigest)"), "same state as the SQLite node's uninterrupted run: \(final.stdout)")
+    }
+
+    /// A database of its own on the test server, as a URL for aa-demo, and what drops it.
+    static func freshDatabase() throws -> (url: String, drop: () -> Void) {
+        let server = try MySQLURL(try SharedMariaDB.url())
+        let database = "aa_crash_" + UUID().uuidString.prefix(8).lowercased()
+        let admin = try MySQLDatabase(url: server).openConnection()
+        try admin.execute("CREATE DATABASE \(database)", [])
+        var url = server
+        url.database = database
+        return ("mysql://\(url.user):\(url.password)@\(url.host):\(url.port)/\(database)", {
+            _ = try? admin.execute("DROP DATABASE IF EXISTS \(database)", [])
+            admin.close()
+        })
+    }
+
+    /// `aa-demo run --mode redo` over 100 triggers, one COMMIT failing on the way, on SQLite and
+    /// on MariaDB: the same digest as compensate mode's run of the same stream.
+    @Test(arguments: ["sqlite", "mariadb"])
+    func redoModeEndsWithTheCompensateDigest(_ backend: String) throws {
+        var digests: [String: String] = [:]
+        for mode in ["compensate", "redo"] {
+            let dir = try SQLiteEnvironment.makeTempDir("aa-\(mode)")
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            var args = ["run", "--data", dir, "--triggers", "100", "--seed", "3", "--mode", mode, "--fail-commit-at", "40"]
+            var drop: (() -> Void)?
+            if backend == "mariadb" {
+                let (url, d) = try Self.freshDatabase()
+                drop = d
+                args += ["--sql", url, "--fail-mode", "kill"]
+            }
+            defer { drop?() }
+            let r = try Demo.run(args)
+            #expect(r.exitCode == 0, "\(mode): \(r.stderr)")
+            #expect(r.stdout.contains("1 failed attempt(s)"), "\(mode): the COMMIT of mci 40 failed once: \(r.stdout.suffix(300))")
+            if let done = r.stdout.split(separator: "\n").last(where: { $0.hasPrefix("done: ") }), let at = done.range(of: "digest ") {
+                digests[mode] = String(done[at.upperBound...].prefix(16))
+            }
+        }
+        #expect(digests["redo"] != nil && digests["redo"] == digests["compensate"], "\(digests)")
     }
 }
 
