@@ -18,6 +18,10 @@ public final class Saga {
     /// Staged writes: key -> image to write (nil = delete), in first-touch order.
     private(set) var staged: [HashedBytes: Bytes?] = [:]
     private(set) var writeOrder: [Bytes] = []
+    /// What the store held for each key the body read before staging it. The key stayed
+    /// locked from that read on, so no saga can have written it since: it is the key's
+    /// pre-image, and prepare need not read it again.
+    private(set) var readFromStore: [HashedBytes: Bytes?] = [:]
     var ended = false
     /// The body ran a statement other than plain DML: it may have left session state on the
     /// connection (table locks, `SET autocommit`, SQLite pragmas), which is then closed
@@ -75,8 +79,27 @@ public final class Saga {
 
     fileprivate func read(_ key: Bytes) throws -> Bytes? {
         try lock(key)
-        if let image = staged[HashedBytes(key)] { return image }
-        return try context.kv.get(key)
+        let hashed = HashedBytes(key)
+        if let image = staged[hashed] { return image }
+        if let seen = readFromStore[hashed] { return seen }
+        let value = try context.kv.get(key)
+        readFromStore[hashed] = value
+        return value
+    }
+
+    /// The store's value of each written key before the saga: the body's own read where it
+    /// read the key before writing it, one multi-get for the others.
+    func preImages(of writes: [(key: Bytes, image: Bytes?)]) throws -> [Bytes?] {
+        var images = [Bytes?](repeating: nil, count: writes.count)
+        var unread: [Int] = []
+        for (i, w) in writes.enumerated() {
+            if let seen = readFromStore[HashedBytes(w.key)] { images[i] = seen } else { unread.append(i) }
+        }
+        if !unread.isEmpty {
+            let fetched = try context.kv.multiGet(unread.map { writes[$0].key })
+            for (j, i) in unread.enumerated() { images[i] = fetched[j] }
+        }
+        return images
     }
 
     /// The staged writes in first-touch order.

@@ -147,15 +147,16 @@ extension SagaCoordinator {
         var kvFailure: (any Error)?
     }
 
-    /// Reads the pre-images in one multi-get, then writes the forward writes and the
-    /// `prepared` record in one synced batch. A saga that wrote no key writes nothing.
+    /// Takes the pre-images (the body's own reads of the keys, locked since; one multi-get for
+    /// keys it wrote without reading), then writes the forward writes and the `prepared`
+    /// record in one synced batch. A saga that wrote no key writes nothing.
     private func prepare(_ saga: Saga, session: SQLSession?, on conn: any SQLConnection, log: SagaLog) throws(SagaError) -> Prepared {
         let id = saga.id
         let writes = saga.writes
         var prepared = Prepared()
         guard !writes.isEmpty else { return prepared }
         do {
-            let pre = try kv.multiGet(writes.map(\.key))
+            let pre = try saga.preImages(of: writes)
             let entries = zip(writes, pre).map { JournalRecord.Entry(key: $0.key, preImage: $1, afterImage: $0.image) }
             let record = JournalRecord(saga: id, state: .prepared, entries: entries, session: session)
             let encoded = record.encoded()
