@@ -20,6 +20,8 @@ final class RedoLog: Sendable {
         var lastCheckpoint: ContinuousClock.Instant
         /// The watermark the last checkpoint made durable.
         var durable: UInt64
+        /// Sagas applied in this process whose rows are not deleted yet, by sequence.
+        var applied: [(sequence: UInt64, saga: SagaID)] = []
     }
     private let state: Locked<State>
 
@@ -45,12 +47,15 @@ final class RedoLog: Sendable {
         }
     }
 
-    /// The saga with `sequence` is in the KV store (`applied`) or is known not committed.
-    /// Returns whether a checkpoint is due.
-    func settle(_ sequence: UInt64, applied: Bool, every: Int, interval: Duration) -> Bool {
+    /// The saga with `sequence` is in the KV store (`applied`: its id, for the deletion of its
+    /// row), or is known not committed (nil). Returns whether a checkpoint is due.
+    func settle(_ sequence: UInt64, applied saga: SagaID?, every: Int, interval: Duration) -> Bool {
         state.withLock { s in
             s.outstanding.remove(sequence)
-            if applied { s.appliedSinceCheckpoint += 1 }
+            if let saga {
+                s.appliedSinceCheckpoint += 1
+                s.applied.append((sequence, saga))
+            }
             guard s.appliedSinceCheckpoint > 0 else { return false }
             return s.appliedSinceCheckpoint >= every || ContinuousClock.now - s.lastCheckpoint >= interval
         }
@@ -72,6 +77,22 @@ final class RedoLog: Sendable {
             s.appliedSinceCheckpoint = 0
             s.lastCheckpoint = .now
         }
+    }
+
+    /// The sagas applied in this process with a sequence at or below `watermark`: their rows
+    /// go by id (a delete by primary key locks only those rows; one by a range of sequences
+    /// would lock the range, and on InnoDB make every concurrent marker insert wait for it).
+    func takeApplied(upTo watermark: UInt64) -> [SagaID] {
+        state.withLock { s in
+            let due = s.applied.filter { $0.sequence <= watermark }
+            s.applied.removeAll { $0.sequence <= watermark }
+            return due.map(\.saga)
+        }
+    }
+
+    /// Rows whose deletion failed: the next checkpoint tries again.
+    func putBack(_ sagas: [SagaID], sequence: UInt64) {
+        state.withLock { s in s.applied += sagas.map { (sequence, $0) } }
     }
 
     // MARK: The watermark record

@@ -144,7 +144,10 @@ extension SagaCoordinator {
     /// below it. Rows go only once the watermark that covers them is durable. Runs under
     /// `gcLock`, from garbage collection (by itself once ``Configuration/checkpointEvery``
     /// sagas applied) and after replay.
-    func checkpointLocked(phase: SagaPhase) throws(SagaError) {
+    ///
+    /// The rows of sagas applied in this process go by id; `byRange` (at open, when no saga
+    /// runs) deletes every row at or below the watermark, replayed ones included.
+    func checkpointLocked(phase: SagaPhase, byRange: Bool = false) throws(SagaError) {
         let (watermark, advanced) = redoLog.watermark
         guard advanced else { return }
         do {
@@ -159,13 +162,20 @@ extension SagaCoordinator {
             throw .stopped(reason: reason)
         }
         redoLog.checkpointed(watermark)
+        let applied = redoLog.takeApplied(upTo: watermark)
         do {
             try hook(.checkpointed, nil, phase: phase)
             let conn = try pool.take().connection
             defer { pool.giveBack(conn) }
-            try markers.deleteRedo(upTo: watermark, owner: owner, on: conn)
+            if byRange {
+                try markers.deleteRedo(upTo: watermark, owner: owner, on: conn)
+            } else {
+                try markers.deleteInTransaction(applied, owner: owner, on: conn)
+            }
         } catch {
-            // The rows stay; the next checkpoint deletes them with its own.
+            // The rows stay; the next checkpoint deletes them with its own (and the next open
+            // every row at or below the durable watermark).
+            redoLog.putBack(applied, sequence: watermark)
             stopIfClaimLost(error)
             throw .sqlFailed(saga: nil, step: .checkpointed, underlying: error)
         }
@@ -216,7 +226,7 @@ extension SagaCoordinator {
         // deletion) go now; the replayed ones once the new watermark is durable.
         do {
             if watermark > durable {
-                try gcLock.withLock { () throws(SagaError) in try checkpointLocked(phase: .recovery) }
+                try gcLock.withLock { () throws(SagaError) in try checkpointLocked(phase: .recovery, byRange: true) }
             } else if highest > 0 {
                 let conn = try pool.take().connection
                 defer { pool.giveBack(conn) }

@@ -336,8 +336,8 @@ extension SagaCoordinator {
         case .applied(let sequence), .notCommitted(let sequence, _):
             book.withLock { $0.abandoned(id) }
             locks.releaseAll(id)
-            var applied = false
-            if case .applied = ending { applied = true }
+            var applied: SagaID?
+            if case .applied = ending { applied = id }
             if case .notCommitted(_, true) = ending { book.withLock { $0.collected([id]) } }
             if redoLog.settle(sequence, applied: applied, every: configuration.checkpointEvery, interval: configuration.checkpointInterval) {
                 do { _ = try collectGarbage() } catch { logger.warning("checkpoint failed: \(error)") }
