@@ -78,7 +78,7 @@ done
 
 echo "==> saga-torture --short (crash points, random kills, I/O errors, power loss of SQLite and of RocksDB, server kills, replicas; SQLite and MariaDB in both coordinator modes, and a Galera cluster)"
 # It starts and stops its own MariaDB server and Galera cluster: it kills them on purpose.
-timeout 1800 .build/debug/saga-torture --short --json .build/saga-torture.json
+timeout 2700 .build/debug/saga-torture --short --json .build/saga-torture.json
 
 echo "==> the test suite again under ThreadSanitizer"
 bash scripts/tsan.sh
