@@ -19,7 +19,7 @@ swift build --build-tests --sanitize="$kind" --scratch-path "$scratch" 2>&1 | gr
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-timeout 1800 swift test --skip-build --sanitize="$kind" --scratch-path "$scratch" >"$log" 2>&1 || status=$?
+timeout 2700 swift test --skip-build --sanitize="$kind" --scratch-path "$scratch" >"$log" 2>&1 || status=$?
 grep -E "Test run with|✘" "$log" || true
 if grep -q "$report" "$log"; then
     echo "$name reported:" >&2
