@@ -24,15 +24,7 @@ struct ManyCoordinatorsTests {
         _ = try env.sqlExecute("CREATE TABLE saga_markers (saga_id BIGINT NOT NULL PRIMARY KEY, status \(statusType) NOT NULL)")
         // Saga 5 committed before the upgrade (its marker is there); saga 6 did not.
         _ = try env.sqlExecute("INSERT INTO saga_markers (saga_id, status) VALUES (5, 'committed'), (3, 'aborted')")
-        var batch = KVWriteBatch()
-        for (id, key) in [(5, "m5"), (6, "m6")] {
-            let saga = SagaID(UInt64(id))
-            batch.put(Bytes(key.utf8), Bytes("after".utf8))
-            batch.put(JournalRecord.key(for: saga), JournalRecord(saga: saga, state: .prepared, entries: [
-                .init(key: Bytes(key.utf8), preImage: Bytes("before".utf8), afterImage: Bytes("after".utf8)),
-            ]).encoded(), in: .journal)
-        }
-        try env.kv.write(batch, sync: true)
+        try Self.leaveSagasFiveAndSixPrepared(env)
 
         try env.reopen()  // the SQL backend opens: the table migrates
         let rows = try env.sqlQuery("SELECT instance, saga_id, status FROM saga_markers ORDER BY saga_id")
@@ -81,15 +73,7 @@ struct ManyCoordinatorsTests {
         _ = try env.sqlExecute("CREATE TABLE saga_markers (instance BIGINT NOT NULL, saga_id BIGINT NOT NULL, status \(statusType) NOT NULL, PRIMARY KEY (instance, saga_id))")
         let instance = Int64(bitPattern: try SagaCoordinator.instance(in: env.kv).rawValue)
         _ = try env.sqlExecute("INSERT INTO saga_markers (instance, saga_id, status) VALUES (?, 5, 'committed')", [.integer(instance)])
-        var batch = KVWriteBatch()
-        for (id, key) in [(5, "m5"), (6, "m6")] {
-            let saga = SagaID(UInt64(id))
-            batch.put(Bytes(key.utf8), Bytes("after".utf8))
-            batch.put(JournalRecord.key(for: saga), JournalRecord(saga: saga, state: .prepared, entries: [
-                .init(key: Bytes(key.utf8), preImage: Bytes("before".utf8), afterImage: Bytes("after".utf8)),
-            ]).encoded(), in: .journal)
-        }
-        try env.kv.write(batch, sync: true)
+        try Self.leaveSagasFiveAndSixPrepared(env)
         try env.reopen()
         let c = try env.coordinator(.init(mode: .redo))
         #expect(try env.kvGet("m5") == "after", "the committed saga's marker still decides it")
@@ -100,6 +84,20 @@ struct ManyCoordinatorsTests {
         }
         #expect(try env.kvGet("r") == "1" && env.row("r") == 1, "a redo saga commits on the migrated table")
         c.close()
+    }
+
+    /// Sagas 5 and 6 left `prepared` in the journal, as a crash leaves them: each wrote its key
+    /// (`m5`, `m6`) from "before" to "after".
+    static func leaveSagasFiveAndSixPrepared(_ env: any HarnessEnvironment) throws {
+        var batch = KVWriteBatch()
+        for (id, key) in [(5, "m5"), (6, "m6")] {
+            let saga = SagaID(UInt64(id))
+            batch.put(Bytes(key.utf8), Bytes("after".utf8))
+            batch.put(JournalRecord.key(for: saga), JournalRecord(saga: saga, state: .prepared, entries: [
+                .init(key: Bytes(key.utf8), preImage: Bytes("before".utf8), afterImage: Bytes("after".utf8)),
+            ]).encoded(), in: .journal)
+        }
+        try env.kv.write(batch, sync: true)
     }
 
     /// One journal, one coordinator: a second coordinator on the same KV store is refused while
