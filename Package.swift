@@ -55,7 +55,7 @@ let package = Package(
 
         // The conformance suite, written against the protocols only; every backend runs it. Also
         // StepTrigger, the hooks that crash the process or fail a step.
-        .target(name: "SagaTestKit", dependencies: ["Saga"]),
+        .target(name: "SagaTestKit", dependencies: ["Saga", .product(name: "Logging", package: "swift-log")]),
 
         .executableTarget(
             name: "AATrigger",

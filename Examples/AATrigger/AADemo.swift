@@ -3,7 +3,6 @@ import ArgumentParser
 import Foundation
 import Logging
 import Saga
-import Synchronization
 
 @main
 struct AADemo: ParsableCommand {
@@ -23,47 +22,18 @@ func say(_ line: String) {
 
 /// Log lines go to stderr; from `notice` up (recovery's report among them) by default.
 func makeLogger(verbose: Bool) -> Logger {
-    var logger = Logger(label: "aa-demo") { NotingLogHandler(inner: StreamLogHandler.standardError(label: $0)) }
+    var logger = Logger(label: "aa-demo") { StreamLogHandler.standardError(label: $0) }
     logger.logLevel = verbose ? .debug : .notice
     return logger
 }
 
-/// Keeps the coordinator's recovery reports (it logs them at open, where no caller can get
-/// them), so that `run` and `recover` can print what recovery did.
-struct NotingLogHandler: LogHandler {
-    static let recoveryReports = Mutex<[String]>([])
-    var inner: StreamLogHandler
-    var metadata: Logger.Metadata {
-        get { inner.metadata }
-        set { inner.metadata = newValue }
-    }
-    var logLevel: Logger.Level {
-        get { inner.logLevel }
-        set { inner.logLevel = newValue }
-    }
-    var metadataProvider: Logger.MetadataProvider? {
-        get { inner.metadataProvider }
-        set { inner.metadataProvider = newValue }
-    }
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { inner[metadataKey: key] }
-        set { inner[metadataKey: key] = newValue }
-    }
-    func log(event: LogEvent) {
-        let text = event.message.description
-        if text.hasPrefix("recovery:") { Self.recoveryReports.withLock { $0.append(text) } }
-        inner.log(event: event)
-    }
-    /// The reports logged since the last call.
-    static func takeRecoveryReports() -> [String] { recoveryReports.withLock { r in defer { r.removeAll() }; return r } }
-}
-
-/// What recovery at open did, in one line.
+/// What recovery at open did, in one line (the coordinator keeps its report).
 func recoverySummary(_ node: Node) -> String {
     let pending = node.coordinator?.inDoubt ?? []
-    let report = NotingLogHandler.takeRecoveryReports().last
+    let report = node.coordinator?.recoveryAtOpen
+    let decided = report.map { !$0.committed.isEmpty || !$0.compensated.isEmpty || !$0.replayed.isEmpty || !$0.isClean } ?? false
     return "recovery at open: \(node.preparedAtOpen.count) saga(s) prepared in the journal; "
-        + (report ?? "nothing to decide")
+        + (decided ? "\(report!)" : "nothing to decide")
         + (pending.isEmpty ? "" : "; still in doubt: \(pending.map(String.init(describing:)).joined(separator: ", "))")
 }
 

@@ -42,14 +42,24 @@ struct SagaBook: Sendable {
     mutating func leave() -> Bool {
         precondition(running > 0, "leave without enter")
         running -= 1
-        return closed && running == 0
+        return closed && release()
     }
 
     /// Closes the coordinator. Returns whether the stores can be let go at once (no saga
-    /// running); otherwise the last one to ``leave()`` lets them go.
+    /// running); otherwise the last one to ``leave()`` lets them go. True once only: a second
+    /// close finds them let go already.
     mutating func close() -> Bool {
         closed = true
-        return running == 0
+        return release()
+    }
+
+    /// Whether the stores were let go (the closing work is done once).
+    private(set) var released = false
+
+    private mutating func release() -> Bool {
+        guard running == 0, !released else { return false }
+        released = true
+        return true
     }
 
     /// Stops the coordinator for good (until the stores are reopened); the first reason stays.

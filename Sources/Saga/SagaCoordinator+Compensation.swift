@@ -51,7 +51,7 @@ extension SagaCoordinator {
             return hold(results)
         }
         var batch = KVWriteBatch()
-        var undone: [(SagaID, Int)] = []
+        var undone: [(SagaID, Int, [Bytes])] = []
         var offset = 0
         for record in ready {
             let now = current[offset..<(offset + record.entries.count)]
@@ -69,21 +69,23 @@ extension SagaCoordinator {
             if let foreign { results[record.saga] = .failure(foreign); continue }
             for (key, image) in restores { batch.set(key, to: image) }
             batch.put(JournalRecord.key(for: record.saga), JournalRecord(saga: record.saga, state: .compensated).encoded(), in: .journal)
-            undone.append((record.saga, restores.count))
+            undone.append((record.saga, restores.count, restores.map(\.0)))
         }
         if !undone.isEmpty {
             do { try kv.write(batch, sync: true) } catch {
                 // The store may hold part of the batch: nothing runs on top of it until a
                 // reopen lets recovery decide.
                 if !(error is InjectedFault) { stop("the KV store failed the compensating write of \(undone.map { "\($0.0)" }.joined(separator: ", ")): \(error)") }
-                for (id, _) in undone { results[id] = .failure(.compensationFailed(saga: id, underlying: error)) }
+                for (id, _, _) in undone { results[id] = .failure(.compensationFailed(saga: id, underlying: error)) }
                 return hold(results)
             }
         }
-        for (id, restored) in undone {
+        for (id, restored, keys) in undone {
             do { try hook(.compensated, id, phase: phase) } catch {
                 logger.warning("hook failure after compensation of \(id) ignored: \(error)")
             }
+            let why = phase == .run ? "its COMMIT failed" : "recovery found it not committed"
+            SagaLog(logger, saga: id).notice("saga \(id.rawValue) undone (\(why)): \(restored == 0 ? "no key needed restoring" : "restored the pre-images of \(SagaLog.keys(keys))")")
             end(id, .finished)
             results[id] = .success(restored)
         }

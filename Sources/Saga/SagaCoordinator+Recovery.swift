@@ -107,7 +107,9 @@ extension SagaCoordinator {
             for record in chunk {
                 switch decisions[record.saga] {
                 case .committed?:
-                    finishCommitted(record.saga, phase: .recovery, log: SagaLog(logger))
+                    let log = SagaLog(logger, saga: record.saga)
+                    finishCommitted(record.saga, phase: .recovery, log: log)
+                    log.notice("recovery: saga \(record.saga.rawValue) committed (its marker row is there); its KV writes stay: \(SagaLog.keys(record.entries.map(\.key)))")
                     report.committed.append(record.saga)
                 case .aborted?:
                     aborted.append(record)

@@ -208,6 +208,9 @@ extension SagaCoordinator {
                 }
                 if !batch.isEmpty { try kv.write(batch, sync: false) }
                 report.replayed += rows.map(\.saga)
+                for row in rows {
+                    SagaLog(logger, saga: row.saga).notice("recovery: saga \(row.saga.rawValue) committed; its after-images written again from its redo row: \(SagaLog.keys(row.record.entries.map(\.key)))")
+                }
                 watermark = last.sequence
             }
             highest = max(watermark, try markers.maxSequence(instance: instance, on: conn) ?? 0)
@@ -255,10 +258,13 @@ extension SagaCoordinator {
             redoPending.withLock { _ = $0.removeValue(forKey: id) }
             switch decision {
             case .committed:
-                apply(id, p.writes, sequence: p.sequence, phase: .recovery, log: SagaLog(logger, saga: id))
+                let log = SagaLog(logger, saga: id)
+                apply(id, p.writes, sequence: p.sequence, phase: .recovery, log: log)
+                log.notice("recovery: saga \(id.rawValue) committed; its after-images written: \(SagaLog.keys(p.writes.map(\.key)))")
                 report.committed.append(id)
             case .aborted:
                 end(id, .notCommitted(sequence: p.sequence, fenced: true))
+                SagaLog(logger, saga: id).notice("recovery: saga \(id.rawValue) not committed (fenced); nothing of it reached the KV store: \(SagaLog.keys(p.writes.map(\.key)))")
                 report.compensated.append(id)
             }
         }

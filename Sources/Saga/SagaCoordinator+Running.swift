@@ -22,7 +22,7 @@ extension SagaCoordinator {
             throw .misuse(.nestedSaga(outer.saga))
         }
         try book.withLock { b throws(SagaError) in try b.enter() }
-        defer { if book.withLock({ $0.leave() }) { releaseStores() } }
+        defer { if book.withLock({ $0.leave() }) { finishClosing() } }
         if let reason = book.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
         let id: SagaID
         do { id = try ids.next() } catch {

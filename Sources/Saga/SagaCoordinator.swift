@@ -47,6 +47,8 @@ public final class SagaCoordinator: Sendable {
     let asyncExecutor: any TaskExecutor
     /// The coordinator's own threads for async sagas, shut down once closed and idle.
     let ownPool: SagaThreadPool?
+    /// ``shutdown()``'s callers, resumed once the closing work is done.
+    private let closeWaiters = Locked<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
     /// What the recovery at open decided (set once, before `init` returns).
     private let openReport = Locked(RecoveryReport())
 
@@ -188,20 +190,53 @@ public final class SagaCoordinator: Sendable {
     /// ``recover()`` resolves them.
     public var inDoubt: [SagaID] { book.withLock { $0.inDoubt.sorted() } }
 
-    /// Closes the idle SQL connections; later sagas fail with ``SagaError/Misuse/closed``.
-    /// Sagas already running finish (their connections are closed as they end), and the KV
-    /// store is let go for another coordinator once the last of them has ended. The stores
-    /// themselves belong to the caller.
+    /// Closes the coordinator cleanly: later sagas fail with ``SagaError/Misuse/closed``, sagas
+    /// already running finish, and once the last of them has ended the journal records and
+    /// marker rows of every finished saga are collected (in redo mode: the last checkpoint), the
+    /// SQL connections are closed and the KV store is let go for another coordinator. The next
+    /// open then finds nothing to recover (only sagas left in doubt, if any) and logs nothing.
+    ///
+    /// Does not wait for running sagas: the last one to end does the closing work on its way
+    /// out. To wait for it, call ``shutdown()``. The stores themselves belong to the caller;
+    /// close them after the coordinator has let them go. Idempotent.
     public func close() {
-        let idle = book.withLock { $0.close() }
-        // Redo mode: the last checkpoint, so that the next open finds nothing to replay.
-        if configuration.mode == .redo, book.withLock({ $0.stopped }) == nil {
-            do { _ = try collectGarbage() } catch { logger.warning("the checkpoint at close failed: \(error)") }
+        if book.withLock({ $0.close() }) { finishClosing() }
+    }
+
+    /// Whether ``close()`` (or ``shutdown()``) was called: new sagas are refused.
+    public var isClosed: Bool { book.withLock { $0.closed } }
+
+    /// Closes the coordinator like ``close()`` and returns once the closing work is done: the
+    /// running sagas have ended, finished sagas are collected, the connections are closed and
+    /// the KV store is let go. Then the stores can be closed, or another coordinator opened on
+    /// them. The closing work runs on the coordinator's executor, not the caller's.
+    public func shutdown() async {
+        await withTaskExecutorPreference(asyncExecutor) { self.close() }
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let now = closeWaiters.withLock { state -> Bool in
+                if state.done { return true }
+                state.waiters.append(done)
+                return false
+            }
+            if now { done.resume() }
+        }
+    }
+
+    /// The closing work, once, by ``close()`` when no saga runs or by the last saga to end.
+    func finishClosing() {
+        // Collected now, the next open finds no record to fence; after a failed store write
+        // (stopped) nothing is written, and the next open's recovery decides.
+        if book.withLock({ $0.stopped }) == nil {
+            do { _ = try collectGarbage() } catch { logger.warning("garbage collection at close failed: \(error); the next open recovers what is left") }
         }
         pool.closeAll()
-        // Sagas still running keep the store: no other coordinator may open on it before the
-        // last one has ended.
-        if idle { releaseStores() }
+        releaseStores()
+        let waiters = closeWaiters.withLock { state in
+            state.done = true
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for w in waiters { w.resume() }
     }
 
     func releaseStores() {

@@ -30,3 +30,12 @@ struct SagaLog {
         log(.error, message, file: file, function: function, line: line)
     }
 }
+
+extension SagaLog {
+    /// Keys for a log line: the first few, quoted (hex escapes where not printable), and how
+    /// many more; a saga of thousands of keys still logs one short line.
+    static func keys(_ keys: some Collection<Bytes>, shown: Int = 8) -> String {
+        let quoted = keys.prefix(shown).map { "\"\($0.debugText)\"" }.joined(separator: ", ")
+        return keys.count > shown ? "\(quoted) and \(keys.count - shown) more" : quoted
+    }
+}

@@ -32,7 +32,7 @@ public enum ConformanceSuite {
         ConformanceCase(name: "a saga that only reads releases its locks when COMMIT fails", run: readOnlyFailedCommitReleasesLocks),
         ConformanceCase(name: "a statement that ends the transaction poisons the saga", run: statementEndingTransactionPoisons),
         ConformanceCase(name: "handles that escape the body throw sagaEnded", run: escapedHandlesThrow),
-    ] + pendingCounts.map { n in
+    ] + lifecycleCases + pendingCounts.map { n in
         ConformanceCase(name: "recovery decides \(n) pending saga(s)") { try recoveryDecidesPending($0, count: n) }
     }
 

@@ -1,3 +1,4 @@
+import Logging
 import Saga
 
 /// What the conformance suite needs from a pair of backends. One implementation per SQL
@@ -84,11 +85,11 @@ public func expectSagaError<T>(_ body: () throws -> T, file: StaticString = #fil
 extension HarnessEnvironment {
     /// A coordinator over the environment's stores (recovery runs as it opens), in the
     /// environment's ``mode`` when it is a ``ModeEnvironment``.
-    public func coordinator(_ configuration: SagaCoordinator.Configuration = .init()) throws -> SagaCoordinator {
+    public func coordinator(_ configuration: SagaCoordinator.Configuration = .init(), logger: Logger = Logger(label: "saga")) throws -> SagaCoordinator {
         var configuration = configuration
         // A ModeEnvironment runs every coordinator in its mode; otherwise the caller's.
         if let forced = (self as? ModeEnvironment)?.mode { configuration.mode = forced }
-        return try SagaCoordinator(kv: kv, sql: sql, configuration: configuration)
+        return try SagaCoordinator(kv: kv, sql: sql, configuration: configuration, logger: logger)
     }
 
     /// One query on a fresh connection, outside any saga.
@@ -158,3 +159,17 @@ public func insertMarkerRow(_ id: SagaID, instance: InstanceID, on conn: any SQL
 
 /// Portable DDL for the suite's table (works on SQLite and MySQL).
 public let conformanceTableDDL = "CREATE TABLE IF NOT EXISTS saga_test (k VARCHAR(64) NOT NULL PRIMARY KEY, v BIGINT NOT NULL)"
+
+/// ``expectSagaError(_:file:line:)`` for async code.
+public func expectSagaErrorAsync<T>(_ body: () async throws -> T, file: StaticString = #fileID, line: UInt = #line) async throws -> SagaError {
+    do {
+        let value = try await body()
+        throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got success (\(value))")
+    } catch let e as SagaError {
+        return e
+    } catch let e as ConformanceFailure {
+        throw e
+    } catch {
+        throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got \(type(of: error)): \(error)")
+    }
+}

@@ -49,6 +49,48 @@ struct RealFailureTests {
         #expect(try env.row("k") == 2 && env.kvGet("k") == "k2")
     }
 
+    /// The documented way back from `stopped` (Operating a node, "Reopening after stopped"),
+    /// step by step: 1. shut the coordinator down (or close it and let running sagas end); 2.
+    /// close the KV store (and the SQL database object, if it is to be reopened too); 3. open
+    /// the stores again; 4. open a coordinator on them: its recovery decides what was in
+    /// flight, and `recoveryAtOpen` says what it decided. Each step out of order is refused.
+    @Test func reopenAfterStoppedInTheDocumentedOrder() async throws {
+        let env = try SQLiteEnvironment()
+        defer { env.destroy() }
+        try env.kvSet([("r", "r0")])
+        let c = try env.coordinator()
+        saga_fault_fsync_arm(env.dir + "/kv/", 1, 1)
+        let error = try await expectSagaErrorAsync {
+            try await c.run { saga in
+                try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('r', 1)", [])
+                try saga.kv.put("r", "r1")
+            }
+        }
+        saga_fault_fsync_disarm()
+        guard case .kvWriteFailed = error else { Issue.record("expected kvWriteFailed, got \(error)"); return }
+        let stopped = try await expectSagaErrorAsync { try await c.run { saga in try saga.kv.put("other", "x") } }
+        guard case .stopped = stopped else { Issue.record("expected stopped, got \(stopped)"); return }
+        // Out of order: a new coordinator on the same store object before the old one is closed.
+        #expect { try env.coordinator() } throws: { ($0 as? SagaError).map { if case .misuse(.storeInUse) = $0 { true } else { false } } ?? false }
+        // 1. Shut the stopped coordinator down: nothing is written (its store failed a write).
+        await c.shutdown()
+        // Out of order: a second RocksDB handle on the directory while the first is open.
+        #expect(throws: (any Error).self) { try RocksDBStore(path: env.dir + "/kv") }
+        // 2. and 3. Close the stores and open them again.
+        try env.reopen()
+        // 4. A new coordinator: recovery at open decides the saga the failed write left.
+        let d = try env.coordinator()
+        defer { d.close() }
+        #expect(d.recoveryAtOpen.isClean, "\(d.recoveryAtOpen)")
+        #expect(try env.kvGet("r") == "r0" && env.row("r") == nil, "the failed saga left nothing in either store")
+        #expect(try env.undecided().isEmpty)
+        try await d.run { saga in
+            try saga.sql.execute("INSERT INTO saga_test (k, v) VALUES ('r', 2)", [])
+            try saga.kv.put("r", "r2")
+        }
+        #expect(try env.row("r") == 2 && env.kvGet("r") == "r2", "the node goes on")
+    }
+
     /// SQLite's fsync fails during COMMIT (SQLITE_IOERR_FSYNC): the saga stays in doubt and the
     /// coordinator stops, without fencing on top of a file that failed an fsync. After closing and
     /// reopening both stores, recovery decides it by the marker and the stores agree.
