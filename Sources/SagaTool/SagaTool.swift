@@ -60,6 +60,10 @@ struct StoreOptions: ParsableArguments {
 
     /// The KV store, never created: a path that holds no store is an error, a locked one a refusal.
     func openKV() throws -> RocksDBStore {
+        // RocksDB creates the directory even when told not to create the store: look first.
+        guard FileManager.default.fileExists(atPath: kv + "/CURRENT") else {
+            throw ToolFailure(.error, "cannot open the KV store at \(kv): no RocksDB store there (no CURRENT file)")
+        }
         var options = RocksDBStore.Options()
         options.createIfMissing = false
         do {
@@ -145,7 +149,7 @@ struct StoreOptions: ParsableArguments {
         } catch .sqlFailed(_, _, let underlying) {
             throw ToolFailure(.attention, "database unreachable: \(underlying)", unreachable: true)
         } catch .journalCorrupt(let saga, let key, let reason) {
-            throw ToolFailure(.attention, "the journal holds a damaged entry (\(saga.map { "\($0)" } ?? "key \"\(key.debugText)\""): \(reason)); recovery refuses to guess: run `saga verify-journal`, restore the entry from a backup")
+            throw ToolFailure(.attention, "the journal holds a damaged entry (\(saga.map { "\($0)" } ?? "key \"\(key.debugText)\""): \(reason)); recovery decided the other prepared sagas but refuses to guess this one and stops: run `saga verify-journal`, and restore the entry from a backup or a copy of the store")
         } catch {
             throw ToolFailure(.error, "cannot open a coordinator: \(error)")
         }
