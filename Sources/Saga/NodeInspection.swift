@@ -38,8 +38,10 @@ package struct NodeInspection: Sendable {
         package let entry: JournalRecord.Entry
         /// The current value (nil: absent); nil when the KV store could not be read.
         package let current: Bytes?
-        /// Whether ``current`` equals the pre-image, the after-image, or neither.
-        package enum Match: String, Sendable { case afterImage, preImage, neither }
+        /// Whether ``current`` equals the pre-image, the after-image, or neither; or whether a
+        /// newer prepared saga wrote the key since (then its value is that saga's: the older one
+        /// finished before the newer could lock the key, so it committed).
+        package enum Match: String, Sendable { case afterImage, preImage, neither, newerSaga }
         package let match: Match
     }
 
@@ -154,21 +156,27 @@ package struct NodeInspection: Sendable {
             }
         }
 
-        let prepared = records.filter { $0.state == .prepared }
+        // Newest first, as recovery adopts locks: a key a newer prepared saga wrote is that
+        // saga's, and its value says nothing about an older saga.
+        let prepared = records.filter { $0.state == .prepared }.sorted { $0.saga > $1.saga }
         let currents = try kv.multiGet(prepared.flatMap { $0.entries.map(\.key) })
         var next = currents.makeIterator()
+        var newer: Set<Bytes> = []
         var pending: [Pending] = []
         for record in prepared {
             let keys = record.entries.map { entry -> Key in
                 let current = next.next() ?? nil
-                let match: Key.Match = current == entry.afterImage ? .afterImage : current == entry.preImage ? .preImage : .neither
+                let match: Key.Match = newer.contains(entry.key) ? .newerSaga
+                    : current == entry.afterImage ? .afterImage : current == entry.preImage ? .preImage : .neither
                 return Key(entry: entry, current: current, match: match)
             }
+            newer.formUnion(record.entries.map(\.key))
             let marker = markers?[record.saga]
             let age = record.preparedAt.flatMap { $0 > 0 ? now &- min(now, $0) : nil }
             let (verdict, reason) = judge(marker: marker, keys: keys, markersRead: markers != nil, sqlError: sqlError)
             pending.append(Pending(record: record, marker: marker, keys: keys, verdict: verdict, reason: reason, ageMilliseconds: age))
         }
+        pending.reverse()
         return NodeInspection(
             instance: instanceRecord?.id, journalCounts: counts, markerCounts: markerCounts, sqlError: sqlError,
             claimIsThisJournals: claimMatches, redoWatermark: watermark, pending: pending, damaged: damaged)

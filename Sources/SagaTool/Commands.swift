@@ -144,10 +144,19 @@ struct Inspect: ParsableCommand {
             out += "  \(textValue(k.entry.key))\n"
             out += "    pre-image:   \(textValue(k.entry.preImage))\n"
             out += "    after-image: \(textValue(k.entry.afterImage))\n"
-            out += "    current:     \(textValue(k.current))  [\(k.match == .neither ? "NEITHER: written behind the saga" : "the " + (k.match == .afterImage ? "after-image" : "pre-image"))]\n"
+            out += "    current:     \(textValue(k.current))  [\(matchText(k.match))]\n"
         }
         out += "recovery would: \(p.reason)\n"
         return out
+    }
+}
+
+func matchText(_ match: NodeInspection.Key.Match) -> String {
+    switch match {
+    case .afterImage: "the after-image"
+    case .preImage: "the pre-image"
+    case .neither: "NEITHER: written behind the saga"
+    case .newerSaga: "a newer prepared saga wrote it since"
     }
 }
 

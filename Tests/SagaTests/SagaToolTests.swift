@@ -307,6 +307,34 @@ struct SagaToolTests {
     }
 }
 
+/// `NodeInspection` without a process: an older committed saga whose key a newer prepared saga
+/// wrote since is not a foreign write (aa-demo left exactly this when its database died: the
+/// tool first called it one); a value neither saga wrote is, for the newer saga.
+extension SagaToolTests {
+    @Test(arguments: [false, true])
+    func aKeyOfANewerSagaIsNotAForeignWrite(foreign: Bool) throws {
+        let dir = try SQLiteEnvironment.makeTempDir("saga-inspect")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let kv = try RocksDBStore(path: dir + "/kv")
+        defer { kv.close() }
+        let k = Bytes("k".utf8)
+        var batch = KVWriteBatch()
+        batch.put(JournalRecord.key(for: SagaID(1)), JournalRecord(saga: SagaID(1), state: .prepared, entries: [.init(key: k, preImage: nil, afterImage: Bytes("b".utf8))], preparedAt: 1000).encoded(), in: .journal)
+        batch.put(JournalRecord.key(for: SagaID(2)), JournalRecord(saga: SagaID(2), state: .prepared, entries: [.init(key: k, preImage: Bytes("b".utf8), afterImage: Bytes("c".utf8))], preparedAt: 2000).encoded(), in: .journal)
+        batch.put(k, Bytes((foreign ? "z" : "c").utf8))
+        try kv.write(batch, sync: true)
+
+        let node = try NodeInspection.read(kv: kv, sql: .failure(TestSetupError("down")), markerTable: "saga_markers", now: 5000)
+        #expect(node.pending.map(\.saga) == [SagaID(1), SagaID(2)])
+        #expect(node.pending.first?.keys.first?.match == .newerSaga)
+        #expect(node.pending.first?.verdict == .databaseUnreachable)
+        #expect(node.pending.last?.keys.first?.match == (foreign ? .neither : .afterImage))
+        #expect(node.pending.last?.verdict == (foreign ? .foreignWrite : .databaseUnreachable))
+        #expect(node.oldestInDoubtAgeMilliseconds == 4000)
+        #expect(node.needsAttention)
+    }
+}
+
 /// A KV value as the tool's JSON gives it: `{"text", "hex"}`.
 private struct Value: Equatable {
     let text: String?
