@@ -173,7 +173,7 @@ package struct NodeInspection: Sendable {
             newer.formUnion(record.entries.map(\.key))
             let marker = markers?[record.saga]
             let age = record.preparedAt.flatMap { $0 > 0 ? now &- min(now, $0) : nil }
-            let (verdict, reason) = judge(marker: marker, keys: keys, markersRead: markers != nil, sqlError: sqlError)
+            let (verdict, reason) = judge(marker: marker, keys: keys, markersRead: markers != nil)
             pending.append(Pending(record: record, marker: marker, keys: keys, verdict: verdict, reason: reason, ageMilliseconds: age))
         }
         pending.reverse()
@@ -182,7 +182,7 @@ package struct NodeInspection: Sendable {
             claimIsThisJournals: claimMatches, redoWatermark: watermark, pending: pending, damaged: damaged)
     }
 
-    private static func judge(marker: Marker?, keys: [Key], markersRead: Bool, sqlError: String?) -> (Verdict, String) {
+    private static func judge(marker: Marker?, keys: [Key], markersRead: Bool) -> (Verdict, String) {
         if marker?.status == "committed" {
             return (.committed, "committed in SQL (marker row present): recovery or garbage collection only removes the record")
         }
@@ -190,7 +190,7 @@ package struct NodeInspection: Sendable {
             return (.foreignWrite, "key \"\(foreign.entry.key.debugText)\" holds \(describe(foreign.current)), neither the pre-image \(describe(foreign.entry.preImage)) nor the after-image \(describe(foreign.entry.afterImage)): written behind the saga; recovery leaves the saga held until the key is repaired (to the pre- or the after-image)")
         }
         if !markersRead {
-            return (.databaseUnreachable, "database unreachable: \(sqlError ?? "not read"); the COMMIT outcome cannot be decided until it is back")
+            return (.databaseUnreachable, "database unreachable: its marker row cannot be read, so the COMMIT outcome cannot be decided until the database is back (it may well be committed)")
         }
         if marker?.status == "aborted" {
             return (.fenced, "fenced (an aborted marker holds its id: its transaction can never commit); recovery will compensate")
