@@ -72,6 +72,14 @@ struct SagaToolTests {
         #expect(stuckReport["clean"] as? Bool == false)
         #expect(stuckReport["compensated"] as? [UInt64] == [])
 
+        let resolveDown = try SagaToolProcess.run(["resolve", "\(id.rawValue)", "--json"] + location)
+        #expect(resolveDown.exitCode == 1, "resolve decides nothing without the database: \(resolveDown.tail)")
+        let resolveReport = try SagaToolProcess.json(resolveDown)
+        #expect(resolveReport["outcome"] as? String == "held")
+        #expect((resolveReport["database"] as? [String: Any])?["reachable"] as? Bool == false, "says why: \(resolveReport)")
+        let resolveText = try SagaToolProcess.run(["resolve", "\(id.rawValue)"] + location)
+        #expect(resolveText.exitCode == 1 && resolveText.stdout.contains("database unreachable") && resolveText.stdout.contains("stay in doubt"), "\(resolveText.stdout)")
+
         try server.start()
         let back = try SagaToolProcess.json(try SagaToolProcess.run(["status", "--json"] + location))
         #expect((back["database"] as? [String: Any])?["reachable"] as? Bool == true)
@@ -290,6 +298,31 @@ struct SagaToolTests {
         let restored = try withKV(dir) { kv in (try kv.get(Bytes("f".utf8)), try kv.get(binaryKey)) }
         #expect(restored.0 == Bytes("pre".utf8) && restored.1 == [0xFF, 0x00], "both keys back to their pre-images: \(restored)")
         #expect(try SagaToolProcess.run(["status"] + location).exitCode == 0)
+    }
+
+    /// A node whose backend names its marker table otherwise: `--table` reads it; without it the
+    /// tool finds no such table and says the database could not be read (exit 1).
+    @Test func customMarkerTable() throws {
+        let dir = try SQLiteEnvironment.makeTempDir("saga-tool-table")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        do {
+            let rocks = try RocksDBStore(path: dir + "/kv")
+            defer { rocks.close() }
+            var config = SQLiteDatabase.Configuration()
+            config.markerTable = "node_markers"
+            let c = try SagaCoordinator(kv: rocks, sql: try SQLiteDatabase(path: dir + "/db.sqlite", configuration: config))
+            try c.run { saga in try saga.kv.put("k", "v") }
+            c.close()
+        }
+        let location = ["--kv", dir + "/kv", "--sql", dir + "/db.sqlite"]
+        let named = try SagaToolProcess.run(["status", "--json", "--table", "node_markers"] + location)
+        #expect(named.exitCode == 0, "\(named.tail)")
+        let status = try SagaToolProcess.json(named)
+        #expect(status["table"] as? String == "node_markers" && (status["database"] as? [String: Any])?["reachable"] as? Bool == true, "\(status)")
+        let unnamed = try SagaToolProcess.run(["status", "--json"] + location)
+        #expect(unnamed.exitCode == 1, "\(unnamed.tail)")
+        let error = (try SagaToolProcess.json(unnamed)["database"] as? [String: Any])?["error"] as? String
+        #expect(error?.contains("no such table: saga_markers") == true, "\(String(describing: error))")
     }
 
     /// `status` on a KV directory that holds no store, or an SQLite path with no file, is an
