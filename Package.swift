@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "getting-started", targets: ["GettingStarted"]),
         .executable(name: "saga-torture", targets: ["SagaTorture"]),
         .executable(name: "saga-bench", targets: ["SagaBench"]),
+        .executable(name: "saga", targets: ["SagaTool"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -94,9 +95,19 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
 
+        // The operator's tool: status, inspect, recover, resolve, gc, verify-journal on a
+        // stopped node's stores. Ships: it links no testing kit.
+        .executableTarget(
+            name: "SagaTool",
+            dependencies: [
+                "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
         .testTarget(
             name: "SagaTests",
-            dependencies: ["Saga", "SagaTestKit", "SagaFaultKit", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "CFsyncFaults", "AATrigger"]),
+            dependencies: ["Saga", "SagaTestKit", "SagaFaultKit", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "CFsyncFaults", "AATrigger", "SagaTool"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -127,6 +127,19 @@ public final class MySQLDatabase: SQLDatabase {
         return "saga:\(String(hash, radix: 16)):\(instance.rawValue)"
     }
 
+    /// A connection to `url` whose session refuses every write (`SET SESSION TRANSACTION READ
+    /// ONLY`), opened without creating or migrating the marker table: what a tool that
+    /// inspects a stopped node uses (the `saga` tool's `status`).
+    package static func openReadOnly(url: MySQLURL, configuration: Configuration = Configuration()) throws -> MySQLConnection {
+        if let problem = configuration.problem { throw MySQLUsageError(description: problem) }
+        let conn = try MySQLConnection(url: url, configuration: configuration)
+        do { try conn.execute("SET SESSION TRANSACTION READ ONLY", []) } catch {
+            conn.close()
+            throw error
+        }
+        return conn
+    }
+
     /// A connection of the concrete type, for work outside sagas.
     public func openConnection() throws -> MySQLConnection {
         try MySQLConnection(url: url, configuration: configuration)

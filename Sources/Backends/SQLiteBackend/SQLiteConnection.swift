@@ -13,14 +13,16 @@ public final class SQLiteConnection: SQLConnection {
     private var holdsGate = false
     private let busyTimeout: Duration
 
-    init(path: String, configuration: SQLiteDatabase.Configuration, gate: WriterGate? = nil) throws {
+    /// - Parameter readOnly: opens an existing file read-only (`SQLITE_OPEN_READONLY`, and
+    ///   `PRAGMA query_only`), setting no pragma that could write: for tools that inspect a node.
+    init(path: String, configuration: SQLiteDatabase.Configuration, gate: WriterGate? = nil, readOnly: Bool = false) throws {
         self.path = path
         self.gate = gate
         self.busyTimeout = configuration.busyTimeout
         self.markerTable = configuration.markerTable
         self.statements = StatementCache(capacity: configuration.statementCacheSize) { sqlite3_finalize($0) }
         var db: OpaquePointer?
-        let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE
+        let flags = (readOnly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE) | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE
         let rc = sqlite3_open_v2(path, &db, flags, configuration.vfs)
         guard rc == SQLITE_OK, let db else {
             let error = SQLiteError(code: rc, connection: db, sql: nil)
@@ -30,6 +32,13 @@ public final class SQLiteConnection: SQLConnection {
         handle = db
         sqlite3_extended_result_codes(db, 1)
         sqlite3_busy_timeout(db, configuration.busyTimeoutMilliseconds)
+        if readOnly {
+            do { try execute("PRAGMA query_only=1", []) } catch {
+                close()
+                throw error
+            }
+            return
+        }
         do {
             let mode = try query("PRAGMA journal_mode=\(configuration.journalMode.rawValue)", []).first?[0].string ?? ""
             if mode.lowercased() != configuration.journalMode.rawValue.lowercased() {

@@ -114,6 +114,14 @@ public final class SQLiteDatabase: SQLDatabase {
         return FileLockHold(fd: fd)
     }
 
+    /// A read-only connection to the existing database at `path`, opened without creating the
+    /// file or the marker table and without setting any pragma that writes: what a tool that
+    /// inspects a stopped node uses (the `saga` tool's `status`).
+    package static func openReadOnly(path: String, configuration: Configuration = Configuration()) throws -> SQLiteConnection {
+        if let problem = configuration.problem { throw SQLiteUsageError(description: "\(path): \(problem)") }
+        return try SQLiteConnection(path: path, configuration: configuration, readOnly: true)
+    }
+
     /// A connection of the concrete type, for work outside sagas (schema set-up, reads).
     public func openConnection() throws -> SQLiteConnection {
         try SQLiteConnection(path: path, configuration: configuration, gate: gate)
