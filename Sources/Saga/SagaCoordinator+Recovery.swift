@@ -12,12 +12,16 @@ extension SagaCoordinator {
     public func recover() throws(SagaError) -> RecoveryReport {
         if book.withLock({ $0.closed }) { throw .misuse(.closed) }
         if let reason = book.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
-        return try recover(atOpen: false)
+        let report = try recover(atOpen: false)
+        metrics.recovered(report)
+        return report
     }
 
     /// - Parameter journal: the journal as already read at open; nil reads it now.
     func recover(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]? = nil) throws(SagaError) -> RecoveryReport {
-        try recoveryLock.withLock { () throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen, journal: journal) }
+        try probed { () throws(SagaError) -> RecoveryReport in
+            try recoveryLock.withLock { () throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen, journal: journal) }
+        }
     }
 
     private func recoverLocked(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]?) throws(SagaError) -> RecoveryReport {
@@ -86,7 +90,7 @@ extension SagaCoordinator {
                     continue
                 }
             }
-            book.withLock { $0.heldInDoubt(id) }
+            updateBook { $0.heldInDoubt(id) }
             candidates.append(record)
         }
         // The sessions the sagas ran in end first, all at once (pooled connections: a few

@@ -1,5 +1,7 @@
+import CoreMetrics
 import Foundation
 import Logging
+import Tracing
 
 /// Makes one logical write atomic across a KV store and an SQL database.
 ///
@@ -43,8 +45,13 @@ public final class SagaCoordinator: Sendable {
     let redoPending = Locked<[SagaID: RedoPending]>([:])
     let gcLock = Lock()
     let recoveryLock = Lock()
-    /// Where the async `run` runs sagas: `configuration.executor`, or `ownPool`.
-    let asyncExecutor: any TaskExecutor
+    /// Where the async `run` runs sagas: `configuration.executor`, or `ownPool`. The package's
+    /// service runs recovery and garbage collection there too (they block).
+    package let asyncExecutor: any TaskExecutor
+    /// Made once, here: no metric handle is made per saga.
+    let metrics: SagaMetrics
+    /// The tracer sagas' spans go to: the configured one or the global one, read at open.
+    let tracer: any Tracer
     /// The coordinator's own threads for async sagas, shut down once closed and idle.
     let ownPool: SagaThreadPool?
 
@@ -69,6 +76,8 @@ public final class SagaCoordinator: Sendable {
         self.sql = sql
         self.configuration = configuration
         self.logger = logger
+        metrics = SagaMetrics(factory: configuration.metricsFactory ?? MetricsSystem.factory, mode: configuration.mode)
+        tracer = configuration.tracer ?? InstrumentationSystem.tracer
         self.pool = ConnectionPool(database: sql, limit: configuration.poolSize)
         self.markers = MarkerTable.Statements(for: sql)
         ownPool = configuration.executor == nil ? SagaThreadPool(threads: configuration.asyncThreads, name: "saga-async") : nil
@@ -161,6 +170,7 @@ public final class SagaCoordinator: Sendable {
         }
         var report = try recover(atOpen: true, journal: journal)
         try replayRedoRows(into: &report)
+        metrics.recovered(report)
         if let corrupt = report.problems.first(where: { if case .journalCorrupt = $0 { true } else { false } }) {
             throw corrupt
         }
@@ -178,7 +188,32 @@ public final class SagaCoordinator: Sendable {
 
     /// Sagas that are prepared but undecided or unfinished; their keys stay locked until
     /// ``recover()`` resolves them.
-    public var inDoubt: [SagaID] { book.withLock { $0.inDoubt.sorted() } }
+    public var inDoubt: [SagaID] { book.withLock { $0.inDoubtSince.keys.sorted() } }
+
+    /// How long the oldest saga in doubt has been in doubt (since it became so in this process,
+    /// or since the open that found it prepared); nil when none is.
+    public var oldestInDoubtAge: Duration? {
+        book.withLock { $0.inDoubtSummary.oldest }.map { .now - $0 }
+    }
+
+    /// Sets the `saga_in_doubt` and `saga_oldest_in_doubt_seconds` gauges (<doc:OperatingANode>)
+    /// to their values now. They are set whenever the in-doubt set changes; the age also grows
+    /// in between, so a periodic task calls this (`SagaService` does).
+    public func refreshInDoubtGauges() {
+        let (count, oldest) = book.withLock { $0.inDoubtSummary }
+        metrics.inDoubt(count: count, oldest: oldest)
+    }
+
+    /// Changes the book; when the change moved the in-doubt set, sets the in-doubt gauges.
+    func updateBook<R>(_ change: (inout SagaBook) -> R) -> R {
+        let (result, doubt) = book.withLock { b in
+            let before = b.inDoubtChanges
+            let result = change(&b)
+            return (result, b.inDoubtChanges == before ? nil : b.inDoubtSummary)
+        }
+        if let doubt { metrics.inDoubt(count: doubt.count, oldest: doubt.oldest) }
+        return result
+    }
 
     /// Closes the idle SQL connections; later sagas fail with ``SagaError/Misuse/closed``.
     /// Sagas already running finish (their connections are closed as they end), and the KV
@@ -218,7 +253,9 @@ public final class SagaCoordinator: Sendable {
 
     // MARK: - Hooks
 
+    /// Every step of the protocol passes here: the hooks, and the step's timing and span event.
     func hook(_ step: SagaStep, _ id: SagaID?, phase: SagaPhase = .run) throws {
+        if let probe = Self.probe, probe.coordinator == ObjectIdentifier(self) { probe.reached(step, phase: phase) }
         try configuration.hooks?.reached(step, phase: phase, saga: id)
     }
 }
