@@ -70,9 +70,19 @@ struct SagaMetrics: Sendable {
     /// By ``Outcome/index``.
     private let sagas: [Counter]
     private let durations: [CoreMetrics.Timer]
-    /// By `phase * SagaStep.allCases.count + step`: every step of every phase, so that the
-    /// lookup on the saga path is an index, not a hash.
-    private let steps: [CoreMetrics.Timer]
+    /// By `phase * SagaStep.allCases.count + step`, so that the lookup on the saga path is an
+    /// index, not a hash; nil where the step is never reached in that phase (see
+    /// ``reachable``).
+    private let steps: [CoreMetrics.Timer?]
+
+    /// The steps each phase reaches (where the coordinator calls `hook` with that phase), in
+    /// either mode: only these get a timer, so that a scrape does not carry dozens
+    /// of series that stay empty. A step reached in a phase not listed here is not timed.
+    static let reachable: [SagaPhase: Set<SagaStep>] = [
+        .run: [.begin, .body, .prepare, .prepared, .marker, .commit, .committed, .compensate, .compensated, .resolve, .applied],
+        .recovery: [.resolve, .committed, .compensate, .compensated, .applied, .replay, .checkpoint, .checkpointed],
+        .gc: [.gcJournal, .gcMarkers, .checkpoint, .checkpointed],
+    ]
     private let inDoubt: Gauge
     private let oldestInDoubt: Gauge
     private let committedByRecovery, compensatedByRecovery, replayedByRecovery, inDoubtAfterRecovery: Counter
@@ -85,8 +95,9 @@ struct SagaMetrics: Sendable {
             CoreMetrics.Timer(label: Self.sagaDuration, dimensions: [("outcome", $0.rawValue), modeLabel], preferredDisplayUnit: .seconds, factory: factory)
         }
         steps = SagaPhase.allCases.flatMap { phase in
-            SagaStep.allCases.map { step in
-                CoreMetrics.Timer(label: Self.stepDuration, dimensions: [("step", step.rawValue), ("phase", phase.rawValue)], preferredDisplayUnit: .seconds, factory: factory)
+            SagaStep.allCases.map { step -> CoreMetrics.Timer? in
+                guard Self.reachable[phase]?.contains(step) == true else { return nil }
+                return CoreMetrics.Timer(label: Self.stepDuration, dimensions: [("step", step.rawValue), ("phase", phase.rawValue)], preferredDisplayUnit: .seconds, factory: factory)
             }
         }
         inDoubt = Gauge(label: Self.inDoubtCount, factory: factory)
@@ -107,7 +118,7 @@ struct SagaMetrics: Sendable {
 
     /// `step` (reached in `phase`) took `duration` until the next step.
     func step(_ step: SagaStep, _ phase: SagaPhase, took duration: Duration) {
-        steps[phase.index * SagaStep.allCases.count + step.index].recordNanoseconds(duration.nanoseconds)
+        steps[phase.index * SagaStep.allCases.count + step.index]?.recordNanoseconds(duration.nanoseconds)
     }
 
     func inDoubt(count: Int, oldest: ContinuousClock.Instant?, now: ContinuousClock.Instant = .now) {

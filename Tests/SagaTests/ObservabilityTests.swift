@@ -18,6 +18,8 @@ struct ObservabilityTests {
         private let actions = Mutex<[String: @Sendable () throws -> Void]>([:])
         /// How many armed failures were used, per step and phase.
         let used = Mutex<[String: Int]>([:])
+        /// Every step reached, with its phase.
+        let seen = Mutex<[SagaPhase: Set<SagaStep>]>([:])
 
         private static func key(_ step: SagaStep, _ phase: SagaPhase) -> String { "\(phase):\(step)" }
 
@@ -33,6 +35,7 @@ struct ObservabilityTests {
 
         func reached(_ step: SagaStep, phase: SagaPhase, saga: SagaID?) throws {
             let key = Self.key(step, phase)
+            seen.withLock { _ = $0[phase, default: []].insert(step) }
             if let action = actions.withLock({ $0.removeValue(forKey: key) }) { try action() }
             let fail = failures.withLock { f -> Bool in
                 guard let n = f[key], n > 0 else { return false }
@@ -144,6 +147,37 @@ struct ObservabilityTests {
         for timer in metrics.timers { for (_, v) in timer.dimensions { #expect(labels.contains(v), "label value \(v)") } }
     }
 
+    /// Every step a saga, recovery or GC reaches, in either mode, has a timer: the table of
+    /// reachable steps per phase covers what the coordinator really does (with COMMIT failures,
+    /// undos, recovery, checkpoints and GC).
+    @Test(arguments: SagaCoordinator.Configuration.Mode.allCases)
+    func everyStepReachedIsTimed(_ mode: SagaCoordinator.Configuration.Mode) throws {
+        let env = try SQLiteHarness().makeEnvironment() as! SQLiteEnvironment
+        defer { env.destroy() }
+        let metrics = TestMetrics()
+        let hooks = ArmedHooks()
+        var c = try env.coordinator(.init(hooks: hooks, gcThreshold: 2, mode: mode, checkpointEvery: 2, metricsFactory: metrics))
+        for i in 0..<4 { try c.run { try Self.write($0, "s\(i)", i) } }
+        #expect(throws: SagaError.self) { try c.run { saga in try Self.write(saga, "f", 1); try env.arrangeCommitFailure(in: saga) } }
+        // Compensate mode: an undo left to recovery.
+        hooks.fail(.compensate, .run, times: 1)
+        _ = try? c.run { saga in try Self.write(saga, "r", 1); try env.arrangeCommitFailure(in: saga) }
+        try c.recover()
+        try c.collectGarbage()
+        c.close()
+        c = try env.coordinator(.init(hooks: hooks, mode: mode, metricsFactory: metrics))
+        c.close()
+        let seen = hooks.seen.withLock { $0 }
+        #expect(!seen.isEmpty)
+        for (phase, steps) in seen {
+            for step in steps {
+                #expect(SagaMetrics.reachable[phase]?.contains(step) == true, "\(phase):\(step) is reached but has no timer")
+                let timer = try metrics.expectTimer(SagaMetrics.stepDuration, Self.step(step, phase))
+                #expect(!timer.values.isEmpty, "\(phase):\(step) was timed")
+            }
+        }
+    }
+
     /// The step index used on the hot path agrees with `allCases`.
     @Test func stepAndPhaseIndexesMatchAllCases() {
         #expect(SagaStep.allCases.map(\.index) == Array(0..<SagaStep.allCases.count))
@@ -211,5 +245,89 @@ struct ObservabilityTests {
         let span = try #require(tracer.finishedSpans.first)
         #expect(span.operationName == "saga" && span.parentSpanID == nil)
         #expect(span.attributes.get("saga.mode") == .string("compensate"))
+    }
+}
+
+/// `aa-demo run --metrics-file F` writes the coordinator's metrics in Prometheus' text format
+/// when the run ends.
+@Suite("aa-demo: metrics file", .serialized)
+struct AADemoMetricsTests {
+    /// One sample of a Prometheus text exposition.
+    struct Sample { let name: String; let labels: [String: String]; let value: Double }
+
+    /// Parses the text exposition format (0.0.4) strictly enough to refuse a malformed file:
+    /// every line is a comment, `# HELP`/`# TYPE`, or `name{label="value",...} number`, and
+    /// every sample belongs to a family declared by a `# TYPE` line before it.
+    static func parse(_ text: String) throws -> [Sample] {
+        struct Malformed: Error, CustomStringConvertible { let line: String; var description: String { "malformed line: \(line)" } }
+        let name = #/[a-zA-Z_:][a-zA-Z0-9_:]*/#
+        let sampleLine = #/^(?<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?<labels>[^}]*)\})?[ ](?<value>\S+)(?:[ ]-?[0-9]+)?$/#
+        let label = #/(?<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?<value>(?:[^"\\]|\\.)*)",?/#
+        var types: [String: String] = [:]
+        var samples: [Sample] = []
+        for line in text.split(separator: "\n", omittingEmptySubsequences: true).map(String.init) {
+            if line.hasPrefix("# TYPE ") {
+                let parts = line.split(separator: " ")
+                guard parts.count == 4, (try? name.wholeMatch(in: parts[2])) != nil,
+                      ["counter", "gauge", "histogram", "summary", "untyped"].contains(parts[3]) else { throw Malformed(line: line) }
+                types[String(parts[2])] = String(parts[3])
+                continue
+            }
+            if line.hasPrefix("#") { continue }
+            guard let m = try sampleLine.wholeMatch(in: line) else { throw Malformed(line: line) }
+            let valueText = String(m.value)
+            guard let value = Double(valueText) ?? ["+Inf": .infinity, "-Inf": -.infinity, "NaN": .nan][valueText] else { throw Malformed(line: line) }
+            var labels: [String: String] = [:]
+            if let text = m.labels {
+                var rest = Substring(text)
+                while !rest.isEmpty {
+                    guard let l = try label.prefixMatch(in: rest) else { throw Malformed(line: line) }
+                    labels[String(l.key)] = String(l.value)
+                    rest = rest[l.range.upperBound...]
+                }
+            }
+            let family = String(m.name)
+            let base = ["_bucket", "_sum", "_count"].first(where: family.hasSuffix).map { String(family.dropLast($0.count)) }
+            guard types[family] != nil || base.map({ types[$0] == "histogram" || types[$0] == "summary" }) == true else { throw Malformed(line: line) }
+            samples.append(Sample(name: family, labels: labels, value: value))
+        }
+        return samples
+    }
+
+    /// 40 triggers, the COMMIT of one fails once (deferred foreign key; retried): the file
+    /// parses, its committed counter equals the triggers processed, and the failed COMMIT is
+    /// counted as compensated.
+    @Test func runWritesPrometheusMetrics() throws {
+        let node = try AADemoNode.sqlite("aa-metrics")
+        defer { node.destroy() }
+        let file = node.dir + "/metrics.prom"
+        let r = try TimedDemo.run(node.runArguments(triggers: "40") + ["--fail-commit-at", "5", "--metrics-file", file], timeout: 120)
+        #expect(r.exitCode == 0, "\(r.tail)")
+        let processed = r.stdout.split(separator: "\n").compactMap { line -> Int? in
+            guard line.hasPrefix("done: ") else { return nil }
+            return Int(line.dropFirst(6).prefix { $0.isNumber })
+        }.first
+        #expect(processed == 40, "\(r.stdout.suffix(300))")
+
+        let text = try String(contentsOfFile: file, encoding: .utf8)
+        let samples = try Self.parse(text)
+        func value(_ name: String, _ labels: [String: String]) -> Double? {
+            samples.first { $0.name == name && $0.labels == labels }?.value
+        }
+        #expect(value("saga_sagas_total", ["outcome": "committed", "mode": "compensate"]) == Double(try #require(processed)))
+        #expect(value("saga_sagas_total", ["outcome": "compensated", "mode": "compensate"]) == 1)
+        #expect(value("saga_sagas_total", ["outcome": "in_doubt", "mode": "compensate"]) == 0)
+        #expect(value("saga_duration_seconds_count", ["outcome": "committed", "mode": "compensate"]) == 40)
+        #expect(value("saga_in_doubt", [:]) == 0)
+        // At the end of the run everything finished was collected (the run ends with a GC).
+        #expect(value("saga_gc_collected_total", [:]) == 41)
+        #expect(samples.allSatisfy { !$0.labels.values.contains { $0.hasPrefix("saga#") } }, "no saga id as a label value")
+    }
+
+    @Test func parserRefusesMalformedText() {
+        #expect(throws: (any Error).self) { try Self.parse("saga_x 1\n") }  // no TYPE
+        #expect(throws: (any Error).self) { try Self.parse("# TYPE saga_x counter\nsaga_x{a=1} 1\n") }
+        #expect(throws: (any Error).self) { try Self.parse("# TYPE saga_x counter\nsaga_x one\n") }
+        #expect((try? Self.parse("# TYPE saga_x counter\nsaga_x{a=\"b\",c=\"d\"} 2\n"))?.first?.labels == ["a": "b", "c": "d"])
     }
 }
