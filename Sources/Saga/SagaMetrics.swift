@@ -1,29 +1,10 @@
 import CoreMetrics
 
 /// Every metric a coordinator emits, made once when it opens (one handle per label set; no
-/// handle is made per saga) through ``SagaCoordinator/Configuration/metricsFactory``.
-///
-/// Names follow Prometheus' conventions. Label values come from fixed enums only (never a saga
-/// id or a key), so the number of series is bounded:
-///
-/// | Name | Kind | Labels | What |
-/// |---|---|---|---|
-/// | `saga_sagas_total` | counter | `outcome`, `mode` | calls of `run` by how they ended |
-/// | `saga_duration_seconds` | timer | `outcome`, `mode` | one `run` call, start to end |
-/// | `saga_step_duration_seconds` | timer | `step`, `phase` | from reaching a step to reaching the next one (or the end of the saga or pass) |
-/// | `saga_in_doubt` | gauge | | sagas in doubt now |
-/// | `saga_oldest_in_doubt_seconds` | gauge | | age of the oldest saga in doubt (0: none) |
-/// | `saga_recovery_decisions_total` | counter | `decision` | what recovery decided, per saga |
-/// | `saga_gc_collected_total` | counter | | sagas whose records and marker rows garbage collection deleted |
-///
-/// `outcome`: `committed` (run returned), `compensated` (``SagaError/commitFailed(saga:underlying:restoredKeys:)``:
-/// COMMIT failed, the KV side undone), `in_doubt` (``SagaError/inDoubt(saga:underlying:)``, or a
-/// compensation that did not finish and left the saga to recovery), `foreign_write` (a key changed
-/// behind the coordinator, either directly or inside ``SagaError/compensationFailedAfterCommit(saga:commitError:compensation:)``),
-/// `failed` (every other error: nothing was written). `mode`: `compensate`, `redo`. `step`: a
-/// ``SagaStep``; `phase`: a ``SagaPhase``. `decision`: `committed`, `compensated`, `replayed`,
-/// `in_doubt`. The gauges are refreshed when the in-doubt set changes; the age gauge also by
-/// ``SagaCoordinator/refreshInDoubtGauges()``.
+/// handle is made per saga) through ``SagaCoordinator/Configuration/metricsFactory``. The names,
+/// labels and their meanings are listed in one place, <doc:OperatingANode> ("Metrics"); a test
+/// checks that every name here is there. Label values come from fixed enums only (never a saga
+/// id or a key), so the number of series is bounded.
 struct SagaMetrics: Sendable {
     enum Outcome: String, CaseIterable, Sendable {
         case committed, compensated, failed
@@ -66,6 +47,7 @@ struct SagaMetrics: Sendable {
     static let oldestInDoubt = "saga_oldest_in_doubt_seconds"
     static let recoveryDecisions = "saga_recovery_decisions_total"
     static let gcCollected = "saga_gc_collected_total"
+    static let allNames = [sagasTotal, sagaDuration, stepDuration, inDoubtCount, oldestInDoubt, recoveryDecisions, gcCollected]
 
     /// By ``Outcome/index``.
     private let sagas: [Counter]

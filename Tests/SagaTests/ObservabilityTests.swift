@@ -178,6 +178,18 @@ struct ObservabilityTests {
         }
     }
 
+    /// The metrics are documented in one place, OperatingANode.md: every name, and every
+    /// value of the `outcome` and `decision` labels, is in its table or list.
+    @Test func everyMetricIsDocumented() throws {
+        let article = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Sources/Saga/Saga.docc/OperatingANode.md")
+        let text = try String(contentsOf: article, encoding: .utf8)
+        for name in SagaMetrics.allNames { #expect(text.contains("| `\(name)` |"), "\(name) is in the table") }
+        for value in SagaMetrics.Outcome.allCases.map(\.rawValue) + SagaMetrics.Decision.allCases.map(\.rawValue) {
+            #expect(text.contains("`\(value)`"), "label value \(value) is explained")
+        }
+    }
+
     /// The step index used on the hot path agrees with `allCases`.
     @Test func stepAndPhaseIndexesMatchAllCases() {
         #expect(SagaStep.allCases.map(\.index) == Array(0..<SagaStep.allCases.count))
