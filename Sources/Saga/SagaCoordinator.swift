@@ -50,8 +50,9 @@ public final class SagaCoordinator: Sendable {
     package let asyncExecutor: any TaskExecutor
     /// Made once, here: no metric handle is made per saga.
     let metrics: SagaMetrics
-    /// The tracer sagas' spans go to: the configured one or the global one, read at open.
-    let tracer: any Tracer
+    /// The tracer sagas' spans go to: the configured one or the global one, read at open; nil
+    /// when that is the no-op tracer (then a saga makes no span at all).
+    let tracer: (any Tracer)?
     /// The coordinator's own threads for async sagas, shut down once closed and idle.
     let ownPool: SagaThreadPool?
 
@@ -77,7 +78,8 @@ public final class SagaCoordinator: Sendable {
         self.configuration = configuration
         self.logger = logger
         metrics = SagaMetrics(factory: configuration.metricsFactory ?? MetricsSystem.factory, mode: configuration.mode)
-        tracer = configuration.tracer ?? InstrumentationSystem.tracer
+        let tracer = configuration.tracer ?? InstrumentationSystem.tracer
+        self.tracer = tracer is NoOpTracer ? nil : tracer
         self.pool = ConnectionPool(database: sql, limit: configuration.poolSize)
         self.markers = MarkerTable.Statements(for: sql)
         ownPool = configuration.executor == nil ? SagaThreadPool(threads: configuration.asyncThreads, name: "saga-async") : nil

@@ -11,6 +11,7 @@ final class SagaProbe: Sendable {
     let coordinator: ObjectIdentifier
     private let metrics: SagaMetrics
     private let span: (any Span)?
+    private let recording: Bool
     private let start: ContinuousClock.Instant
     /// The step reached last, and when. Only the thread running the saga (or pass) touches it;
     /// the lock is for the compiler and costs nothing uncontended.
@@ -26,8 +27,12 @@ final class SagaProbe: Sendable {
             let span = tracer.startSpan("saga", context: ServiceContext.current ?? .topLevel, ofKind: .internal)
             span.attributes["saga.mode"] = coordinator.configuration.mode.rawValue
             self.span = span
+            // A span the tracer does not record (sampled out) still ends, but gets no events:
+            // they cost an allocation each.
+            recording = span.isRecording
         } else {
             span = nil
+            recording = false
         }
     }
 
@@ -44,7 +49,7 @@ final class SagaProbe: Sendable {
             return last
         }
         if let previous { metrics.step(previous.step, previous.phase, took: now - previous.at) }
-        span?.addEvent(SpanEvent(name: step.rawValue, attributes: ["saga.phase": .string(phase.rawValue)]))
+        if recording, let span { span.addEvent(SpanEvent(name: step.rawValue, attributes: ["saga.phase": .string(phase.rawValue)])) }
     }
 
     /// The pass (recovery, garbage collection) ended: its last step ends here.
