@@ -172,7 +172,7 @@ extension SagaCoordinator {
         do {
             let pre = try saga.preImages(of: writes)
             let entries = zip(writes, pre).map { JournalRecord.Entry(key: $0.key, preImage: $1, afterImage: $0.image) }
-            let record = JournalRecord(saga: id, state: .prepared, entries: entries, session: session)
+            let record = JournalRecord(saga: id, state: .prepared, entries: entries, session: session, preparedAt: JournalRecord.now())
             let encoded = record.encoded()
             if encoded.count > configuration.maxRecordSize {
                 throw SagaError.misuse(.sagaTooLarge(size: encoded.count, limit: configuration.maxRecordSize))

@@ -55,6 +55,8 @@ public final class SagaCoordinator: Sendable {
     let tracer: (any Tracer)?
     /// The coordinator's own threads for async sagas, shut down once closed and idle.
     let ownPool: SagaThreadPool?
+    /// What the recovery at open decided (set once, before `init` returns).
+    private let openReport = Locked(RecoveryReport())
 
     /// Opens a coordinator on the two stores and runs recovery before returning.
     ///
@@ -179,7 +181,13 @@ public final class SagaCoordinator: Sendable {
         if !report.committed.isEmpty || !report.compensated.isEmpty || !report.isClean {
             logger.notice("\(report)")
         }
+        openReport.withLock { $0 = report }
     }
+
+    /// What the recovery this coordinator ran at open decided: the sagas it found committed,
+    /// compensated, replayed or could not decide, and the problems it met. Empty after a clean
+    /// ``close()``: nothing was left to recover.
+    public var recoveryAtOpen: RecoveryReport { openReport.withLock { $0 } }
 
     /// The instance id of the journal in `kv`, created (and stored, synced) if the journal has
     /// none yet: what the coordinator that opens on `kv` will use. For tools and tests that

@@ -37,6 +37,27 @@ struct JournalRecordTests {
         for cut in 0..<bytes.count { #expect(throws: JournalRecord.DecodingError.self) { try JournalRecord(decoding: Array(bytes[..<cut])) } }
     }
 
+    /// Version 3: a prepared record that carries when it was prepared (how long a saga has been
+    /// in doubt), with or without a session and a caller key; every combination round-trips,
+    /// every cut is refused, and unknown flags are damage.
+    @Test func theTimeAndTheCallerKeyMakeVersionThree() throws {
+        let session = SQLSession(id: 7, serverStart: 1_795_803_140, client: 3)
+        for (s, key) in [(nil, nil), (session, nil), (nil, Bytes("req-42".utf8)), (session, Bytes())] as [(SQLSession?, Bytes?)] {
+            let r = JournalRecord(saga: sample.saga, state: .prepared, entries: sample.entries, session: s, preparedAt: 1_795_900_000_123, callerKey: key)
+            let bytes = r.encoded()
+            #expect(bytes[1] == 3)
+            #expect(bytes.count == sample.encoded().count + 9 + (s == nil ? 0 : 24) + (key.map { 4 + $0.count } ?? 0))
+            let decoded = try JournalRecord(decoding: bytes)
+            #expect(decoded == r && decoded.preparedAt == 1_795_900_000_123 && decoded.callerKey == key && decoded.session == s)
+            for cut in 0..<bytes.count { #expect(throws: JournalRecord.DecodingError.self) { try JournalRecord(decoding: Array(bytes[..<cut])) } }
+        }
+        // Only prepared records carry the time; a finished record never becomes version 3.
+        #expect(JournalRecord(saga: SagaID(9), state: .committed, preparedAt: 5).encoded()[1] == 1)
+        var flagged = JournalRecord(saga: SagaID(9), state: .prepared, preparedAt: 5).encoded().dropLast(4)
+        flagged[flagged.startIndex + 11] = 4
+        #expect { try JournalRecord(decoding: Array(flagged) + crc(Array(flagged))) } throws: { "\($0)".contains("unknown flags 4") }
+    }
+
     private func crc(_ body: Bytes) -> Bytes {
         var out: Bytes = []
         out.appendBigEndian(CRC32C.checksum(body))
