@@ -19,8 +19,8 @@ struct SagaBook: Sendable {
     private(set) var markersToDelete: [SagaID] = []
     /// Sagas past `prepare` and not yet finished in this process.
     private(set) var active: Set<SagaID> = []
-    /// Prepared sagas whose outcome could not be decided or finished, with when each became
-    /// in doubt in this process (at open for one found prepared); recovery retries them.
+    /// Prepared sagas whose outcome could not be decided or finished, with since when each is
+    /// in doubt (for one found prepared by recovery: when it was prepared); recovery retries them.
     private(set) var inDoubtSince: [SagaID: ContinuousClock.Instant] = [:]
     /// Bumped by every change of the in-doubt set, so that a caller can tell whether a
     /// transition moved it (and refresh its gauges) without comparing sets.

@@ -72,6 +72,15 @@ extension SagaCoordinator {
         return report
     }
 
+    /// When a saga recovery finds prepared counts as in doubt since, on this process's clock:
+    /// when it was prepared, from its record (format 3, wall-clock milliseconds), so that the
+    /// in-doubt age goes on across restarts; now when the record does not say.
+    static func inDoubtSince(preparedAt: UInt64?, now: ContinuousClock.Instant = .now) -> ContinuousClock.Instant {
+        guard let preparedAt, preparedAt > 0 else { return now }
+        let wallNow = JournalRecord.now()
+        return now - .milliseconds(Int64(clamping: wallNow > preparedAt ? wallNow - preparedAt : 0))
+    }
+
     /// Decides prepared sagas in chunks: one fencing transaction per chunk, then one synced
     /// batch compensates every aborted saga of the chunk. Committed ones need no write.
     ///
@@ -90,7 +99,7 @@ extension SagaCoordinator {
                     continue
                 }
             }
-            updateBook { $0.heldInDoubt(id) }
+            updateBook { $0.heldInDoubt(id, at: Self.inDoubtSince(preparedAt: record.preparedAt)) }
             candidates.append(record)
         }
         // The sessions the sagas ran in end first, all at once (pooled connections: a few

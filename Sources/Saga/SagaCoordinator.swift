@@ -200,8 +200,9 @@ public final class SagaCoordinator: Sendable {
     /// ``recover()`` resolves them.
     public var inDoubt: [SagaID] { book.withLock { $0.inDoubtSince.keys.sorted() } }
 
-    /// How long the oldest saga in doubt has been in doubt (since it became so in this process,
-    /// or since the open that found it prepared); nil when none is.
+    /// How long the oldest saga in doubt has been in doubt; nil when none is. A saga found
+    /// prepared by recovery counts from when it was prepared (its journal record says, also
+    /// from before a restart); one of this process from when its outcome became undecided.
     public var oldestInDoubtAge: Duration? {
         book.withLock { $0.inDoubtSummary.oldest }.map { .now - $0 }
     }

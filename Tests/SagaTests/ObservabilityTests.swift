@@ -147,6 +147,34 @@ struct ObservabilityTests {
         for timer in metrics.timers { for (_, v) in timer.dimensions { #expect(labels.contains(v), "label value \(v)") } }
     }
 
+    /// A saga left in doubt across a reopen counts its age from when it was prepared (its
+    /// journal record says), not from the reopen: the age read after the reopen is at least the
+    /// time since the saga had ended before it (less the record's millisecond rounding).
+    @Test func inDoubtAgeCountsFromThePrepareAcrossAReopen() throws {
+        let env = try SQLiteHarness().makeEnvironment() as! SQLiteEnvironment
+        defer { env.destroy() }
+        let hooks = ArmedHooks()
+        let metrics = TestMetrics()
+        var c = try env.coordinator(.init(hooks: hooks))
+        hooks.fail(.compensate, .run, times: 1)
+        _ = try? c.run { saga in try Self.write(saga, "a", 1); try env.arrangeCommitFailure(in: saga) }
+        let ended = ContinuousClock.now
+        #expect(c.inDoubt.count == 1)
+        c.close()
+        // Long enough that an age counted from the reopen would be far below the bound.
+        Thread.sleep(forTimeInterval: 0.3)
+        hooks.fail(.resolve, .recovery, times: 1)
+        let reopening = ContinuousClock.now
+        c = try env.coordinator(.init(hooks: hooks, metricsFactory: metrics))
+        defer { c.close() }
+        #expect(c.inDoubt.count == 1, "recovery at open could not decide it")
+        let before = ContinuousClock.now
+        let age = try #require(c.oldestInDoubtAge)
+        #expect(age >= (before - ended) - .milliseconds(2), "age \(age), at least \(before - ended) since the saga ended")
+        let gauge = try #require(try metrics.expectGauge(SagaMetrics.oldestInDoubt).lastValue)
+        #expect(gauge >= ((reopening - ended) - .milliseconds(2)).seconds, "the gauge set at open (\(gauge) s) counts from the prepare too")
+    }
+
     /// Every step a saga, recovery or GC reaches, in either mode, has a timer: the table of
     /// reachable steps per phase covers what the coordinator really does (with COMMIT failures,
     /// undos, recovery, checkpoints and GC).
