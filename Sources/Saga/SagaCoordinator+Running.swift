@@ -20,7 +20,7 @@ extension SagaCoordinator {
     public func run<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
         let probe = SagaProbe(self, saga: tracer)
         do {
-            let value = try Self.$probe.withValue(probe) { Result { () throws(SagaError) -> T in try runProbed(body, probe) } }.get()
+            let value = try probe.bind { () throws(SagaError) -> T in try runProbed(body, probe) }
             probe.end(sagaThrew: nil)
             return value
         } catch {

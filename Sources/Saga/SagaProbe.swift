@@ -36,6 +36,17 @@ final class SagaProbe: Sendable {
         }
     }
 
+    /// Runs `work` with this probe bound as the task's ``SagaCoordinator/probe`` and, when its
+    /// span records, the span's context as `ServiceContext.current`: spans the body makes
+    /// (a traced SQL client, say) are the saga span's children.
+    func bind<T, E: Error>(_ work: () throws(E) -> T) throws(E) -> T {
+        let result = SagaCoordinator.$probe.withValue(self) { () -> Result<T, E> in
+            guard recording, let span else { return Result(catching: work) }
+            return ServiceContext.withValue(span.context) { Result(catching: work) }
+        }
+        return try result.get()
+    }
+
     /// The saga got its id.
     func identify(_ id: SagaID) {
         span?.attributes["saga.id"] = Int64(truncatingIfNeeded: id.rawValue)
@@ -82,6 +93,6 @@ extension SagaCoordinator {
     func probed<T, E: Error>(_ work: () throws(E) -> T) throws(E) -> T {
         let probe = SagaProbe(self, saga: nil)
         defer { _ = probe.end() }
-        return try Self.$probe.withValue(probe) { Result { () throws(E) -> T in try work() } }.get()
+        return try probe.bind(work)
     }
 }

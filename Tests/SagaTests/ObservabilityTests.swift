@@ -235,10 +235,10 @@ struct ObservabilityTests {
         let c = try env.coordinator(.init(tracer: tracer))
         defer { c.close() }
 
-        let (id, sagaThread) = try await tracer.withSpan("request") { _ in
+        let (id, sagaThread, bodyContext) = try await tracer.withSpan("request") { _ in
             try await c.run { saga in
                 try Self.write(saga, "t1", 1)
-                return (saga.id, Thread.current.name ?? "")
+                return (saga.id, Thread.current.name ?? "", ServiceContext.current?.inMemorySpanContext)
             }
         }
         #expect(sagaThread.hasPrefix("saga-async-"), "the body ran on the coordinator's pool, not the caller's thread: \(sagaThread)")
@@ -260,6 +260,7 @@ struct ObservabilityTests {
         let saga = try #require(sagaSpans.first { $0.attributes.get("saga.id") == .int64(Int64(id.rawValue)) })
         #expect(saga.traceID == request.traceID)
         #expect(saga.parentSpanID == request.spanID, "the saga's span is a child of the caller's")
+        #expect(bodyContext?.spanID == saga.spanID, "in the body, the saga's span is the current one: the body's spans nest under it")
         #expect(saga.attributes.get("saga.outcome") == .string("committed"))
         #expect(saga.events.map { $0.name } == ["begin", "body", "prepare", "prepared", "marker", "commit", "committed"])
         #expect(saga.status == nil && saga.errors.isEmpty)
