@@ -70,7 +70,12 @@ struct SagaMetrics: Sendable {
     private let committedByRecovery, compensatedByRecovery, replayedByRecovery, inDoubtAfterRecovery: Counter
     private let collected: Counter
 
+    /// False with swift-metrics' no-op factory (no backend bootstrapped): then a saga does not
+    /// even read the clock per step.
+    let enabled: Bool
+
     init(factory: any MetricsFactory, mode: SagaCoordinator.Configuration.Mode) {
+        enabled = !(factory is NOOPMetricsHandler)
         let modeLabel = ("mode", mode.rawValue)
         sagas = Outcome.allCases.map { Counter(label: Self.sagasTotal, dimensions: [("outcome", $0.rawValue), modeLabel], factory: factory) }
         durations = Outcome.allCases.map {

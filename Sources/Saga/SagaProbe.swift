@@ -54,13 +54,14 @@ final class SagaProbe: Sendable {
 
     /// A protocol step was reached: the step before it ends here.
     func reached(_ step: SagaStep, phase: SagaPhase) {
+        if recording, let span { span.addEvent(SpanEvent(name: step.rawValue, attributes: ["saga.phase": .string(phase.rawValue)])) }
+        guard metrics.enabled else { return }
         let now = ContinuousClock.now
         let previous = last.withLock { last in
             defer { last = (step, phase, now) }
             return last
         }
         if let previous { metrics.step(previous.step, previous.phase, took: now - previous.at) }
-        if recording, let span { span.addEvent(SpanEvent(name: step.rawValue, attributes: ["saga.phase": .string(phase.rawValue)])) }
     }
 
     /// The pass (recovery, garbage collection) ended: its last step ends here.
