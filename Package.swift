@@ -9,6 +9,9 @@ let package = Package(
         .library(name: "RocksDBBackend", targets: ["RocksDBBackend"]),
         .library(name: "SQLiteBackend", targets: ["SQLiteBackend"]),
         .library(name: "MySQLBackend", targets: ["MySQLBackend"]),
+        // A swift-service-lifecycle `Service` around a coordinator; apart so the core does not
+        // depend on swift-service-lifecycle.
+        .library(name: "SagaServiceLifecycle", targets: ["SagaServiceLifecycle"]),
         // For tests only, never a shipping program: the conformance suite every backend runs,
         // step hooks that crash or fail the process, SQLite's fault VFS, throwaway servers.
         .library(name: "SagaTesting", targets: ["SagaTestKit", "SagaFaultKit"]),
@@ -23,6 +26,14 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         // `swift package generate-documentation`: the DocC catalog in Sources/Saga/Saga.docc.
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
+        // Observability: the core emits metrics and spans through these APIs; the caller picks
+        // the backends.
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.7.3"),
+        .package(url: "https://github.com/apple/swift-service-context", from: "1.5.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        // aa-demo's --metrics-file: Prometheus text exposition.
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C libraries from Debian's packages, found through pkg-config.
@@ -42,7 +53,19 @@ let package = Package(
         .target(name: "CFsyncFaults", path: "Sources/CShims/CFsyncFaults", linkerSettings: [.linkedLibrary("dl")]),
 
         // The core: protocols, coordinator, journal, locks, recovery. Knows no backend.
-        .target(name: "Saga", dependencies: [.product(name: "Logging", package: "swift-log")]),
+        .target(name: "Saga", dependencies: [
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Tracing", package: "swift-distributed-tracing"),
+            .product(name: "ServiceContextModule", package: "swift-service-context"),
+        ]),
+        // The coordinator as a swift-service-lifecycle service: in-doubt retries, background
+        // garbage collection, graceful shutdown.
+        .target(name: "SagaServiceLifecycle", dependencies: [
+            "Saga",
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "RocksDBBackend", dependencies: ["Saga", "CRocksDB"], path: "Sources/Backends/RocksDBBackend"),
         .target(name: "SQLiteBackend", dependencies: ["Saga", "CSQLite"], path: "Sources/Backends/SQLiteBackend"),
         .target(name: "MySQLBackend", dependencies: ["Saga", "CMariaDB"], path: "Sources/Backends/MySQLBackend"),
@@ -65,6 +88,7 @@ let package = Package(
                 "Saga", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "SagaFaultKit", "SagaTestKit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             path: "Examples/AATrigger"),
 
@@ -107,7 +131,13 @@ let package = Package(
 
         .testTarget(
             name: "SagaTests",
-            dependencies: ["Saga", "SagaTestKit", "SagaFaultKit", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "CFsyncFaults", "AATrigger", "SagaTool"]),
+            dependencies: ["Saga", "SagaTestKit", "SagaFaultKit", "RocksDBBackend", "SQLiteBackend", "MySQLBackend", "CFsyncFaults", "AATrigger", "SagaTool",
+                           "SagaServiceLifecycle",
+                           .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                           .product(name: "MetricsTestKit", package: "swift-metrics"),
+                           .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
+                           .product(name: "Tracing", package: "swift-distributed-tracing"),
+                          ]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -52,8 +52,11 @@ echo "==> DocC (warnings are errors)"
 # article link, or a parameter list that does not match its declaration, fails the run. The
 # archive goes to .build/plugins/Swift-DocC/outputs/Saga.doccarchive, the plugin's own work
 # directory: neither --disable-sandbox nor --allow-writing-to-directory is needed.
+# SwiftPM's notice about a dependency's own stray files (swift-distributed-tracing 1.7.3 ships a
+# CMakeLists.txt in each target) is not ours to fix and says nothing about the docs: not counted.
+dependency_notice="^warning: '[^']+': found [0-9]+ file\(s\) which are unhandled"
 if ! swift package generate-documentation --target Saga --warnings-as-errors --disable-indexing >"$log" 2>&1 \
-    || grep -E "warning:" "$log" >/dev/null; then
+    || grep -E "warning:" "$log" | grep -vE "$dependency_notice" >/dev/null; then
     echo "the documentation has warnings or errors:" >&2
     grep -v "^\[" "$log" >&2
     exit 1

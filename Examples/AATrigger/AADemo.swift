@@ -2,6 +2,7 @@ import SagaTestKit
 import ArgumentParser
 import Foundation
 import Logging
+import Prometheus
 import Saga
 
 @main
@@ -107,6 +108,9 @@ struct Run: ParsableCommand {
     @Flag(help: "Log the protocol's steps to stderr.")
     var verbose = false
 
+    @Option(name: .customLong("metrics-file"), help: "Write the coordinator's metrics to this file, in Prometheus' text format, when the run ends (also when it stops with an error).")
+    var metricsFile: String?
+
     func validate() throws {
         guard maxAttempts >= 1 else { throw ValidationError("--max-attempts must be at least 1") }
         guard triggers >= 0 else { throw ValidationError("--triggers must be 0 or more") }
@@ -154,8 +158,14 @@ struct Run: ParsableCommand {
             stepHooks += pauseOccurrenceList.map { StepTrigger(.pause, at: step, phase: phase, occurrence: $0) }
         }
         let hooks: (any SagaHooks)? = stepHooks.isEmpty ? nil : CombinedHooks(stepHooks)
+        // One registry for the whole run: a reopened node's coordinator counts on in the same
+        // series.
+        let registry = PrometheusCollectorRegistry()
+        let factory = PrometheusMetricsFactory(registry: registry)
+        defer { if let metricsFile { writeMetrics(registry, to: metricsFile) } }
         let open = { [location, unprotected, gcEvery] in
-            try Node(dir: location.data, sqlURL: location.sql, mode: location.mode, protected: !unprotected, hooks: hooks, gcEvery: gcEvery, logger: logger)
+            try Node(dir: location.data, sqlURL: location.sql, mode: location.mode, protected: !unprotected, hooks: hooks, gcEvery: gcEvery,
+                     metricsFactory: factory, logger: logger)
         }
         let node = try open()
         if !unprotected { say(recoverySummary(node)) }
@@ -180,6 +190,15 @@ struct Run: ParsableCommand {
         }
         let report = try runner.node.check()
         say("done: \(runner.processed) trigger(s) processed in this run, \(runner.retries) failed attempt(s); queue empty; digest \(report.digest); SQL connections opened: \(runner.node.sql.opened)")
+    }
+}
+
+/// Writes the registry's metrics in Prometheus' text exposition format.
+func writeMetrics(_ registry: PrometheusCollectorRegistry, to path: String) {
+    var buffer: [UInt8] = []
+    registry.emit(into: &buffer)
+    if !FileManager.default.createFile(atPath: path, contents: Data(buffer)) {
+        sayError("aa-demo: cannot write the metrics to \(path)")
     }
 }
 

@@ -1,3 +1,4 @@
+import CoreMetrics
 import SagaFaultKit
 import SagaTestKit
 import Foundation
@@ -44,7 +45,8 @@ final class Node {
 
     /// Opens the node's stores; in protected mode also the coordinator (which recovers).
     /// - Parameter sqlURL: a `mysql://` URL, or nil for the SQLite file `DIR/ledger.sqlite`.
-    init(dir: String, sqlURL: String? = nil, mode: SagaCoordinator.Configuration.Mode = .compensate, protected: Bool, hooks: (any SagaHooks)? = nil, gcEvery: Int = 512, logger: Logger) throws {
+    init(dir: String, sqlURL: String? = nil, mode: SagaCoordinator.Configuration.Mode = .compensate, protected: Bool, hooks: (any SagaHooks)? = nil, gcEvery: Int = 512,
+         metricsFactory: (any MetricsFactory)? = nil, logger: Logger) throws {
         self.dir = dir
         self.logger = logger
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -73,7 +75,7 @@ final class Node {
             let all: [any SagaHooks] = [commitFault] + (hooks.map { [$0] } ?? [])
             coordinator = try SagaCoordinator(
                 kv: kv, sql: sql,
-                configuration: .init(hooks: CombinedHooks(all), gcThreshold: gcEvery, mode: mode, checkpointEvery: gcEvery),
+                configuration: .init(hooks: CombinedHooks(all), gcThreshold: gcEvery, mode: mode, checkpointEvery: gcEvery, metricsFactory: metricsFactory),
                 logger: logger)
         } else {
             preparedAtOpen = []

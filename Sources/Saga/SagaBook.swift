@@ -19,8 +19,12 @@ struct SagaBook: Sendable {
     private(set) var markersToDelete: [SagaID] = []
     /// Sagas past `prepare` and not yet finished in this process.
     private(set) var active: Set<SagaID> = []
-    /// Prepared sagas whose outcome could not be decided or finished; recovery retries them.
-    private(set) var inDoubt: Set<SagaID> = []
+    /// Prepared sagas whose outcome could not be decided or finished, with since when each is
+    /// in doubt (for one found prepared by recovery: when it was prepared); recovery retries them.
+    private(set) var inDoubtSince: [SagaID: ContinuousClock.Instant] = [:]
+    /// Bumped by every change of the in-doubt set, so that a caller can tell whether a
+    /// transition moved it (and refresh its gauges) without comparing sets.
+    private(set) var inDoubtChanges = 0
     private(set) var closed = false
     /// Sagas inside `run`: the KV store stays claimed until the last one has ended, also after
     /// `close()`.
@@ -28,6 +32,14 @@ struct SagaBook: Sendable {
     /// Set when a store failed a write (or the instance claim was lost): nothing may run on top
     /// of it until a reopen lets recovery decide. The first reason is kept.
     private(set) var stopped: String?
+
+    /// Prepared sagas whose outcome could not be decided or finished.
+    var inDoubt: Set<SagaID> { Set(inDoubtSince.keys) }
+
+    /// How many sagas are in doubt, and since when the oldest of them is.
+    var inDoubtSummary: (count: Int, oldest: ContinuousClock.Instant?) {
+        (inDoubtSince.count, inDoubtSince.values.min())
+    }
 
     // MARK: The coordinator
 
@@ -75,22 +87,30 @@ struct SagaBook: Sendable {
     }
 
     /// Prepared and undecided (or not undoable): kept until recovery decides it.
-    mutating func heldInDoubt(_ id: SagaID) {
+    mutating func heldInDoubt(_ id: SagaID, at now: ContinuousClock.Instant = .now) {
         active.insert(id)
-        inDoubt.insert(id)
+        if inDoubtSince[id] == nil {
+            inDoubtSince[id] = now
+            inDoubtChanges += 1
+        }
+    }
+
+    /// No longer in doubt (decided, or nothing of it left).
+    private mutating func leaveDoubt(_ id: SagaID) {
+        if inDoubtSince.removeValue(forKey: id) != nil { inDoubtChanges += 1 }
     }
 
     /// Nothing of it is in the KV store: forgotten, nothing to collect.
     mutating func abandoned(_ id: SagaID) {
         active.remove(id)
-        inDoubt.remove(id)
+        leaveDoubt(id)
     }
 
     /// Committed or compensated: its journal record waits for garbage collection. Returns
     /// whether `gcThreshold` finished sagas are now waiting.
     mutating func finished(_ id: SagaID, gcThreshold: Int) -> Bool {
         active.remove(id)
-        inDoubt.remove(id)
+        leaveDoubt(id)
         finished.append(id)
         recentlyFinished.insert(id)
         return finished.count >= gcThreshold
@@ -105,7 +125,7 @@ struct SagaBook: Sendable {
     /// Whether a `prepared` record belongs to a saga this process runs or has finished, and
     /// is therefore not recovery's to decide. In-doubt sagas are recovery's.
     func isOwnedHere(_ id: SagaID) -> Bool {
-        (active.contains(id) && !inDoubt.contains(id)) || recentlyFinished.contains(id)
+        (active.contains(id) && inDoubtSince[id] == nil) || recentlyFinished.contains(id)
     }
 
     // MARK: Garbage collection

@@ -1,3 +1,6 @@
+import CoreMetrics
+import Tracing
+
 extension SagaCoordinator {
     /// How a coordinator runs: lock waits, pooling, garbage collection, record size, hooks.
     /// Checked when the coordinator opens: a value out of range is refused with
@@ -53,6 +56,13 @@ extension SagaCoordinator {
         /// The bound of the coordinator's own pool (used when ``executor`` is nil): at most this
         /// many sagas run at once from async code; more wait in its queue. At least 1.
         public var asyncThreads: Int
+        /// Where the coordinator's metrics go (<doc:OperatingANode>, "Metrics"): nil, the
+        /// global `MetricsSystem.factory` as it is when the coordinator opens. The handles are
+        /// made once, at open.
+        public var metricsFactory: (any MetricsFactory)?
+        /// Where sagas' spans go: nil, the global `InstrumentationSystem.tracer` as it is when
+        /// the coordinator opens.
+        public var tracer: (any Tracer)?
 
         public static let maxLockTimeout: Duration = .seconds(24 * 3600)
         public static let maxGCThreshold = 1 << 24
@@ -65,7 +75,10 @@ extension SagaCoordinator {
 
         public init(lockTimeout: Duration = .seconds(5), hooks: (any SagaHooks)? = nil, gcThreshold: Int = 512, poolSize: Int = 16, maxRecordSize: Int = 1 << 30,
                     executor: (any TaskExecutor)? = nil, asyncThreads: Int = SagaThreadPool.defaultThreadCount,
-                    mode: Mode = .compensate, checkpointEvery: Int = 256, checkpointInterval: Duration = .milliseconds(200)) {
+                    mode: Mode = .compensate, checkpointEvery: Int = 256, checkpointInterval: Duration = .milliseconds(200),
+                    metricsFactory: (any MetricsFactory)? = nil, tracer: (any Tracer)? = nil) {
+            self.metricsFactory = metricsFactory
+            self.tracer = tracer
             self.mode = mode
             self.checkpointEvery = checkpointEvery
             self.checkpointInterval = checkpointInterval

@@ -8,6 +8,12 @@ extension SagaCoordinator {
     /// collected. Runs by itself every ``Configuration/gcThreshold`` finished sagas.
     @discardableResult
     public func collectGarbage() throws(SagaError) -> Int {
+        let collected = try probed { () throws(SagaError) -> Int in try collectGarbageLocked() }
+        metrics.collected(collected)
+        return collected
+    }
+
+    private func collectGarbageLocked() throws(SagaError) -> Int {
         try gcLock.withLock { () throws(SagaError) -> Int in
             // Redo mode: the checkpoint (watermark, then the redo rows below it).
             if configuration.mode == .redo { try checkpointLocked(phase: .gc) }

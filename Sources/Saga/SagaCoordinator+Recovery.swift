@@ -12,12 +12,16 @@ extension SagaCoordinator {
     public func recover() throws(SagaError) -> RecoveryReport {
         if book.withLock({ $0.closed }) { throw .misuse(.closed) }
         if let reason = book.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
-        return try recover(atOpen: false)
+        let report = try recover(atOpen: false)
+        metrics.recovered(report)
+        return report
     }
 
     /// - Parameter journal: the journal as already read at open; nil reads it now.
     func recover(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]? = nil) throws(SagaError) -> RecoveryReport {
-        try recoveryLock.withLock { () throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen, journal: journal) }
+        try probed { () throws(SagaError) -> RecoveryReport in
+            try recoveryLock.withLock { () throws(SagaError) -> RecoveryReport in try recoverLocked(atOpen: atOpen, journal: journal) }
+        }
     }
 
     private func recoverLocked(atOpen: Bool, journal: [(key: Bytes, value: Bytes)]?) throws(SagaError) -> RecoveryReport {
@@ -68,6 +72,15 @@ extension SagaCoordinator {
         return report
     }
 
+    /// When a saga recovery finds prepared counts as in doubt since, on this process's clock:
+    /// when it was prepared, from its record (format 3, wall-clock milliseconds), so that the
+    /// in-doubt age goes on across restarts; now when the record does not say.
+    static func inDoubtSince(preparedAt: UInt64?, now: ContinuousClock.Instant = .now) -> ContinuousClock.Instant {
+        guard let preparedAt, preparedAt > 0 else { return now }
+        let wallNow = JournalRecord.now()
+        return now - .milliseconds(Int64(clamping: wallNow > preparedAt ? wallNow - preparedAt : 0))
+    }
+
     /// Decides prepared sagas in chunks: one fencing transaction per chunk, then one synced
     /// batch compensates every aborted saga of the chunk. Committed ones need no write.
     ///
@@ -86,7 +99,7 @@ extension SagaCoordinator {
                     continue
                 }
             }
-            book.withLock { $0.heldInDoubt(id) }
+            updateBook { $0.heldInDoubt(id, at: Self.inDoubtSince(preparedAt: record.preparedAt)) }
             candidates.append(record)
         }
         // The sessions the sagas ran in end first, all at once (pooled connections: a few

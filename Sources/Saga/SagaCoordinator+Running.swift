@@ -18,6 +18,19 @@ extension SagaCoordinator {
     @available(*, noasync, message: "it blocks the thread: from async code, call the async run(_:) (in top-level code, from an async function)")
     @discardableResult
     public func run<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
+        let probe = SagaProbe(self, saga: tracer)
+        do {
+            let value = try probe.bind { () throws(SagaError) -> T in try runProbed(body, probe) }
+            probe.end(sagaThrew: nil)
+            return value
+        } catch {
+            probe.end(sagaThrew: error)
+            throw error
+        }
+    }
+
+    /// `run`, watched by `probe` (bound as the task-local ``probe``).
+    private func runProbed<T>(_ body: (Saga) throws -> T, _ probe: SagaProbe) throws(SagaError) -> T {
         if let outer = Self.running.first(where: { $0.coordinator == ObjectIdentifier(self) }) {
             throw .misuse(.nestedSaga(outer.saga))
         }
@@ -29,6 +42,7 @@ extension SagaCoordinator {
             stop("cannot persist the saga id lease: \(error)")
             throw .stopped(reason: "cannot persist the saga id lease: \(error)")
         }
+        probe.identify(id)
         do {
             return try Self.$running.withValue(Self.running + [RunningSaga(coordinator: ObjectIdentifier(self), saga: id)]) {
                 try execute(id, body)
@@ -323,18 +337,18 @@ extension SagaCoordinator {
     func end(_ id: SagaID, _ ending: Ending) {
         switch ending {
         case .finished:
-            let due = book.withLock { $0.finished(id, gcThreshold: configuration.gcThreshold) }
+            let due = updateBook { $0.finished(id, gcThreshold: configuration.gcThreshold) }
             locks.releaseAll(id)
             if due {
                 do { _ = try collectGarbage() } catch { logger.warning("garbage collection failed: \(error)") }
             }
         case .inDoubt:
-            book.withLock { $0.heldInDoubt(id) }
+            updateBook { $0.heldInDoubt(id) }
         case .abandoned:
-            book.withLock { $0.abandoned(id) }
+            updateBook { $0.abandoned(id) }
             locks.releaseAll(id)
         case .applied(let sequence), .notCommitted(let sequence, _):
-            book.withLock { $0.abandoned(id) }
+            updateBook { $0.abandoned(id) }
             locks.releaseAll(id)
             var applied: SagaID?
             if case .applied = ending { applied = id }

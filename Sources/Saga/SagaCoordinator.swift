@@ -1,5 +1,7 @@
+import CoreMetrics
 import Foundation
 import Logging
+import Tracing
 
 /// Makes one logical write atomic across a KV store and an SQL database.
 ///
@@ -43,8 +45,14 @@ public final class SagaCoordinator: Sendable {
     let redoPending = Locked<[SagaID: RedoPending]>([:])
     let gcLock = Lock()
     let recoveryLock = Lock()
-    /// Where the async `run` runs sagas: `configuration.executor`, or `ownPool`.
-    let asyncExecutor: any TaskExecutor
+    /// Where the async `run` runs sagas: `configuration.executor`, or `ownPool`. The package's
+    /// service runs recovery and garbage collection there too (they block).
+    package let asyncExecutor: any TaskExecutor
+    /// Made once, here: no metric handle is made per saga.
+    let metrics: SagaMetrics
+    /// The tracer sagas' spans go to: the configured one or the global one, read at open; nil
+    /// when that is the no-op tracer (then a saga makes no span at all).
+    let tracer: (any Tracer)?
     /// The coordinator's own threads for async sagas, shut down once closed and idle.
     let ownPool: SagaThreadPool?
     /// ``shutdown()``'s callers, resumed once the closing work is done.
@@ -73,6 +81,9 @@ public final class SagaCoordinator: Sendable {
         self.sql = sql
         self.configuration = configuration
         self.logger = logger
+        metrics = SagaMetrics(factory: configuration.metricsFactory ?? MetricsSystem.factory, mode: configuration.mode)
+        let tracer = configuration.tracer ?? InstrumentationSystem.tracer
+        self.tracer = tracer is NoOpTracer ? nil : tracer
         self.pool = ConnectionPool(database: sql, limit: configuration.poolSize)
         self.markers = MarkerTable.Statements(for: sql)
         ownPool = configuration.executor == nil ? SagaThreadPool(threads: configuration.asyncThreads, name: "saga-async") : nil
@@ -165,6 +176,7 @@ public final class SagaCoordinator: Sendable {
         }
         var report = try recover(atOpen: true, journal: journal)
         try replayRedoRows(into: &report)
+        metrics.recovered(report)
         if let corrupt = report.problems.first(where: { if case .journalCorrupt = $0 { true } else { false } }) {
             throw corrupt
         }
@@ -188,7 +200,33 @@ public final class SagaCoordinator: Sendable {
 
     /// Sagas that are prepared but undecided or unfinished; their keys stay locked until
     /// ``recover()`` resolves them.
-    public var inDoubt: [SagaID] { book.withLock { $0.inDoubt.sorted() } }
+    public var inDoubt: [SagaID] { book.withLock { $0.inDoubtSince.keys.sorted() } }
+
+    /// How long the oldest saga in doubt has been in doubt; nil when none is. A saga found
+    /// prepared by recovery counts from when it was prepared (its journal record says, also
+    /// from before a restart); one of this process from when its outcome became undecided.
+    public var oldestInDoubtAge: Duration? {
+        book.withLock { $0.inDoubtSummary.oldest }.map { .now - $0 }
+    }
+
+    /// Sets the `saga_in_doubt` and `saga_oldest_in_doubt_seconds` gauges (<doc:OperatingANode>)
+    /// to their values now. They are set whenever the in-doubt set changes; the age also grows
+    /// in between, so a periodic task calls this (`SagaService` does).
+    public func refreshInDoubtGauges() {
+        let (count, oldest) = book.withLock { $0.inDoubtSummary }
+        metrics.inDoubt(count: count, oldest: oldest)
+    }
+
+    /// Changes the book; when the change moved the in-doubt set, sets the in-doubt gauges.
+    func updateBook<R>(_ change: (inout SagaBook) -> R) -> R {
+        let (result, doubt) = book.withLock { b in
+            let before = b.inDoubtChanges
+            let result = change(&b)
+            return (result, b.inDoubtChanges == before ? nil : b.inDoubtSummary)
+        }
+        if let doubt { metrics.inDoubt(count: doubt.count, oldest: doubt.oldest) }
+        return result
+    }
 
     /// Closes the coordinator cleanly: later sagas fail with ``SagaError/Misuse/closed``, sagas
     /// already running finish, and once the last of them has ended the journal records and
@@ -261,7 +299,9 @@ public final class SagaCoordinator: Sendable {
 
     // MARK: - Hooks
 
+    /// Every step of the protocol passes here: the hooks, and the step's timing and span event.
     func hook(_ step: SagaStep, _ id: SagaID?, phase: SagaPhase = .run) throws {
+        if let probe = Self.probe, probe.coordinator == ObjectIdentifier(self) { probe.reached(step, phase: phase) }
         try configuration.hooks?.reached(step, phase: phase, saga: id)
     }
 }
