@@ -28,15 +28,17 @@ extension SagaCoordinator {
     /// compiler refuses that: the body does not run on the actor).
     @concurrent
     @discardableResult
-    public func run<T: Sendable>(_ body: sending (Saga) throws -> T) async throws(SagaError) -> T {
+    ///
+    /// `key`: the caller's idempotency key, as in the blocking ``run(key:_:)``.
+    public func run<T: Sendable>(key: String? = nil, _ body: sending (Saga) throws -> T) async throws(SagaError) -> T {
         if Task.isCancelled { throw .cancelled(saga: nil) }
         return try await withTaskExecutorPreference(asyncExecutor) { () async throws(SagaError) -> T in
-            try self.runBlocking(body)
+            try self.runBlocking(key: key, body)
         }
     }
 
-    /// The blocking `run(_:)`, named apart so that async code cannot pick this overload.
-    private func runBlocking<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
-        try run(body)
+    /// The blocking `run(key:_:)`, named apart so that async code cannot pick this overload.
+    private func runBlocking<T>(key: String?, _ body: (Saga) throws -> T) throws(SagaError) -> T {
+        try run(key: key, body)
     }
 }

@@ -11,7 +11,7 @@ extension SagaCoordinator {
         // Nothing reached the KV store (a saga that only read keys): nothing to undo, but its
         // locks must go all the same.
         guard let record else {
-            end(id, .finished)
+            end(id, .finished(committed: false))
             return 0
         }
         switch compensate([record], phase: .run)[record.saga] {
@@ -84,7 +84,7 @@ extension SagaCoordinator {
             do { try hook(.compensated, id, phase: phase) } catch {
                 logger.warning("hook failure after compensation of \(id) ignored: \(error)")
             }
-            end(id, .finished)
+            end(id, .finished(committed: false))
             results[id] = .success(restored)
         }
         if !later.isEmpty { results.merge(compensate(later, phase: phase)) { $1 } }

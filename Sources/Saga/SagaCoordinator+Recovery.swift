@@ -86,7 +86,7 @@ extension SagaCoordinator {
                     continue
                 }
             }
-            book.withLock { $0.heldInDoubt(id) }
+            book.withLock { $0.heldInDoubt(id, key: record.callerKey) }
             candidates.append(record)
         }
         // The sessions the sagas ran in end first, all at once (pooled connections: a few

@@ -39,7 +39,7 @@ struct SagaBookTests {
         book.heldInDoubt(a)
         #expect(!book.isOwnedHere(a), "in doubt: recovery's to decide")
         #expect(book.inDoubt == [a])
-        _ = book.finished(a, gcThreshold: 100)
+        _ = book.finished(a, committed: true, gcThreshold: 100)
         #expect(book.inDoubt.isEmpty && book.active.isEmpty)
         #expect(book.isOwnedHere(a), "finished, record not yet collected: not recovery's either")
     }
@@ -56,14 +56,14 @@ struct SagaBookTests {
 
     @Test func garbageCollectionIsDueAtTheThreshold() {
         var book = SagaBook()
-        let due = [a, b, c].map { book.finished($0, gcThreshold: 3) }
+        let due = [a, b, c].map { book.finished($0, committed: true, gcThreshold: 3) }
         #expect(due == [false, false, true])
     }
 
     @Test func journalFirstThenMarkers() {
         var book = SagaBook()
-        _ = book.finished(a, gcThreshold: 9)
-        _ = book.finished(b, gcThreshold: 9)
+        _ = book.finished(a, committed: true, gcThreshold: 9)
+        _ = book.finished(b, committed: true, gcThreshold: 9)
         let taken = book.takeFinished()
         #expect(taken == [a, b] && book.finished.isEmpty)
         let early = book.takeMarkersToDelete()
@@ -76,9 +76,9 @@ struct SagaBookTests {
 
     @Test func failedCollectionsAreRetriedInOrder() {
         var book = SagaBook()
-        _ = book.finished(a, gcThreshold: 9)
+        _ = book.finished(a, committed: true, gcThreshold: 9)
         let first = book.takeFinished()
-        _ = book.finished(b, gcThreshold: 9)
+        _ = book.finished(b, committed: true, gcThreshold: 9)
         book.notCollected(first)
         #expect(book.finished == [a, b], "the failed ones come first")
         #expect(book.isOwnedHere(a))
