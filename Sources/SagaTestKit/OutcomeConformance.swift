@@ -211,6 +211,8 @@ extension ConformanceSuite {
         try check(reopened.outcome(of: failed) == .unknown(.expired), "expired: \(reopened.outcome(of: failed))")
         try check(try keyRows(env).isEmpty, "the key's row is pruned")
         try check(reopened.outcome(ofKey: "kept") == .notCommitted, "a key past the retention is forgotten")
+        try reopened.run(key: "kept") { _ in }
+        try check(try keyRows(env).count == 1, "and runs again")
         reopened.close()
     }
 
