@@ -29,7 +29,7 @@ extension SagaCoordinator {
     @concurrent
     @discardableResult
     ///
-    /// `key`: the caller's idempotency key, as in the blocking ``run(key:_:)``.
+    /// `key`: the caller's idempotency key, as in the blocking ``run(key:_:)-4bh0f``.
     public func run<T: Sendable>(key: String? = nil, _ body: sending (Saga) throws -> T) async throws(SagaError) -> T {
         if Task.isCancelled { throw .cancelled(saga: nil) }
         return try await withTaskExecutorPreference(asyncExecutor) { () async throws(SagaError) -> T in

@@ -50,7 +50,7 @@ public enum SagaOutcome: Sendable, Equatable, CustomStringConvertible {
 }
 
 extension SagaCoordinator {
-    /// Whether the saga run with caller key `key` (``run(key:_:)``) committed.
+    /// Whether the saga run with caller key `key` (``run(key:_:)-4bh0f``) committed.
     ///
     /// - ``SagaOutcome/committed(_:)`` when the key's row is committed in SQL, with the saga
     ///   that holds it (of this instance, or of another coordinator sharing the database).

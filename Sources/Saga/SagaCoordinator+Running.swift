@@ -16,6 +16,7 @@ extension SagaCoordinator {
     /// cancellation until the KV batch is written (``SagaError/cancelled(saga:)``); outside any
     /// task `Task.isCancelled` is false, and it is never cancelled.
     ///
+    /// - Parameter body: the saga's work: SQL through `saga.sql`, KV through `saga.kv`.
     /// - Parameter key: the caller's idempotency key (a request id), or nil. A key that a
     ///   committed saga holds is refused before the body runs with
     ///   ``SagaError/alreadyCommitted(key:saga:)``, and two runs of one key at once commit at

@@ -61,7 +61,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// when the task was cancelled before the saga got an id. Cancellation after the KV batch
     /// is ignored: the saga then finishes (commits or compensates) as if not cancelled.
     case cancelled(saga: SagaID?)
-    /// A saga run with caller key `key` (``SagaCoordinator/run(key:_:)``) committed already:
+    /// A saga run with caller key `key` (``SagaCoordinator/run(key:_:)-4bh0f``) committed already:
     /// `saga` (of the instance that ran it, maybe another coordinator on the same database).
     /// Refused before the body ran (or, in a race, at the key's insert, with the transaction
     /// rolled back): nothing was written, the work is not applied twice. Not retryable.
@@ -98,7 +98,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         case instanceInUse(InstanceID)
         /// A configuration value out of range, named with the reason.
         case invalidConfiguration(String)
-        /// A caller key (``SagaCoordinator/run(key:_:)``) that is empty.
+        /// A caller key (``SagaCoordinator/run(key:_:)-4bh0f``) that is empty.
         case emptyCallerKey
         /// A caller key longer than ``SagaCoordinator/maxCallerKeyBytes`` bytes of UTF-8.
         case callerKeyTooLarge(size: Int, limit: Int)
