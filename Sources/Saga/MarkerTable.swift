@@ -123,6 +123,12 @@ extension MarkerTable {
             }
         }
 
+        /// Those of `ids` whose marker says `committed`, by a plain read.
+        package func committed(among ids: [SagaID], instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID] {
+            let status = try statuses(ids, instance: instance, on: db)
+            return Set(ids).filter { status[$0] == "committed" }.sorted()
+        }
+
         /// The marker status of `id` (`committed`, `aborted`, or nil: no row), by a plain read.
         package func status(of id: SagaID, instance: InstanceID, on db: any SQLExecutor) throws -> String? {
             try statuses([id], instance: instance, on: db)[id]

@@ -96,4 +96,54 @@ struct SagaBookTests {
         let taken = book.takeFinished()
         #expect(taken == [c])
     }
+
+    // MARK: What outcome lookups need
+
+    @Test func aSagaStandsRunningThenInDoubtThenSettled() {
+        var book = SagaBook()
+        book.highestIssued = 0
+        #expect(book.standing(of: a) == .notIssued)
+        book.began(a, key: Array("k".utf8))
+        #expect(book.standing(of: a) == .running)
+        #expect(book.standing(ofKey: Array("k".utf8)).map { $0.1 } == .running)
+        book.prepared(a)
+        book.heldInDoubt(a)
+        book.left(a)
+        #expect(book.standing(of: a) == .inDoubt, "left run, undecided")
+        #expect(book.standing(ofKey: Array("k".utf8)).map { $0.1 } == .inDoubt, "its key stays known while in doubt")
+        _ = book.finished(a, committed: true, gcThreshold: 9)
+        #expect(book.standing(of: a) == .settled)
+        #expect(book.standing(ofKey: Array("k".utf8)) == nil, "decided: the key is SQL's to answer")
+        #expect(book.committed(among: [a]) == [a])
+    }
+
+    @Test func aKeyIsForgottenWhenItsSagaLeavesDecided() {
+        var book = SagaBook()
+        book.began(b, key: Array("x".utf8))
+        book.abandoned(b)
+        book.left(b)
+        #expect(book.standing(ofKey: Array("x".utf8)) == nil)
+        #expect(book.standing(of: b) == .settled)
+        #expect(book.standing(of: c) == .notIssued, "an id above the highest issued")
+    }
+
+    @Test func outcomesArePrunedOnlyBelowEverySagaNotSettled() {
+        var book = SagaBook()
+        book.began(a, key: nil)
+        book.began(b, key: nil)
+        book.began(c, key: nil)
+        #expect(book.lowestUnsettled == 1)
+        book.left(a)
+        book.prepared(b)
+        book.left(b)
+        #expect(book.lowestUnsettled == 2, "b is prepared")
+        _ = book.finished(b, committed: false, gcThreshold: 9)
+        #expect(book.lowestUnsettled == 2, "finished, not yet collected")
+        _ = book.takeFinished()
+        book.collected([b])
+        #expect(book.lowestUnsettled == 3, "c still runs")
+        book.left(c)
+        #expect(book.lowestUnsettled == 4, "everything issued is settled")
+        #expect(book.committed(among: [b]).isEmpty, "b did not commit")
+    }
 }
