@@ -25,7 +25,7 @@ extension SagaCoordinator {
     ///   later whether it committed. Kept for ``Configuration/outcomeRetention``; 1 to
     ///   ``maxCallerKeyBytes`` bytes of UTF-8 (``SagaError/Misuse/emptyCallerKey``,
     ///   ``SagaError/Misuse/callerKeyTooLarge(size:limit:)``). See <doc:Outcomes>.
-    @available(*, noasync, message: "it blocks the thread: from async code, call the async run(_:) (in top-level code, from an async function)")
+    @available(*, noasync, message: "it blocks the thread: from async code, call the async run(key:_:) (in top-level code, from an async function)")
     @discardableResult
     public func run<T>(key: String? = nil, _ body: (Saga) throws -> T) throws(SagaError) -> T {
         let callerKey = try Self.callerKey(key)
