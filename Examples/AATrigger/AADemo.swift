@@ -11,7 +11,7 @@ struct AADemo: ParsableCommand {
         commandName: "aa-demo",
         abstract: "An ocore-style node processing AA triggers: state vars in RocksDB, balances in SQL.",
         discussion: "With no subcommand, runs a short show: the same COMMIT failure unprotected and protected by Saga.",
-        subcommands: [Show.self, Run.self, Recover.self, Verify.self],
+        subcommands: [Show.self, Run.self, Recover.self, Verify.self, Outcome.self],
         defaultSubcommand: Show.self)
 }
 
@@ -232,6 +232,30 @@ struct Recover: ParsableCommand {
         if !pending.isEmpty {
             sayError("aa-demo: recovery cannot decide \(names(pending)); they stay prepared with their keys locked: run `aa-demo recover` again once the SQL database can be reached")
             throw ExitCode(NodeStop.Reason.inDoubt.rawValue)
+        }
+    }
+}
+
+struct Outcome: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Open the node (recovery runs), then print whether the trigger of each --mci committed: each trigger runs with the caller key mci-N.")
+
+    @OptionGroup var location: NodeLocation
+
+    @Option(parsing: .upToNextOption, help: "The triggers to look up, by mci.")
+    var mci: [Int64]
+
+    func run() throws {
+        try location.requireExisting()
+        let node = try Node(dir: location.data, sqlURL: location.sql, mode: location.mode, protected: true, logger: makeLogger(verbose: false))
+        defer { node.close() }
+        guard let coordinator = node.coordinator else { throw DemoError("no coordinator") }
+        for m in mci {
+            switch try coordinator.outcome(ofKey: Node.callerKey(mci: m)) {
+            case .committed(let id): say("outcome \(m) committed \(id.rawValue)")
+            case .notCommitted: say("outcome \(m) notCommitted")
+            case .unknown(let why): say("outcome \(m) unknown \(why)")
+            }
         }
     }
 }

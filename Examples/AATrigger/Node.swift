@@ -169,7 +169,9 @@ final class Node {
         if let fail, fail != .fk { commitFault.armForNextCommit(fail) }
         defer { commitFault.disarm() }
         let commitFault = self.commitFault
-        try coordinator.run { saga in
+        // The trigger's caller key: a trigger is never applied twice, and `aa-demo outcome`
+        // tells after a crash whether it committed.
+        try coordinator.run(key: Self.callerKey(mci: t.mci)) { saga in
             let writes = try Self.triggerBody(t, fail: fail, sql: saga.sql, read: { try saga.kv.get($0) }) {
                 commitFault.connectionID = $0
             }
@@ -178,6 +180,9 @@ final class Node {
             }
         }
     }
+
+    /// The caller key a trigger runs with.
+    static func callerKey(mci: Int64) -> String { "mci-\(mci)" }
 
     /// One trigger's statements, the same on both paths (so that a timing of the two compares
     /// the commit sequences only): with `kill`, the connection's id first; the AA's SQL and KV

@@ -179,9 +179,10 @@ final class QueueRunner {
             try reopenNode(trigger: t)
             return .retryNow
 
-        case .foreignWrite, .journalCorrupt, .misuse, .transactionEndedByStatement:
+        case .foreignWrite, .journalCorrupt, .misuse, .transactionEndedByStatement, .alreadyCommitted:
             // A body statement that ended the transaction may have committed its SQL part:
-            // retrying would apply it twice.
+            // retrying would apply it twice. (The node runs sagas without caller keys: an
+            // `alreadyCommitted` cannot happen here.)
             throw NodeStop(.needsRepair, "trigger mci=\(t.mci) (unit \(t.unit)): \(error)")
         }
     }

@@ -12,6 +12,8 @@ final class IDLease: Sendable {
     private struct State { var next: UInt64; var ceiling: UInt64 }
     private let state: Locked<State>
     private let kv: any KVStore
+    /// The first id this open hands out: every lower one was handed out (or skipped) before.
+    let first: UInt64
 
     init(kv: any KVStore, atLeast floor: UInt64) throws {
         self.kv = kv
@@ -23,6 +25,7 @@ final class IDLease: Sendable {
         let ceiling = min(start + Self.blockSize, SagaID.maxValid.rawValue + 1)
         guard start < ceiling else { throw Exhausted() }
         try Self.persist(ceiling: ceiling, kv: kv)
+        first = start
         state = Locked(State(next: start, ceiling: ceiling))
     }
 
@@ -58,7 +61,9 @@ final class IDLease: Sendable {
         var description: String { "saga ids are exhausted (every id up to \(SagaID.maxValid.rawValue) has been used)" }
     }
 
-    func next() throws -> SagaID {
+    /// The next id; `register` runs with it under the lease's lock, so that ids are registered
+    /// in the order they are handed out.
+    func next(register: (SagaID) -> Void = { _ in }) throws -> SagaID {
         try state.withLock { s in
             if s.next >= s.ceiling {
                 let ceiling = min(s.ceiling + Self.blockSize, SagaID.maxValid.rawValue + 1)
@@ -67,6 +72,7 @@ final class IDLease: Sendable {
                 s.ceiling = ceiling
             }
             defer { s.next += 1 }
+            register(SagaID(s.next))
             return SagaID(s.next)
         }
     }

@@ -90,6 +90,50 @@ extension MarkerTable {
             }
         }
 
+        // MARK: Caller keys
+
+        /// The caller-key table beside the marker table: `(caller_key PRIMARY KEY, instance,
+        /// saga_id, created_ms)`. Its row is inserted in the saga's own transaction, so it
+        /// commits if and only if the saga commits; the primary key refuses a second saga of a
+        /// key, whichever instance runs it.
+        package var keyTable: String { table + "_keys" }
+
+        /// The saga's caller-key row, inside its open transaction (the first statement after
+        /// `BEGIN`). A key a committed saga holds fails with a duplicate key
+        /// (``SQLDialect/isDuplicateKey``); one an open transaction holds waits for it.
+        package func insertKey(_ key: Bytes, saga: SagaID, owner: MarkerOwner, createdAt: UInt64, on db: any SQLExecutor) throws {
+            try db.execute("INSERT INTO \(keyTable) (caller_key, instance, saga_id, created_ms) VALUES (?, ?, ?, ?)",
+                           [.blob(key), Self.key(owner.instance), Self.key(saga), .integer(Int64(clamping: createdAt))])
+        }
+
+        /// The committed row of `key`: the instance and saga that hold it, by a plain read (or
+        /// a locking one, inside a transaction: the newest committed row).
+        package func keyRow(_ key: Bytes, locking: Bool = false, on db: any SQLExecutor) throws -> (instance: InstanceID, saga: SagaID)? {
+            guard let row = try db.query("SELECT instance, saga_id FROM \(keyTable) WHERE caller_key = ?\(locking ? lockingRead : "")", [.blob(key)]).first,
+                  let instance = row[0].int64, let saga = row[1].int64 else { return nil }
+            return (InstanceID(rawValue: UInt64(bitPattern: instance)), SagaID(UInt64(bitPattern: saga)))
+        }
+
+        /// Deletes `owner`'s key rows created before `cutoff` (milliseconds since 1970), in a
+        /// transaction of its own on `conn`. Returns how many went.
+        package func pruneKeys(createdBefore cutoff: UInt64, owner: MarkerOwner, on conn: any SQLConnection) throws -> Int {
+            try inTransaction(on: conn) {
+                try checkClaim(owner, on: conn)
+                return try conn.execute("DELETE FROM \(keyTable) WHERE instance = ? AND created_ms < ?", [Self.key(owner.instance), .integer(Int64(clamping: cutoff))])
+            }
+        }
+
+        /// Those of `ids` whose marker says `committed`, by a plain read.
+        package func committed(among ids: [SagaID], instance: InstanceID, on db: any SQLExecutor) throws -> [SagaID] {
+            let status = try statuses(ids, instance: instance, on: db)
+            return Set(ids).filter { status[$0] == "committed" }.sorted()
+        }
+
+        /// The marker status of `id` (`committed`, `aborted`, or nil: no row), by a plain read.
+        package func status(of id: SagaID, instance: InstanceID, on db: any SQLExecutor) throws -> String? {
+            try statuses([id], instance: instance, on: db)[id]
+        }
+
         // MARK: Redo rows
 
         /// Up to `limit` redo rows of `instance` with a sequence above `watermark`, in sequence

@@ -90,6 +90,11 @@ final class RedoLog: Sendable {
         }
     }
 
+    /// The lowest saga applied in this process whose row no checkpoint has taken yet.
+    var lowestApplied: UInt64? {
+        state.withLock { s in s.applied.map(\.saga.rawValue).min() }
+    }
+
     /// Rows whose deletion failed: the next checkpoint tries again.
     func putBack(_ sagas: [SagaID], sequence: UInt64) {
         state.withLock { s in s.applied += sagas.map { (sequence, $0) } }

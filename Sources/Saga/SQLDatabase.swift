@@ -145,7 +145,7 @@ public protocol SQLDatabase: AnyObject, Sendable {
     func holdInstance(_ instance: InstanceID) throws -> (any InstanceHold)?
     /// The name of the marker table (letters, digits and underscores, not starting with a digit:
     /// it is spliced into SQL text, and the core refuses anything else at open); its instance
-    /// table is the same name with `_instances` appended.
+    /// table is the same name with `_instances` appended, its caller-key table with `_keys`.
     var markerTable: String { get }
     /// What differs in the SQL the core runs on the marker tables.
     var dialect: SQLDialect { get }
@@ -186,13 +186,21 @@ public struct SQLDialect: Sendable {
     /// SQLite's length limit), nil if none is known: redo mode refuses a saga whose redo row is
     /// larger, before COMMIT, with ``SagaError/Misuse/sagaTooLarge(size:limit:)``.
     public var maxStatementBytes: Int?
+    /// Whether an error of an `INSERT` is a duplicate primary key: a caller key's row
+    /// (`<markerTable>_keys`) that a committed saga already holds. The saga is then refused
+    /// with ``SagaError/alreadyCommitted(key:saga:)``. A backend that cannot tell answers
+    /// false: such a run fails with ``SagaError/sqlFailed(saga:step:underlying:)`` instead,
+    /// and is still never applied twice.
+    public var isDuplicateKey: @Sendable (any Error) -> Bool
 
     public init(
         insertIgnore: String, lockingRead: String, causalWait: String? = nil,
         keepsAbortedMarkers: Bool = false, maxStatementBytes: Int? = nil,
         isNotNullViolation: @escaping @Sendable (any Error) -> Bool,
-        isRolledBackByConflict: @escaping @Sendable (any Error) -> Bool = { _ in false }
+        isRolledBackByConflict: @escaping @Sendable (any Error) -> Bool = { _ in false },
+        isDuplicateKey: @escaping @Sendable (any Error) -> Bool = { _ in false }
     ) {
+        self.isDuplicateKey = isDuplicateKey
         self.insertIgnore = insertIgnore
         self.lockingRead = lockingRead
         self.causalWait = causalWait
@@ -330,7 +338,8 @@ public enum TransactionState: Sendable, Equatable {
 
 /// One connection to an SQL database. Used by one saga at a time, never concurrently.
 public protocol SQLConnection: SQLExecutor {
-    /// Creates the marker table and its instance table if they are missing, and migrates a
+    /// Creates the marker table, its instance table and its caller-key table if they are
+    /// missing, and migrates a
     /// marker table of an earlier version (see <doc:WritingABackend> for their columns). Runs
     /// outside any transaction. The only DDL a backend writes: every other statement on these
     /// tables is the core's.

@@ -1,4 +1,4 @@
-/// One running saga, handed to the body of ``SagaCoordinator/run(_:)-315dh``.
+/// One running saga, handed to the body of ``SagaCoordinator/run(key:_:)-4bh0f``.
 ///
 /// Use ``kv`` to read and stage KV writes and ``sql`` to run statements in the saga's SQL
 /// transaction. Nothing touches the KV store until the body returns; reads see the saga's own

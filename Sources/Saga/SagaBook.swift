@@ -41,6 +41,22 @@ struct SagaBook: Sendable {
         (inDoubtSince.count, inDoubtSince.values.min())
     }
 
+    // MARK: What outcome lookups need
+
+    /// Sagas inside `run` that have an id: their outcome is not known yet.
+    private(set) var inFlight: Set<SagaID> = []
+    /// The highest id handed out (in this open, or before it: the lease's start less one).
+    var highestIssued: UInt64 = 0
+    /// The caller keys of sagas in flight or in doubt, both ways.
+    private(set) var keyOf: [SagaID: Bytes] = [:]
+    private(set) var sagaOfKey: [Bytes: SagaID] = [:]
+    /// Finished sagas that committed, until garbage collection records their outcome.
+    private(set) var committedFinished: Set<SagaID> = []
+    /// Sagas whose COMMIT outcome is unknown and that left no journal record (they wrote no KV
+    /// key): nothing decides them in this open, and a late COMMIT may still land. The next open
+    /// moves the instance's claim, after which none can.
+    private(set) var unrecorded: Set<SagaID> = []
+
     // MARK: The coordinator
 
     /// A saga enters `run`; refused once the coordinator is closed.
@@ -81,18 +97,64 @@ struct SagaBook: Sendable {
 
     // MARK: A saga
 
+    /// It got its id (called under the id lease's lock, so ids are registered in order).
+    mutating func began(_ id: SagaID, key: Bytes?) {
+        inFlight.insert(id)
+        highestIssued = max(highestIssued, id.rawValue)
+        if let key { keyOf[id] = key; sagaOfKey[key] = id }
+    }
+
+    /// It left `run`: its key is forgotten unless it stays in doubt.
+    mutating func left(_ id: SagaID) {
+        inFlight.remove(id)
+        if inDoubtSince[id] == nil { forgetKey(id) }
+    }
+
+    private mutating func forgetKey(_ id: SagaID) {
+        if let key = keyOf.removeValue(forKey: id), sagaOfKey[key] == id { sagaOfKey[key] = nil }
+    }
+
+    /// Its COMMIT outcome is unknown and it has no journal record: see ``unrecorded``.
+    mutating func undecidedWithoutRecord(_ id: SagaID) {
+        unrecorded.insert(id)
+    }
+
+    /// Where `id` stands in this process, for ``SagaCoordinator/outcome(of:)``.
+    func standing(of id: SagaID) -> Standing {
+        if id.rawValue > highestIssued { return .notIssued }
+        if inFlight.contains(id) && inDoubtSince[id] == nil { return .running }
+        if inDoubtSince[id] != nil || unrecorded.contains(id) { return .inDoubt }
+        return .settled
+    }
+
+    /// The saga that runs or is in doubt with caller key `key`, and where it stands.
+    func standing(ofKey key: Bytes) -> (SagaID, Standing)? {
+        guard let id = sagaOfKey[key] else { return nil }
+        return (id, inDoubtSince[id] != nil ? .inDoubt : .running)
+    }
+
+    enum Standing: Equatable { case notIssued, running, inDoubt, settled }
+
+    /// The lowest id not yet settled here (in flight, prepared, in doubt or finished and not
+    /// collected), or the next id to hand out: outcome blocks are pruned only below it.
+    var lowestUnsettled: UInt64 {
+        let mins = [inFlight.min(), active.min(), inDoubtSince.keys.min(), finished.min()].compactMap { $0?.rawValue }
+        return min(highestIssued + 1, mins.min() ?? .max)
+    }
+
     /// Its forward batch is about to be written: from here it is this process's to finish.
     mutating func prepared(_ id: SagaID) {
         active.insert(id)
     }
 
     /// Prepared and undecided (or not undoable): kept until recovery decides it.
-    mutating func heldInDoubt(_ id: SagaID, at now: ContinuousClock.Instant = .now) {
+    mutating func heldInDoubt(_ id: SagaID, key: Bytes? = nil, at now: ContinuousClock.Instant = .now) {
         active.insert(id)
         if inDoubtSince[id] == nil {
             inDoubtSince[id] = now
             inDoubtChanges += 1
         }
+        if let key { keyOf[id] = key; sagaOfKey[key] = id }
     }
 
     /// No longer in doubt (decided, or nothing of it left).
@@ -104,13 +166,16 @@ struct SagaBook: Sendable {
     mutating func abandoned(_ id: SagaID) {
         active.remove(id)
         leaveDoubt(id)
+        forgetKey(id)
     }
 
     /// Committed or compensated: its journal record waits for garbage collection. Returns
     /// whether `gcThreshold` finished sagas are now waiting.
-    mutating func finished(_ id: SagaID, gcThreshold: Int) -> Bool {
+    mutating func finished(_ id: SagaID, committed: Bool, gcThreshold: Int) -> Bool {
         active.remove(id)
         leaveDoubt(id)
+        forgetKey(id)
+        if committed { committedFinished.insert(id) }
         finished.append(id)
         recentlyFinished.insert(id)
         return finished.count >= gcThreshold
@@ -137,9 +202,15 @@ struct SagaBook: Sendable {
         return finished
     }
 
+    /// Which of `ids` (taken by ``takeFinished()``) committed: their outcome is recorded when
+    /// their journal records are deleted.
+    func committed(among ids: [SagaID]) -> [SagaID] {
+        ids.filter(committedFinished.contains)
+    }
+
     /// Their journal records are deleted (synced): their marker rows are next.
     mutating func collected(_ ids: [SagaID]) {
-        for id in ids { recentlyFinished.remove(id) }
+        for id in ids { recentlyFinished.remove(id); committedFinished.remove(id) }
         markersToDelete.append(contentsOf: ids)
     }
 

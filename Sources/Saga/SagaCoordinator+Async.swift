@@ -26,17 +26,19 @@ extension SagaCoordinator {
     /// The body need not be `@Sendable` nor escaping: it is sent to the executor's thread and
     /// run there before this returns. It must not capture state isolated to an actor (the
     /// compiler refuses that: the body does not run on the actor).
+    ///
+    /// `key`: the caller's idempotency key, as in the blocking ``run(key:_:)-4bh0f``.
     @concurrent
     @discardableResult
-    public func run<T: Sendable>(_ body: sending (Saga) throws -> T) async throws(SagaError) -> T {
+    public func run<T: Sendable>(key: String? = nil, _ body: sending (Saga) throws -> T) async throws(SagaError) -> T {
         if Task.isCancelled { throw .cancelled(saga: nil) }
         return try await withTaskExecutorPreference(asyncExecutor) { () async throws(SagaError) -> T in
-            try self.runBlocking(body)
+            try self.runBlocking(key: key, body)
         }
     }
 
-    /// The blocking `run(_:)`, named apart so that async code cannot pick this overload.
-    private func runBlocking<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
-        try run(body)
+    /// The blocking `run(key:_:)`, named apart so that async code cannot pick this overload.
+    private func runBlocking<T>(key: String?, _ body: (Saga) throws -> T) throws(SagaError) -> T {
+        try run(key: key, body)
     }
 }

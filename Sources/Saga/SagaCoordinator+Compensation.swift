@@ -11,7 +11,7 @@ extension SagaCoordinator {
         // Nothing reached the KV store (a saga that only read keys): nothing to undo, but its
         // locks must go all the same.
         guard let record else {
-            end(id, .finished)
+            end(id, .finished(committed: false))
             return 0
         }
         switch compensate([record], phase: .run)[record.saga] {
@@ -86,7 +86,7 @@ extension SagaCoordinator {
             }
             let why = phase == .run ? "its COMMIT failed" : "recovery found it not committed"
             SagaLog(logger, saga: id).notice("saga \(id.rawValue) undone (\(why)): \(restored == 0 ? "no key needed restoring" : "restored the pre-images of \(SagaLog.keys(keys))")")
-            end(id, .finished)
+            end(id, .finished(committed: false))
             results[id] = .success(restored)
         }
         if !later.isEmpty { results.merge(compensate(later, phase: phase)) { $1 } }

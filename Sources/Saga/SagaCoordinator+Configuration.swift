@@ -53,6 +53,12 @@ extension SagaCoordinator {
         /// alive as long as the coordinator and is never shut down by it; it should run jobs on
         /// threads of its own (not Swift's cooperative pool), since saga work blocks.
         public var executor: (any TaskExecutor)?
+        /// How long the outcome of a finished saga can be looked up
+        /// (``SagaCoordinator/outcome(of:)``, ``SagaCoordinator/outcome(ofKey:)``): at least this
+        /// long after it was recorded, and until garbage collection prunes it after that. A
+        /// caller key's row goes then too, and the key can run again. Between 1 ms and
+        /// ``maxOutcomeRetention``; default 24 hours.
+        public var outcomeRetention: Duration
         /// The bound of the coordinator's own pool (used when ``executor`` is nil): at most this
         /// many sagas run at once from async code; more wait in its queue. At least 1.
         public var asyncThreads: Int
@@ -72,13 +78,17 @@ extension SagaCoordinator {
         public static let maxAsyncThreads = 4096
         /// The largest accepted ``checkpointEvery``.
         public static let maxCheckpointEvery = 1 << 20
+        /// The longest accepted ``outcomeRetention``: a year.
+        public static let maxOutcomeRetention: Duration = .seconds(366 * 24 * 3600)
 
         public init(lockTimeout: Duration = .seconds(5), hooks: (any SagaHooks)? = nil, gcThreshold: Int = 512, poolSize: Int = 16, maxRecordSize: Int = 1 << 30,
                     executor: (any TaskExecutor)? = nil, asyncThreads: Int = SagaThreadPool.defaultThreadCount,
                     mode: Mode = .compensate, checkpointEvery: Int = 256, checkpointInterval: Duration = .milliseconds(200),
-                    metricsFactory: (any MetricsFactory)? = nil, tracer: (any Tracer)? = nil) {
+                    metricsFactory: (any MetricsFactory)? = nil, tracer: (any Tracer)? = nil,
+                    outcomeRetention: Duration = .seconds(24 * 3600)) {
             self.metricsFactory = metricsFactory
             self.tracer = tracer
+            self.outcomeRetention = outcomeRetention
             self.mode = mode
             self.checkpointEvery = checkpointEvery
             self.checkpointInterval = checkpointInterval
@@ -111,6 +121,9 @@ extension SagaCoordinator {
             }
             if checkpointInterval <= .zero || checkpointInterval > Self.maxLockTimeout {
                 return "checkpointInterval must be positive and at most \(Self.maxLockTimeout), not \(checkpointInterval)"
+            }
+            if outcomeRetention < .milliseconds(1) || outcomeRetention > Self.maxOutcomeRetention {
+                return "outcomeRetention must be between 1 ms and \(Self.maxOutcomeRetention), not \(outcomeRetention)"
             }
             return nil
         }

@@ -99,7 +99,7 @@ extension SagaCoordinator {
                     continue
                 }
             }
-            updateBook { $0.heldInDoubt(id, at: Self.inDoubtSince(preparedAt: record.preparedAt)) }
+            updateBook { $0.heldInDoubt(id, key: record.callerKey, at: Self.inDoubtSince(preparedAt: record.preparedAt)) }
             candidates.append(record)
         }
         // The sessions the sagas ran in end first, all at once (pooled connections: a few
@@ -168,13 +168,24 @@ extension SagaCoordinator {
     static let recoveryChunk = 500
 
     /// A marker may outlive its journal record (a crash between the two GC steps). At open,
-    /// before any saga runs, a marker with no record belongs to a finished saga.
+    /// before any saga runs, a marker with no record belongs to a finished saga. The committed
+    /// ones are recorded in the outcome log first, synced (a saga that wrote no KV key has no
+    /// record at all, and may never have been collected).
     private func removeOrphanMarkers(keeping journaled: Set<SagaID>) {
         do {
             let conn = try pool.take().connection
             defer { pool.giveBack(conn) }
             let orphans = try markers.ids(instance: instance, on: conn).filter { !journaled.contains($0) }
             if !orphans.isEmpty {
+                let committed = try markers.committed(among: orphans, instance: instance, on: conn)
+                if !committed.isEmpty {
+                    try gcLock.withLock {
+                        var batch = KVWriteBatch()
+                        let change = try outcomeChange(committed: committed, into: &batch)
+                        try kv.write(batch, sync: true)
+                        outcomes.written(change)
+                    }
+                }
                 try markers.deleteInTransaction(orphans, owner: owner, on: conn)
                 logger.debug("removed \(orphans.count) orphan marker row(s)")
             }

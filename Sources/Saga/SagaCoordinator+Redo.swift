@@ -14,7 +14,7 @@ extension SagaCoordinator {
 
     /// The redo state machine: begin, body, redo row and commit, then one of the three outcomes
     /// of COMMIT.
-    func executeRedo<T>(_ id: SagaID, _ body: (Saga) throws -> T) throws(SagaError) -> T {
+    func executeRedo<T>(_ id: SagaID, key: Bytes?, _ body: (Saga) throws -> T) throws(SagaError) -> T {
         let log = SagaLog(logger, saga: id)
 
         // 1. Begin.
@@ -23,6 +23,7 @@ extension SagaCoordinator {
 
         // 2. Body (3. locks are taken as keys are touched).
         let saga = Saga(id: id, connection: conn, context: SagaContext(kv: kv, locks: locks, lockTimeout: configuration.lockTimeout))
+        try insertCallerKey(key, of: saga, on: conn)
         let value = try runBody(body, of: saga, on: conn)
 
         // 4. The redo row: the after-images, encoded, and the sequence, taken while the saga
@@ -147,22 +148,28 @@ extension SagaCoordinator {
     ///
     /// The rows of sagas applied in this process go by id; `byRange` (at open, when no saga
     /// runs) deletes every row at or below the watermark, replayed ones included.
-    func checkpointLocked(phase: SagaPhase, byRange: Bool = false) throws(SagaError) {
+    ///
+    /// The watermark's batch also records that the sagas whose rows go committed (``OutcomeLog``):
+    /// those applied in this process, and `replayed` at open.
+    func checkpointLocked(phase: SagaPhase, byRange: Bool = false, replayed: [SagaID] = []) throws(SagaError) {
         let (watermark, advanced) = redoLog.watermark
         guard advanced else { return }
+        let applied = redoLog.takeApplied(upTo: watermark)
         do {
             try hook(.checkpoint, nil, phase: phase)
             var batch = KVWriteBatch()
             batch.put(RedoLog.watermarkKey, RedoLog.encode(watermark), in: .journal)
+            let change = try outcomeChange(committed: applied + replayed, into: &batch)
             try kv.write(batch, sync: true)
+            outcomes.written(change)
         } catch {
+            redoLog.putBack(applied, sequence: watermark)
             let reason = "writing the redo watermark failed: \(error)"
             // A failed KV write: the store may hold part of it (see `prepare`).
             if !(error is InjectedFault) { stop(reason) }
             throw .stopped(reason: reason)
         }
         redoLog.checkpointed(watermark)
-        let applied = redoLog.takeApplied(upTo: watermark)
         do {
             try hook(.checkpointed, nil, phase: phase)
             let conn = try pool.take().connection
@@ -229,7 +236,7 @@ extension SagaCoordinator {
         // deletion) go now; the replayed ones once the new watermark is durable.
         do {
             if watermark > durable {
-                try gcLock.withLock { () throws(SagaError) in try checkpointLocked(phase: .recovery, byRange: true) }
+                try gcLock.withLock { () throws(SagaError) in try checkpointLocked(phase: .recovery, byRange: true, replayed: report.replayed) }
             } else if highest > 0 {
                 let conn = try pool.take().connection
                 defer { pool.giveBack(conn) }

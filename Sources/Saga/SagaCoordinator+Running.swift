@@ -15,12 +15,22 @@ extension SagaCoordinator {
     /// async code, use the async `run(_:)`). Called inside a task, it honours the task's
     /// cancellation until the KV batch is written (``SagaError/cancelled(saga:)``); outside any
     /// task `Task.isCancelled` is false, and it is never cancelled.
-    @available(*, noasync, message: "it blocks the thread: from async code, call the async run(_:) (in top-level code, from an async function)")
+    ///
+    /// - Parameter body: the saga's work: SQL through `saga.sql`, KV through `saga.kv`.
+    /// - Parameter key: the caller's idempotency key (a request id), or nil. A key that a
+    ///   committed saga holds is refused before the body runs with
+    ///   ``SagaError/alreadyCommitted(key:saga:)``, and two runs of one key at once commit at
+    ///   most once: the key's row (in `<markerTable>_keys`) is inserted first in the saga's
+    ///   transaction and commits if and only if the saga does. ``outcome(ofKey:)`` answers
+    ///   later whether it committed. Kept for ``Configuration/outcomeRetention``; 1 to
+    ///   ``maxCallerKeyBytes`` bytes of UTF-8 (``SagaError/Misuse/emptyCallerKey``,
+    ///   ``SagaError/Misuse/callerKeyTooLarge(size:limit:)``). See <doc:Outcomes>.
+    @available(*, noasync, message: "it blocks the thread: from async code, call the async run(key:_:) (in top-level code, from an async function)")
     @discardableResult
-    public func run<T>(_ body: (Saga) throws -> T) throws(SagaError) -> T {
+    public func run<T>(key: String? = nil, _ body: (Saga) throws -> T) throws(SagaError) -> T {
         let probe = SagaProbe(self, saga: tracer)
         do {
-            let value = try probe.bind { () throws(SagaError) -> T in try runProbed(body, probe) }
+            let value = try probe.bind { () throws(SagaError) -> T in try runProbed(key: key, body, probe) }
             probe.end(sagaThrew: nil)
             return value
         } catch {
@@ -30,7 +40,8 @@ extension SagaCoordinator {
     }
 
     /// `run`, watched by `probe` (bound as the task-local ``probe``).
-    private func runProbed<T>(_ body: (Saga) throws -> T, _ probe: SagaProbe) throws(SagaError) -> T {
+    private func runProbed<T>(key: String?, _ body: (Saga) throws -> T, _ probe: SagaProbe) throws(SagaError) -> T {
+        let callerKey = try Self.callerKey(key)
         if let outer = Self.running.first(where: { $0.coordinator == ObjectIdentifier(self) }) {
             throw .misuse(.nestedSaga(outer.saga))
         }
@@ -38,14 +49,15 @@ extension SagaCoordinator {
         defer { if book.withLock({ $0.leave() }) { finishClosing() } }
         if let reason = book.withLock({ $0.stopped }) { throw .stopped(reason: reason) }
         let id: SagaID
-        do { id = try ids.next() } catch {
+        do { id = try ids.next { id in book.withLock { $0.began(id, key: callerKey) } } } catch {
             stop("cannot persist the saga id lease: \(error)")
             throw .stopped(reason: "cannot persist the saga id lease: \(error)")
         }
         probe.identify(id)
+        defer { book.withLock { $0.left(id) } }
         do {
             return try Self.$running.withValue(Self.running + [RunningSaga(coordinator: ObjectIdentifier(self), saga: id)]) {
-                try execute(id, body)
+                try execute(id, key: callerKey, body)
             }
         } catch let e as SagaError {
             throw e
@@ -56,8 +68,8 @@ extension SagaCoordinator {
 
     /// The saga state machine: begin, body, prepare, marker and commit, then one of the three
     /// outcomes of COMMIT.
-    private func execute<T>(_ id: SagaID, _ body: (Saga) throws -> T) throws(SagaError) -> T {
-        if configuration.mode == .redo { return try executeRedo(id, body) }
+    private func execute<T>(_ id: SagaID, key: Bytes?, _ body: (Saga) throws -> T) throws(SagaError) -> T {
+        if configuration.mode == .redo { return try executeRedo(id, key: key, body) }
         let log = SagaLog(logger, saga: id)
 
         // 1. Begin.
@@ -68,10 +80,11 @@ extension SagaCoordinator {
 
         // 2. Body (3. locks are taken as keys are touched).
         let saga = Saga(id: id, connection: conn, context: SagaContext(kv: kv, locks: locks, lockTimeout: configuration.lockTimeout))
+        try insertCallerKey(key, of: saga, on: conn)
         let value = try runBody(body, of: saga, on: conn)
 
         // 4. Prepare: the forward writes and the `prepared` record, in one synced batch.
-        let prepared = try prepare(saga, session: session, on: conn, log: log)
+        let prepared = try prepare(saga, key: key, session: session, on: conn, log: log)
 
         // 5. Marker, and 6. Commit: the decision point.
         let outcome = commit(id, prepared: prepared, on: conn)
@@ -120,6 +133,40 @@ extension SagaCoordinator {
         }
     }
 
+    // MARK: The caller's key
+
+    /// The largest caller key, in bytes of UTF-8 (the key column is `VARBINARY(255)`).
+    public static let maxCallerKeyBytes = 255
+
+    /// `key` as bytes, refused when empty or over ``maxCallerKeyBytes``.
+    static func callerKey(_ key: String?) throws(SagaError) -> Bytes? {
+        guard let key else { return nil }
+        let bytes = Bytes(key.utf8)
+        if bytes.isEmpty { throw .misuse(.emptyCallerKey) }
+        if bytes.count > maxCallerKeyBytes { throw .misuse(.callerKeyTooLarge(size: bytes.count, limit: maxCallerKeyBytes)) }
+        return bytes
+    }
+
+    /// The key's row, first in the saga's transaction: a key a committed saga holds is refused
+    /// before any work (the transaction rolled back, nothing written); a key an open
+    /// transaction holds waits for it (on a cluster, whichever COMMIT is certified first wins).
+    func insertCallerKey(_ key: Bytes?, of saga: Saga, on conn: any SQLConnection) throws(SagaError) {
+        guard let key else { return }
+        do {
+            try markers.insertKey(key, saga: saga.id, owner: owner, createdAt: JournalRecord.now(), on: conn)
+        } catch {
+            var holder: SagaID?
+            if markers.dialect.isDuplicateKey(error) {
+                // A locking read sees the newest committed row, in the same transaction.
+                holder = (try? markers.keyRow(key, locking: true, on: conn))??.saga
+            }
+            saga.ended = true
+            abandon(saga, conn)
+            if let holder { throw .alreadyCommitted(key: String(decoding: key, as: UTF8.self), saga: holder) }
+            throw .sqlFailed(saga: saga.id, step: .begin, underlying: error)
+        }
+    }
+
     // MARK: 2. Body
 
     /// Runs the body. On any failure the SQL transaction is rolled back and the locks go:
@@ -164,15 +211,18 @@ extension SagaCoordinator {
     /// Takes the pre-images (the body's own reads of the keys, locked since; one multi-get for
     /// keys it wrote without reading), then writes the forward writes and the `prepared`
     /// record in one synced batch. A saga that wrote no key writes nothing.
-    private func prepare(_ saga: Saga, session: SQLSession?, on conn: any SQLConnection, log: SagaLog) throws(SagaError) -> Prepared {
+    ///
+    /// A saga with a caller key writes its record even when it wrote no key: the record carries
+    /// the key, so that an undecided saga's key is known to be undecided, after a crash too.
+    private func prepare(_ saga: Saga, key: Bytes?, session: SQLSession?, on conn: any SQLConnection, log: SagaLog) throws(SagaError) -> Prepared {
         let id = saga.id
         let writes = saga.writes
         var prepared = Prepared()
-        guard !writes.isEmpty else { return prepared }
+        guard !writes.isEmpty || key != nil else { return prepared }
         do {
             let pre = try saga.preImages(of: writes)
             let entries = zip(writes, pre).map { JournalRecord.Entry(key: $0.key, preImage: $1, afterImage: $0.image) }
-            let record = JournalRecord(saga: id, state: .prepared, entries: entries, session: session, preparedAt: JournalRecord.now())
+            let record = JournalRecord(saga: id, state: .prepared, entries: entries, session: session, preparedAt: JournalRecord.now(), callerKey: key)
             let encoded = record.encoded()
             if encoded.count > configuration.maxRecordSize {
                 throw SagaError.misuse(.sagaTooLarge(size: encoded.count, limit: configuration.maxRecordSize))
@@ -263,6 +313,7 @@ extension SagaCoordinator {
     private func stopAtFailedCommitIO(_ id: SagaID, _ record: JournalRecord?, error: any Error, on conn: any SQLConnection, log: SagaLog) throws(SagaError) -> Never {
         conn.close()
         stop("the SQL database failed I/O at COMMIT of \(id): \(error)")
+        if record == nil { book.withLock { $0.undecidedWithoutRecord(id) } }
         end(id, record != nil ? .inDoubt : .abandoned)
         log.error("COMMIT failed with an I/O error: \(error); stopped, recovery after reopening decides")
         throw .inDoubt(saga: id, underlying: error)
@@ -282,6 +333,7 @@ extension SagaCoordinator {
             let restored = try compensateOrHold(id, record, after: error, log: log)
             throw .commitFailed(saga: id, underlying: error, restoredKeys: restored)
         case nil:
+            if record == nil { book.withLock { $0.undecidedWithoutRecord(id) } }
             end(id, record != nil ? .inDoubt : .abandoned)
             throw .inDoubt(saga: id, underlying: error)
         }
@@ -320,8 +372,9 @@ extension SagaCoordinator {
     /// How a saga leaves the coordinator. Every terminal path goes through ``end(_:_:)``: the
     /// one place that releases a saga's locks or keeps them.
     enum Ending {
-        /// Committed or compensated: locks released, the journal record collected later.
-        case finished
+        /// Committed or compensated: locks released, the journal record collected later (and
+        /// the outcome recorded then).
+        case finished(committed: Bool)
         /// Prepared and undecided (or not undoable): keys stay locked until recovery.
         case inDoubt
         /// Nothing of it is in the KV store: locks released, nothing to collect.
@@ -336,8 +389,8 @@ extension SagaCoordinator {
 
     func end(_ id: SagaID, _ ending: Ending) {
         switch ending {
-        case .finished:
-            let due = updateBook { $0.finished(id, gcThreshold: configuration.gcThreshold) }
+        case .finished(let committed):
+            let due = updateBook { $0.finished(id, committed: committed, gcThreshold: configuration.gcThreshold) }
             locks.releaseAll(id)
             if due {
                 do { _ = try collectGarbage() } catch { logger.warning("garbage collection failed: \(error)") }
@@ -366,6 +419,6 @@ extension SagaCoordinator {
         do { try hook(.committed, id, phase: phase) } catch {
             log.warning("hook failure after COMMIT of \(id) ignored: \(error)")
         }
-        end(id, .finished)
+        end(id, .finished(committed: true))
     }
 }

@@ -30,6 +30,10 @@ public final class SagaCoordinator: Sendable {
     /// Which sagas run, are prepared, in doubt or waiting for garbage collection.
     let book = Locked(SagaBook())
     let ids: IDLease
+    /// Which finished sagas committed, after their marker rows are gone (``outcome(of:)``).
+    let outcomes: OutcomeLog
+    /// When caller keys past the retention were last pruned (ms since 1970).
+    let keyPruning = Locked<UInt64>(0)
     /// Every statement on the marker tables, in the database's dialect.
     let markers: MarkerTable.Statements
     /// This coordinator's instance: every marker row it reads, writes or deletes carries it.
@@ -169,11 +173,13 @@ public final class SagaCoordinator: Sendable {
                 floor = Swift.max(floor, id.rawValue + 1)
             }
             ids = try IDLease(kv: kv, atLeast: floor)
+            outcomes = try OutcomeLog(kv: kv, journal: journal, start: ids.first, now: JournalRecord.now())
         } catch let e as SagaError {
             throw e
         } catch {
             throw .stopped(reason: "cannot persist the id lease: \(error)")
         }
+        book.withLock { $0.highestIssued = ids.first - 1 }
         var report = try recover(atOpen: true, journal: journal)
         try replayRedoRows(into: &report)
         metrics.recovered(report)

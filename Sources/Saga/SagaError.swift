@@ -61,6 +61,11 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// when the task was cancelled before the saga got an id. Cancellation after the KV batch
     /// is ignored: the saga then finishes (commits or compensates) as if not cancelled.
     case cancelled(saga: SagaID?)
+    /// A saga run with caller key `key` (``SagaCoordinator/run(key:_:)-4bh0f``) committed already:
+    /// `saga` (of the instance that ran it, maybe another coordinator on the same database).
+    /// Refused before the body ran (or, in a race, at the key's insert, with the transaction
+    /// rolled back): nothing was written, the work is not applied twice. Not retryable.
+    case alreadyCommitted(key: String, saga: SagaID)
     /// The coordinator stopped after a failure it cannot continue past (an fsync failed).
     /// Reopen the stores; recovery decides every saga that was in flight.
     case stopped(reason: String)
@@ -93,6 +98,10 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         case instanceInUse(InstanceID)
         /// A configuration value out of range, named with the reason.
         case invalidConfiguration(String)
+        /// A caller key (``SagaCoordinator/run(key:_:)-4bh0f``) that is empty.
+        case emptyCallerKey
+        /// A caller key longer than ``SagaCoordinator/maxCallerKeyBytes`` bytes of UTF-8.
+        case callerKeyTooLarge(size: Int, limit: Int)
 
         public var description: String {
             switch self {
@@ -109,6 +118,8 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             case .instanceInUse(let instance): "\(instance) is open in another coordinator right now (another process on a copy of this KV store, on the same SQL database); refused before any marker row was read"
             case .storeInUse: "the KV store already has an open coordinator in this process; close it first (two coordinators on one journal would decide each other's sagas)"
             case .invalidConfiguration(let why): "invalid configuration: \(why)"
+            case .emptyCallerKey: "the caller key is empty; pass nil to run without one, or a non-empty key (a request id)"
+            case .callerKeyTooLarge(let size, let limit): "the caller key takes \(size) bytes of UTF-8, over the limit of \(limit) bytes; use a shorter request id (or a hash of it)"
             }
         }
     }
@@ -118,7 +129,8 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
         switch self {
         case .bodyFailed(let s, _), .transactionLost(let s, _), .kvWriteFailed(let s, _), .transactionEndedByStatement(let s, _, _),
              .commitFailed(let s, _, _), .inDoubt(let s, _), .foreignWrite(let s, _, _, _, _),
-             .compensationFailed(let s, _), .compensationFailedAfterCommit(let s, _, _), .lockTimeout(let s, _, _), .deadlock(let s, _, _):
+             .compensationFailed(let s, _), .compensationFailedAfterCommit(let s, _, _), .lockTimeout(let s, _, _), .deadlock(let s, _, _),
+             .alreadyCommitted(_, let s):
             s
         case .sqlFailed(let s, _, _), .journalCorrupt(let s, _, _), .cancelled(let s): s
         case .misuse, .stopped: nil
@@ -130,7 +142,7 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
     /// threw "insufficient funds" wrote nothing, and will throw it again); see ``isRetryable``.
     public var nothingWritten: Bool {
         switch self {
-        case .bodyFailed, .transactionLost, .sqlFailed, .commitFailed, .lockTimeout, .deadlock, .misuse, .cancelled: true
+        case .bodyFailed, .transactionLost, .sqlFailed, .commitFailed, .lockTimeout, .deadlock, .misuse, .cancelled, .alreadyCommitted: true
         default: false
         }
     }
@@ -206,6 +218,8 @@ public enum SagaError: Error, CustomStringConvertible, Sendable {
             "\(s.map(String.init(describing:)) ?? "saga"): cancelled before anything was written; SQL rolled back, KV untouched, nothing written"
         case .misuse(let m):
             "misuse: \(m)"
+        case .alreadyCommitted(let key, let s):
+            "the caller key \"\(key)\" was committed already by \(s); refused before the body ran, nothing written this time"
         case .stopped(let reason):
             "the coordinator stopped: \(reason); reopen the stores, recovery will decide the sagas in flight"
         }

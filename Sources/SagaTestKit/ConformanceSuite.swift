@@ -34,7 +34,7 @@ public enum ConformanceSuite {
         ConformanceCase(name: "handles that escape the body throw sagaEnded", run: escapedHandlesThrow),
     ] + lifecycleCases + pendingCounts.map { n in
         ConformanceCase(name: "recovery decides \(n) pending saga(s)") { try recoveryDecidesPending($0, count: n) }
-    }
+    } + outcomeCases
 
     /// The suite in redo mode: every case but those of compensation's own mechanism, and redo
     /// mode's own. (Recovery of compensate mode's records stays: a journal left by either mode

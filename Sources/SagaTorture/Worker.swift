@@ -306,6 +306,7 @@ extension SagaError {
         case .misuse: "misuse"
         case .stopped: "stopped"
         case .cancelled: "cancelled"
+        case .alreadyCommitted: "alreadyCommitted"
         }
     }
 }

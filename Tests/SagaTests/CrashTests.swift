@@ -104,6 +104,47 @@ struct CrashTests {
         #expect(try Demo.verify(dir).digest == Self.referenceDigest)
     }
 
+    /// Every trigger runs with the caller key `mci-N`. SIGKILL at a step of the 4th trigger's
+    /// saga (or of garbage collection after the 6th: its journal records are gone, its markers
+    /// not yet), then `aa-demo outcome` on the reopened node (recovery at open decides): each
+    /// key answers committed exactly when the stores hold the trigger, never unknown; the
+    /// triggers never reached answer not committed. Then the node finishes (a key that did not
+    /// commit runs again) and ends in the uninterrupted run's state.
+    @Test(arguments: [
+        ("prepared", 4, false), ("marker", 4, false), ("commit", 4, false), ("committed", 4, true), ("gc:gcMarkers", 2, true),
+    ])
+    func keyedOutcomeAfterACrash(_ step: String, _ occurrence: Int, _ crashedCommitted: Bool) throws {
+        let dir = try SQLiteEnvironment.makeTempDir("crash-key")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let base = ["run", "--data", dir, "--triggers", Self.triggers, "--seed", Self.seed, "--gc-every", "3"]
+        let crashed = try Demo.run(base + ["--crash-at", step, "--crash-occurrence", "\(occurrence)"])
+        #expect(crashed.killed, "the child reached \(step) and SIGKILLed itself: \(crashed.stderr)")
+        // The saga the crash hit: the 4th trigger, or (in GC after the 6th saga) the 6th.
+        let hit: Int64 = step.hasPrefix("gc:") ? 6 : 4
+        let looked = try Demo.run(["outcome", "--data", dir, "--mci"] + (1...(hit + 2)).map { "\($0)" })
+        #expect(looked.exitCode == 0, "\(looked.stdout) \(looked.stderr)")
+        let answers = Dictionary(uniqueKeysWithValues: looked.stdout.split(separator: "\n").compactMap { line -> (Int64, String)? in
+            let f = line.split(separator: " ")
+            guard f.count >= 3, f[0] == "outcome", let m = Int64(f[1]) else { return nil }
+            return (m, String(f[2]))
+        })
+        // What the stores hold, read directly: the trigger's row is gone from the queue and its
+        // response is there exactly when its saga committed; KV and SQL agree (verify).
+        let db = try SQLiteDatabase(path: dir + "/ledger.sqlite")
+        let conn = try db.openConnection()
+        defer { conn.close() }
+        let queued = Set(try conn.query("SELECT mci FROM aa_triggers", []).compactMap { $0[0].int64 })
+        #expect(try Demo.verify(dir).agree, "KV and SQL agree after recovery")
+        for m in 1...(hit + 2) {
+            let committedInStores = !queued.contains(m)
+            #expect(answers[m] == (committedInStores ? "committed" : "notCommitted"), "mci \(m): \(answers[m] ?? "no answer"), stores say committed=\(committedInStores)")
+        }
+        #expect(!queued.contains(hit) == crashedCommitted, "the crashed saga committed: \(crashedCommitted)")
+        let finish = try Demo.run(base)
+        #expect(finish.exitCode == 0, "the restarted node finishes: \(finish.stderr)")
+        #expect(try Demo.verify(dir).digest == Self.referenceDigest, "state equals an uninterrupted run's")
+    }
+
     /// Any number of crashes at seeded random steps, each followed by a restart: the final
     /// state equals an uninterrupted run's.
     @Test func manyCrashesThenTheSameState() throws {

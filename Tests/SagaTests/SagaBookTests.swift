@@ -39,7 +39,7 @@ struct SagaBookTests {
         book.heldInDoubt(a)
         #expect(!book.isOwnedHere(a), "in doubt: recovery's to decide")
         #expect(book.inDoubt == [a])
-        _ = book.finished(a, gcThreshold: 100)
+        _ = book.finished(a, committed: true, gcThreshold: 100)
         #expect(book.inDoubt.isEmpty && book.active.isEmpty)
         #expect(book.isOwnedHere(a), "finished, record not yet collected: not recovery's either")
     }
@@ -56,14 +56,14 @@ struct SagaBookTests {
 
     @Test func garbageCollectionIsDueAtTheThreshold() {
         var book = SagaBook()
-        let due = [a, b, c].map { book.finished($0, gcThreshold: 3) }
+        let due = [a, b, c].map { book.finished($0, committed: true, gcThreshold: 3) }
         #expect(due == [false, false, true])
     }
 
     @Test func journalFirstThenMarkers() {
         var book = SagaBook()
-        _ = book.finished(a, gcThreshold: 9)
-        _ = book.finished(b, gcThreshold: 9)
+        _ = book.finished(a, committed: true, gcThreshold: 9)
+        _ = book.finished(b, committed: true, gcThreshold: 9)
         let taken = book.takeFinished()
         #expect(taken == [a, b] && book.finished.isEmpty)
         let early = book.takeMarkersToDelete()
@@ -76,9 +76,9 @@ struct SagaBookTests {
 
     @Test func failedCollectionsAreRetriedInOrder() {
         var book = SagaBook()
-        _ = book.finished(a, gcThreshold: 9)
+        _ = book.finished(a, committed: true, gcThreshold: 9)
         let first = book.takeFinished()
-        _ = book.finished(b, gcThreshold: 9)
+        _ = book.finished(b, committed: true, gcThreshold: 9)
         book.notCollected(first)
         #expect(book.finished == [a, b], "the failed ones come first")
         #expect(book.isOwnedHere(a))
@@ -95,5 +95,55 @@ struct SagaBookTests {
         #expect(book.isOwnedHere(c))
         let taken = book.takeFinished()
         #expect(taken == [c])
+    }
+
+    // MARK: What outcome lookups need
+
+    @Test func aSagaStandsRunningThenInDoubtThenSettled() {
+        var book = SagaBook()
+        book.highestIssued = 0
+        #expect(book.standing(of: a) == .notIssued)
+        book.began(a, key: Array("k".utf8))
+        #expect(book.standing(of: a) == .running)
+        #expect(book.standing(ofKey: Array("k".utf8)).map { $0.1 } == .running)
+        book.prepared(a)
+        book.heldInDoubt(a)
+        book.left(a)
+        #expect(book.standing(of: a) == .inDoubt, "left run, undecided")
+        #expect(book.standing(ofKey: Array("k".utf8)).map { $0.1 } == .inDoubt, "its key stays known while in doubt")
+        _ = book.finished(a, committed: true, gcThreshold: 9)
+        #expect(book.standing(of: a) == .settled)
+        #expect(book.standing(ofKey: Array("k".utf8)) == nil, "decided: the key is SQL's to answer")
+        #expect(book.committed(among: [a]) == [a])
+    }
+
+    @Test func aKeyIsForgottenWhenItsSagaLeavesDecided() {
+        var book = SagaBook()
+        book.began(b, key: Array("x".utf8))
+        book.abandoned(b)
+        book.left(b)
+        #expect(book.standing(ofKey: Array("x".utf8)) == nil)
+        #expect(book.standing(of: b) == .settled)
+        #expect(book.standing(of: c) == .notIssued, "an id above the highest issued")
+    }
+
+    @Test func outcomesArePrunedOnlyBelowEverySagaNotSettled() {
+        var book = SagaBook()
+        book.began(a, key: nil)
+        book.began(b, key: nil)
+        book.began(c, key: nil)
+        #expect(book.lowestUnsettled == 1)
+        book.left(a)
+        book.prepared(b)
+        book.left(b)
+        #expect(book.lowestUnsettled == 2, "b is prepared")
+        _ = book.finished(b, committed: false, gcThreshold: 9)
+        #expect(book.lowestUnsettled == 2, "finished, not yet collected")
+        _ = book.takeFinished()
+        book.collected([b])
+        #expect(book.lowestUnsettled == 3, "c still runs")
+        book.left(c)
+        #expect(book.lowestUnsettled == 4, "everything issued is settled")
+        #expect(book.committed(among: [b]).isEmpty, "b did not commit")
     }
 }

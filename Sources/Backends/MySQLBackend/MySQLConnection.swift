@@ -715,7 +715,8 @@ public final class MySQLConnection: SQLConnection {
     // MARK: Markers
 
     /// Creates the marker table, or migrates one of an earlier version (keyed by `saga_id`
-    /// alone) with one `ALTER TABLE`: its rows go to ``InstanceID/legacy``.
+    /// alone) with one `ALTER TABLE`: its rows go to ``InstanceID/legacy``. Creates the
+    /// instance and caller-key tables beside it when they are missing.
     public func ensureMarkerTable() throws {
         try simple("""
             CREATE TABLE IF NOT EXISTS \(markerTable)_instances (
@@ -731,6 +732,17 @@ public final class MySQLConnection: SQLConnection {
                 seq BIGINT UNSIGNED NULL,
                 redo LONGBLOB NULL,
                 PRIMARY KEY (instance, saga_id)
+            ) ENGINE=InnoDB
+            """)
+        // Caller keys (`run(key:)`): bytes compared as bytes (no collation folds "A" into
+        // "a"), one row per key whatever the instance; the index serves the pruning by age.
+        try simple("""
+            CREATE TABLE IF NOT EXISTS \(markerTable)_keys (
+                caller_key VARBINARY(255) NOT NULL PRIMARY KEY,
+                instance BIGINT UNSIGNED NOT NULL,
+                saga_id BIGINT UNSIGNED NOT NULL,
+                created_ms BIGINT NOT NULL,
+                KEY \(markerTable)_keys_age (instance, created_ms)
             ) ENGINE=InnoDB
             """)
         let columns = Set(try query("""

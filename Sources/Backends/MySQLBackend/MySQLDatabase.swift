@@ -53,7 +53,8 @@ public final class MySQLDatabase: SQLDatabase {
     public let configuration: Configuration
     public var markerTable: String { configuration.markerTable }
     /// `INSERT IGNORE`, `LOCK IN SHARE MODE`; a NULL into a NOT NULL column is error 1048; a
-    /// conflict is 1213 / SQLSTATE 40001 (``MySQLError/isRolledBackConflict``); on a Galera
+    /// conflict is 1213 / SQLSTATE 40001 (``MySQLError/isRolledBackConflict``); a duplicate key
+    /// 1062; on a Galera
     /// node, the causal wait is a `SELECT 1` under `wsrep_sync_wait`.
     public var dialect: SQLDialect {
         SQLDialect(
@@ -61,7 +62,8 @@ public final class MySQLDatabase: SQLDatabase {
             causalWait: isClusterNode ? "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1" : nil,
             keepsAbortedMarkers: isClusterNode, maxStatementBytes: maxAllowedPacket,
             isNotNullViolation: { ($0 as? MySQLError)?.code == 1048 },
-            isRolledBackByConflict: { ($0 as? MySQLError)?.isRolledBackConflict == true })
+            isRolledBackByConflict: { ($0 as? MySQLError)?.isRolledBackConflict == true },
+            isDuplicateKey: { ($0 as? MySQLError)?.code == 1062 })
     }
 
     /// The server is a node of a Galera cluster (`wsrep_on` is ON), found at open.

@@ -261,9 +261,14 @@ public final class SQLiteConnection: SQLConnection {
     // MARK: Markers
 
     /// Creates the marker table, or migrates one of an earlier version (keyed by `saga_id`
-    /// alone) in one transaction: its rows go to ``InstanceID/legacy``.
+    /// alone) in one transaction: its rows go to ``InstanceID/legacy``. Creates the instance
+    /// and caller-key tables beside it when they are missing.
     public func ensureMarkerTable() throws {
         try execute("CREATE TABLE IF NOT EXISTS \(markerTable)_instances (instance INTEGER PRIMARY KEY, claim INTEGER NOT NULL)", [])
+        // Caller keys (`run(key:)`): one row per key whatever the instance; the index serves the
+        // pruning by age.
+        try execute("CREATE TABLE IF NOT EXISTS \(markerTable)_keys (caller_key BLOB NOT NULL PRIMARY KEY, instance INTEGER NOT NULL, saga_id INTEGER NOT NULL, created_ms INTEGER NOT NULL) WITHOUT ROWID", [])
+        try execute("CREATE INDEX IF NOT EXISTS \(markerTable)_keys_age ON \(markerTable)_keys (instance, created_ms)", [])
         func columns() throws -> [String] { try query("PRAGMA table_info(\(markerTable))", []).compactMap { $0["name"]?.string } }
         let current = try columns()
         if current.contains("instance") && current.contains("seq") { return }

@@ -54,10 +54,12 @@ public final class SQLiteDatabase: SQLDatabase {
     public let configuration: Configuration
     public var markerTable: String { configuration.markerTable }
     /// `INSERT OR IGNORE`; no locking read is needed (the writer holds the whole database);
-    /// `SQLITE_CONSTRAINT_NOTNULL`.
+    /// `SQLITE_CONSTRAINT_NOTNULL`; a duplicate key is `SQLITE_CONSTRAINT_PRIMARYKEY`.
     public var dialect: SQLDialect {
         // SQLite refuses a value over SQLITE_MAX_LENGTH (10^9 bytes unless built otherwise).
-        SQLDialect(insertIgnore: "INSERT OR IGNORE", lockingRead: "", maxStatementBytes: 1_000_000_000) { ($0 as? SQLiteError)?.extendedCode == SQLITE_CONSTRAINT | (5 << 8) }
+        SQLDialect(insertIgnore: "INSERT OR IGNORE", lockingRead: "", maxStatementBytes: 1_000_000_000,
+                   isNotNullViolation: { ($0 as? SQLiteError)?.extendedCode == SQLITE_CONSTRAINT | (5 << 8) },
+                   isDuplicateKey: { ($0 as? SQLiteError)?.extendedCode == SQLITE_CONSTRAINT | (6 << 8) })
     }
     /// Write transactions of this database's connections queue here (see ``WriterGate``).
     let gate = WriterGate()
