@@ -223,6 +223,8 @@ package struct NodeInspection: Sendable {
                     guard value.count == 12, value[8..<12].reduce(0, { $0 << 8 | UInt32($1) }) == CRC32C.checksum(value[0..<8]) else {
                         throw JournalRecord.DecodingError(reason: "redo watermark of \(value.count) bytes fails its checksum or size")
                     }
+                case OutcomeLog.floorKey: _ = try OutcomeLog.decodeFloor(value)
+                case _ where OutcomeLog.block(fromKey: key) != nil: _ = try OutcomeLog.decode(value, key: key)
                 default: throw JournalRecord.DecodingError(reason: "not a key Saga writes in the journal")
                 }
             } catch let SagaError.journalCorrupt(_, _, reason) {
