@@ -70,15 +70,16 @@ public func check(_ condition: Bool, _ message: @autoclosure () -> String, file:
 
 /// Runs `body` and returns the ``SagaError`` it threw; fails if it threw nothing or something else.
 public func expectSagaError<T>(_ body: () throws -> T, file: StaticString = #fileID, line: UInt = #line) throws -> SagaError {
-    do {
-        let value = try body()
-        throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got success (\(value))")
-    } catch let e as SagaError {
-        return e
-    } catch let e as ConformanceFailure {
-        throw e
-    } catch {
-        throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got \(type(of: error)): \(error)")
+    try sagaError(in: Result { try body() }, file: file, line: line)
+}
+
+/// The ``SagaError`` of `result`, or a ``ConformanceFailure`` saying what came instead.
+private func sagaError<T>(in result: Result<T, any Error>, file: StaticString, line: UInt) throws -> SagaError {
+    switch result {
+    case .success(let value): throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got success (\(value))")
+    case .failure(let e as SagaError): return e
+    case .failure(let e as ConformanceFailure): throw e
+    case .failure(let error): throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got \(type(of: error)): \(error)")
     }
 }
 
@@ -162,14 +163,7 @@ public let conformanceTableDDL = "CREATE TABLE IF NOT EXISTS saga_test (k VARCHA
 
 /// ``expectSagaError(_:file:line:)`` for async code.
 public func expectSagaErrorAsync<T>(_ body: () async throws -> T, file: StaticString = #fileID, line: UInt = #line) async throws -> SagaError {
-    do {
-        let value = try await body()
-        throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got success (\(value))")
-    } catch let e as SagaError {
-        return e
-    } catch let e as ConformanceFailure {
-        throw e
-    } catch {
-        throw ConformanceFailure(description: "\(file):\(line): expected a SagaError, got \(type(of: error)): \(error)")
-    }
+    let result: Result<T, any Error>
+    do { result = .success(try await body()) } catch { result = .failure(error) }
+    return try sagaError(in: result, file: file, line: line)
 }
