@@ -108,6 +108,13 @@ extension MarkerTable {
 
         /// The committed row of `key`: the instance and saga that hold it, by a plain read (or
         /// a locking one, inside a transaction: the newest committed row).
+        /// Stamps the key's row with the time of its COMMIT, in the saga's transaction right
+        /// before it: the retention counts from when the caller hears the outcome, not from
+        /// BEGIN (a long body, or a long wait, must not let the key expire at once).
+        package func touchKey(_ key: Bytes, at time: UInt64, on db: any SQLExecutor) throws {
+            try db.execute("UPDATE \(keyTable) SET created_ms = ? WHERE caller_key = ?", [.integer(Int64(clamping: time)), .blob(key)])
+        }
+
         package func keyRow(_ key: Bytes, locking: Bool = false, on db: any SQLExecutor) throws -> (instance: InstanceID, saga: SagaID)? {
             guard let row = try db.query("SELECT instance, saga_id FROM \(keyTable) WHERE caller_key = ?\(locking ? lockingRead : "")", [.blob(key)]).first,
                   let instance = row[0].int64, let saga = row[1].int64 else { return nil }

@@ -49,7 +49,9 @@ struct SagaBook: Sendable {
     var highestIssued: UInt64 = 0
     /// The caller keys of sagas in flight or in doubt, both ways.
     private(set) var keyOf: [SagaID: Bytes] = [:]
-    private(set) var sagaOfKey: [Bytes: SagaID] = [:]
+    /// Every saga of a key, not just the newest: a second run of a key that fails early must
+    /// not hide the first one, still running or in doubt.
+    private(set) var sagasOfKey: [Bytes: Set<SagaID>] = [:]
     /// Finished sagas that committed, until garbage collection records their outcome.
     private(set) var committedFinished: Set<SagaID> = []
     /// Sagas whose COMMIT outcome is unknown and that left no journal record (they wrote no KV
@@ -101,7 +103,7 @@ struct SagaBook: Sendable {
     mutating func began(_ id: SagaID, key: Bytes?) {
         inFlight.insert(id)
         highestIssued = max(highestIssued, id.rawValue)
-        if let key { keyOf[id] = key; sagaOfKey[key] = id }
+        if let key { keyOf[id] = key; sagasOfKey[key, default: []].insert(id) }
     }
 
     /// It left `run`: its key is forgotten unless it stays in doubt.
@@ -111,7 +113,9 @@ struct SagaBook: Sendable {
     }
 
     private mutating func forgetKey(_ id: SagaID) {
-        if let key = keyOf.removeValue(forKey: id), sagaOfKey[key] == id { sagaOfKey[key] = nil }
+        guard let key = keyOf.removeValue(forKey: id) else { return }
+        sagasOfKey[key]?.remove(id)
+        if sagasOfKey[key]?.isEmpty == true { sagasOfKey[key] = nil }
     }
 
     /// Its COMMIT outcome is unknown and it has no journal record: see ``unrecorded``.
@@ -127,10 +131,12 @@ struct SagaBook: Sendable {
         return .settled
     }
 
-    /// The saga that runs or is in doubt with caller key `key`, and where it stands.
+    /// A saga that runs or is in doubt with caller key `key` (one in doubt first), and where
+    /// it stands.
     func standing(ofKey key: Bytes) -> (SagaID, Standing)? {
-        guard let id = sagaOfKey[key] else { return nil }
-        return (id, inDoubtSince[id] != nil ? .inDoubt : .running)
+        guard let ids = sagasOfKey[key], let any = ids.min() else { return nil }
+        if let doubtful = ids.filter({ inDoubtSince[$0] != nil }).min() { return (doubtful, .inDoubt) }
+        return (any, .running)
     }
 
     enum Standing: Equatable { case notIssued, running, inDoubt, settled }
@@ -154,7 +160,7 @@ struct SagaBook: Sendable {
             inDoubtSince[id] = now
             inDoubtChanges += 1
         }
-        if let key { keyOf[id] = key; sagaOfKey[key] = id }
+        if let key { keyOf[id] = key; sagasOfKey[key, default: []].insert(id) }
     }
 
     /// No longer in doubt (decided, or nothing of it left).

@@ -74,8 +74,10 @@ extension SagaCoordinator {
         } catch {
             return .unknown(.unavailable("\(error)"))
         }
-        // A saga that got the key between the two looks is answered as not yet committed: the
-        // read above saw no row.
+        // A saga of this coordinator that took the key since the first look may still commit.
+        if let (_, standing) = book.withLock({ $0.standing(ofKey: bytes) }) {
+            return .unknown(standing == .inDoubt ? .inDoubt : .running)
+        }
         return .notCommitted
     }
 

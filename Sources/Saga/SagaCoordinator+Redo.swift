@@ -33,7 +33,7 @@ extension SagaCoordinator {
         let sequence = redoLog.take()
 
         // 5. Marker (the redo row) and 6. Commit: the decision point.
-        let outcome = commitRedo(id, sequence: sequence, record: record, on: conn)
+        let outcome = commitRedo(id, key: key, sequence: sequence, record: record, on: conn)
 
         // 7. The outcome, and 8. apply.
         switch outcome {
@@ -95,12 +95,13 @@ extension SagaCoordinator {
     // MARK: 5. Marker and 6. Commit
 
     /// The redo row and `COMMIT`. A failure before COMMIT was sent is a proved failure.
-    private func commitRedo(_ id: SagaID, sequence: UInt64, record: Bytes, on conn: any SQLConnection) -> CommitResult {
+    private func commitRedo(_ id: SagaID, key: Bytes?, sequence: UInt64, record: Bytes, on conn: any SQLConnection) -> CommitResult {
         do {
             try hook(.marker, id)
             // The last moment cancellation is honoured: after COMMIT, the saga finishes.
             try throwIfCancelled(id)
             guard conn.isInTransaction else { throw TransactionEnded() }
+            if let key { try markers.touchKey(key, at: JournalRecord.now(), on: conn) }
             try hook(.commit, id)
             return markers.commit(insertingRedo: id, sequence: sequence, record: record, owner: owner, on: conn)
         } catch {

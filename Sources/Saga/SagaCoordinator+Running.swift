@@ -87,7 +87,7 @@ extension SagaCoordinator {
         let prepared = try prepare(saga, key: key, session: session, on: conn, log: log)
 
         // 5. Marker, and 6. Commit: the decision point.
-        let outcome = commit(id, prepared: prepared, on: conn)
+        let outcome = commit(id, key: key, prepared: prepared, on: conn)
 
         // 7. The outcome.
         switch outcome {
@@ -265,7 +265,7 @@ extension SagaCoordinator {
 
     /// Inserts the marker row and commits, in one round trip where the backend can. A failure
     /// before COMMIT was sent is a proved failure: the transaction is rolled back.
-    private func commit(_ id: SagaID, prepared: Prepared, on conn: any SQLConnection) -> CommitResult {
+    private func commit(_ id: SagaID, key: Bytes?, prepared: Prepared, on conn: any SQLConnection) -> CommitResult {
         do {
             if let kvFailure = prepared.kvFailure { throw kvFailure }
             if prepared.record != nil { try hook(.prepared, id) }
@@ -273,6 +273,7 @@ extension SagaCoordinator {
             // A transaction that ended under us must never be "continued": in autocommit mode
             // the marker would commit on its own.
             guard conn.isInTransaction else { throw TransactionEnded() }
+            if let key { try markers.touchKey(key, at: JournalRecord.now(), on: conn) }
             try hook(.commit, id)
             return markers.commit(insertingMarker: id, owner: owner, on: conn)
         } catch {
