@@ -219,10 +219,7 @@ package struct NodeInspection: Sendable {
                 switch key {
                 case InstanceID.journalKey: _ = try InstanceRecord(decoding: value)
                 case IDLease.ceilingKey: _ = try IDLease.decode(value)
-                case RedoLog.watermarkKey:
-                    guard value.count == 12, value[8..<12].reduce(0, { $0 << 8 | UInt32($1) }) == CRC32C.checksum(value[0..<8]) else {
-                        throw JournalRecord.DecodingError(reason: "redo watermark of \(value.count) bytes fails its checksum or size")
-                    }
+                case RedoLog.watermarkKey: _ = try RedoLog.decodeWatermark(value)
                 case OutcomeLog.floorKey: _ = try OutcomeLog.decodeFloor(value)
                 case _ where OutcomeLog.block(fromKey: key) != nil: _ = try OutcomeLog.decode(value, key: key)
                 default: throw JournalRecord.DecodingError(reason: "not a key Saga writes in the journal")

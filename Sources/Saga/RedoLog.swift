@@ -113,6 +113,11 @@ final class RedoLog: Sendable {
     /// The durable watermark in `kv`'s journal (0 when there is none).
     static func durableWatermark(in kv: any KVStore) throws -> UInt64 {
         guard let raw = try kv.journalGet(watermarkKey) else { return 0 }
+        return try decodeWatermark(raw)
+    }
+
+    /// A watermark record's value, or `journalCorrupt` naming what is wrong with it.
+    static func decodeWatermark(_ raw: Bytes) throws(SagaError) -> UInt64 {
         func damaged(_ why: String) -> SagaError { .journalCorrupt(saga: nil, key: watermarkKey, reason: "redo watermark \(why)") }
         guard raw.count == 12 else { throw damaged("has \(raw.count) bytes, expected 12") }
         let value = raw[0..<8].reduce(0) { $0 << 8 | UInt64($1) }
